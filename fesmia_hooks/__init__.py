@@ -1,0 +1,61 @@
+"""fesmia-hooks: watch a model's privacy leakage while it trains.
+
+FeS-MIA (Jiménez-López et al., 2025) runs membership inference as a few-shot task on a small
+canary set; Log-MIA reads it on a log scale at (near) zero false positives. This package is
+the framework-neutral core; adapters for Lightning, Keras 3 and plain PyTorch loops live in
+:mod:`fesmia_hooks.integrations`.
+
+Example:
+    >>> import fesmia_hooks as fh
+    >>> fh.chance_log_mia(15)
+    LogMIA(strict=0.1780..., relaxed=0.5883...)
+"""
+
+from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
+from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.exceptions import (
+    CanaryError,
+    ConfigurationError,
+    FesmiaError,
+    PrivacyBudgetExceeded,
+    ProbeError,
+)
+from fesmia_hooks.guard import untouched
+from fesmia_hooks.logmia import LogMIA, chance_log_mia, log_mia, roc_counts
+from fesmia_hooks.monitor import PrivacyMonitor
+from fesmia_hooks.probe import FeSMIA
+from fesmia_hooks.report import LeakageReport, Level, LevelBands
+from fesmia_hooks.sequential import SequentialTest
+from fesmia_hooks.signals import classification_signals, extract_logits
+from fesmia_hooks.sinks import JsonlSink, NullSink, Sink, TensorBoardSink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CanaryError",
+    "CanarySet",
+    "ConfigurationError",
+    "Decision",
+    "FeSMIA",
+    "FesmiaError",
+    "JsonlSink",
+    "LeakageBudget",
+    "LeakageReport",
+    "Level",
+    "LevelBands",
+    "LogMIA",
+    "NullSink",
+    "PrivacyBudgetExceeded",
+    "PrivacyMonitor",
+    "ProbeError",
+    "SequentialTest",
+    "Sink",
+    "StopReason",
+    "TensorBoardSink",
+    "chance_log_mia",
+    "classification_signals",
+    "extract_logits",
+    "log_mia",
+    "roc_counts",
+    "untouched",
+]

@@ -1,0 +1,184 @@
+"""Privacy budgets: when does leakage call for an alert, a stop or an exception?"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal
+
+from fesmia_hooks._validation import choice, optional_positive_int, positive_int, probability
+from fesmia_hooks.exceptions import ConfigurationError
+from fesmia_hooks.report import LeakageReport, Level
+
+__all__ = ["Decision", "LeakageBudget", "StopReason"]
+
+Action = Literal["alert", "stop", "raise"]
+
+
+class StopReason(str, Enum):
+    """Why a monitor asked training to stop (or would have, with ``action="alert"``)."""
+
+    NOT_STOPPED = "not_stopped"
+    LEVEL_EXCEEDED = "level_exceeded"
+    VALUE_EXCEEDED = "value_exceeded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a budget says about the latest check.
+
+    Attributes:
+        breached: The budget is crossed (after ``patience`` and ``min_checks``).
+        should_stop: Training should stop now (``breached`` and ``action`` is not "alert").
+        reason: Which rule fired.
+        message: A sentence for people, with the numbers and their chance level.
+    """
+
+    breached: bool
+    should_stop: bool
+    reason: StopReason
+    message: str
+
+
+class LeakageBudget:
+    """A ceiling on leakage, and what to do when a check crosses it.
+
+    A check *crosses* the budget when its reading is significantly above chance (at the
+    run-level calibrated threshold; see :mod:`fesmia_hooks.sequential`) **and** its level
+    exceeds ``max_level`` or one of ``max_values`` is exceeded. The budget is *breached*
+    once ``patience`` consecutive checks have crossed it, and never before ``min_checks``
+    checks have run.
+
+    Args:
+        max_level: Highest level tolerated; a check whose level is above it crosses.
+            ``None`` puts no ceiling on the level.
+        max_values: Ceilings on numeric report fields, by their :meth:`LeakageReport.as_dict`
+            key, e.g. ``{"log_mia_strict": 0.4, "auc": 0.7}``.
+        patience: Consecutive crossing checks needed for a breach.
+        min_checks: Checks to run before any breach.
+        action: ``"alert"`` (log and call ``on_breach``), ``"stop"`` (also stop training) or
+            ``"raise"`` (also raise :class:`~fesmia_hooks.PrivacyBudgetExceeded`).
+        alpha: False-alarm rate allowed per training run when nothing leaks.
+        horizon: Expected number of checks, when known; spends ``alpha`` evenly over them.
+        on_breach: Callables ``fn(report, decision)`` called once per breach.
+
+    Example:
+        >>> budget = LeakageBudget(max_level="moderate", action="stop")
+        >>> budget
+        LeakageBudget(max_level='moderate', max_values={}, patience=1, min_checks=1, action='stop', alpha=0.05)
+    """  # noqa: E501
+
+    def __init__(
+        self,
+        max_level: Level | str | None = "low",
+        *,
+        max_values: Mapping[str, float] | None = None,
+        patience: int = 1,
+        min_checks: int = 1,
+        action: Action = "stop",
+        alpha: float = 0.05,
+        horizon: int | None = None,
+        on_breach: Sequence[Callable[[LeakageReport, Decision], Any]]
+        | Callable[[LeakageReport, Decision], Any]
+        | None = None,
+    ) -> None:
+        if max_level is None:
+            self.max_level: Level | None = None
+        else:
+            self.max_level = Level(choice("max_level", str(max_level), [lv.value for lv in Level]))
+            if self.max_level == Level.CRITICAL:
+                raise ConfigurationError(
+                    "`max_level` 'critical' can never be exceeded; use a lower level or None"
+                )
+        self.max_values = dict(_check_values(max_values or {}))
+        if self.max_level is None and not self.max_values:
+            raise ConfigurationError(
+                "a LeakageBudget needs `max_level` or `max_values`, got neither"
+            )
+        self.patience = positive_int("patience", patience)
+        self.min_checks = positive_int("min_checks", min_checks)
+        self.action: Action = choice("action", action, ("alert", "stop", "raise"))  # type: ignore
+        self.alpha = probability("alpha", alpha)
+        self.horizon = optional_positive_int("horizon", horizon)
+        callbacks: Iterable[Any]
+        if on_breach is None:
+            callbacks = ()
+        elif callable(on_breach):
+            callbacks = (on_breach,)
+        else:
+            callbacks = tuple(on_breach)
+        for fn in callbacks:
+            if not callable(fn):
+                raise ConfigurationError(
+                    f"`on_breach` must hold callables, got {type(fn).__name__}"
+                )
+        self.on_breach = tuple(callbacks)
+
+    def __repr__(self) -> str:
+        level = None if self.max_level is None else self.max_level.value
+        return (
+            f"LeakageBudget(max_level={level!r}, max_values={self.max_values}, "
+            f"patience={self.patience}, min_checks={self.min_checks}, "
+            f"action={self.action!r}, alpha={self.alpha})"
+        )
+
+    def crossing(self, report: LeakageReport) -> tuple[StopReason, str] | None:
+        """Whether one report crosses the ceiling, and why; ``None`` if it does not."""
+        if not report.significant:
+            return None
+        if self.max_level is not None and report.level > self.max_level:
+            return StopReason.LEVEL_EXCEEDED, (
+                f"leakage level {report.level.value!r} exceeds the budget "
+                f"{self.max_level.value!r}"
+            )
+        values = report.as_dict()
+        for key, ceiling in self.max_values.items():
+            if key not in values:
+                allowed = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
+                raise ConfigurationError(
+                    f"`max_values` key {key!r} is not a report field; allowed: {allowed}"
+                )
+            if float(values[key]) > ceiling:
+                return StopReason.VALUE_EXCEEDED, (
+                    f"{key} = {float(values[key]):.3g} exceeds the budget {ceiling:g}"
+                )
+        return None
+
+    def decide(self, report: LeakageReport, *, checks: int, streak: int) -> Decision:
+        """Pure decision for the latest report.
+
+        Args:
+            report: The latest check.
+            checks: Checks run so far, this one included.
+            streak: Consecutive crossing checks, this one included (0 if it did not cross).
+        """
+        crossed = self.crossing(report)
+        if crossed is None or streak < self.patience or checks < self.min_checks:
+            return Decision(False, False, StopReason.NOT_STOPPED, "within budget")
+        reason, why = crossed
+        message = (
+            f"privacy budget exceeded at check {report.check}"
+            + (f" (epoch {report.epoch})" if report.epoch is not None else "")
+            + f": {why}; p = {report.p_value:.3g} (run-level threshold "
+            f"{report.p_threshold:.3g}). {report.summary()}"
+        )
+        return Decision(True, self.action != "alert", reason, message)
+
+
+def _check_values(values: Mapping[str, float]) -> Iterable[tuple[str, float]]:
+    if not isinstance(values, Mapping):
+        raise ConfigurationError(
+            f"`max_values` must be a mapping of report keys to numbers, got {type(values).__name__}"
+        )
+    for key, value in values.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(
+            value, (int, float)
+        ):
+            raise ConfigurationError(
+                f"`max_values` must map report keys to numbers, got {key!r}: {value!r}"
+            )
+        yield key, float(value)

@@ -1,0 +1,308 @@
+"""The canary set: a few samples known to be trained on, and a few known never to be.
+
+Canary data is private. Nothing in this module, nor anywhere in fesmia-hooks, writes canary
+inputs or labels to a log, a report, a history file, an exception message or a state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from fesmia_hooks._validation import positive_int
+from fesmia_hooks.exceptions import CanaryError
+
+__all__ = ["CanarySet"]
+
+Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
+
+
+def _to_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CanaryError(
+            f"{name} must be a tensor, an array or a sequence of numbers, "
+            f"got {type(value).__name__}"
+        ) from exc
+
+
+def _stack_dataset(name: str, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise CanaryError(f"{name}: a Dataset must define __len__") from exc
+    xs, ys = [], []
+    for i in range(n):
+        item = dataset[i]
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            xs.append(_to_tensor(f"{name} inputs", item[0]))
+            ys.append(_to_tensor(f"{name} labels", item[1]))
+        else:
+            xs.append(_to_tensor(f"{name} inputs", item))
+    if not xs:
+        return torch.empty(0), None
+    try:
+        x = torch.stack(xs)
+        y = torch.stack(ys).reshape(len(ys)) if ys else None
+    except RuntimeError as exc:
+        raise CanaryError(f"{name}: samples of the Dataset do not all have one shape") from exc
+    return x, y
+
+
+def _unpack(name: str, side: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(side, Dataset) and not isinstance(side, (torch.Tensor, np.ndarray)):
+        return _stack_dataset(name, side)
+    if isinstance(side, (tuple, list)) and len(side) == 2 and not _is_number_sequence(side):
+        return _to_tensor(f"{name} inputs", side[0]), _to_tensor(f"{name} labels", side[1])
+    return _to_tensor(f"{name} inputs", side), None
+
+
+def _is_number_sequence(side: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) for v in side)
+
+
+def _fingerprints(x: torch.Tensor) -> list[bytes]:
+    flat = x.reshape(x.shape[0], -1).contiguous().cpu().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+
+class CanarySet:
+    """Members (trained on) and non-members (never trained on) of one data distribution.
+
+    Args:
+        members: Samples that are, or will be, in the training set: a pair ``(inputs,
+            labels)`` of tensors or arrays, a ``torch.utils.data.Dataset`` yielding
+            ``(input, label)``, or inputs alone when labels are not needed.
+        non_members: Samples of the same distribution that are never trained on, in the
+            same form as ``members``.
+        num_classes: When given, labels are checked to lie in ``[0, num_classes)``.
+
+    Raises:
+        CanaryError: On empty sides, shapes or dtypes that disagree, non-integer or
+            out-of-range labels, non-finite inputs, or a sample present on both sides.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(40, 8, generator=g)
+        >>> y = torch.randint(0, 3, (40,), generator=g)
+        >>> canaries = CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
+        >>> canaries
+        CanarySet(members=20, non_members=20, input_shape=(8,), labels=yes)
+    """
+
+    def __init__(
+        self,
+        members: Side,
+        non_members: Side,
+        *,
+        num_classes: int | None = None,
+    ) -> None:
+        xm, ym = _unpack("members", members)
+        xn, yn = _unpack("non_members", non_members)
+        self._validate(xm, ym, xn, yn, num_classes)
+        self.inputs = torch.cat([xm, xn]).contiguous()
+        self.labels = None if ym is None or yn is None else torch.cat([ym, yn]).long()
+        self.num_members = int(xm.shape[0])
+        self.num_non_members = int(xn.shape[0])
+        self.num_classes = num_classes
+        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _validate(
+        xm: torch.Tensor,
+        ym: torch.Tensor | None,
+        xn: torch.Tensor,
+        yn: torch.Tensor | None,
+        num_classes: int | None,
+    ) -> None:
+        for name, x in (("members", xm), ("non_members", xn)):
+            if x.dim() == 0 or x.shape[0] == 0:
+                raise CanaryError(f"{name} must hold at least one sample, got none")
+        if xm.shape[1:] != xn.shape[1:]:
+            raise CanaryError(
+                "members and non_members must have the same sample shape, got "
+                f"{tuple(xm.shape[1:])} and {tuple(xn.shape[1:])}"
+            )
+        if xm.dtype != xn.dtype:
+            raise CanaryError(
+                f"members and non_members must have the same dtype, got {xm.dtype} and {xn.dtype}"
+            )
+        if (ym is None) != (yn is None):
+            raise CanaryError("give labels for both members and non_members, or for neither")
+        for name, x in (("members", xm), ("non_members", xn)):
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+                raise CanaryError(
+                    f"{name} inputs must be finite, got {bad} sample(s) with NaN or infinity"
+                )
+        for name, x, y in (("members", xm, ym), ("non_members", xn, yn)):
+            if y is None:
+                continue
+            if y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise CanaryError(
+                    f"{name} labels must be one class index per sample ({x.shape[0]}), "
+                    f"got shape {tuple(y.shape)}"
+                )
+            if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+                raise CanaryError(f"{name} labels must be integer class indices, got {y.dtype}")
+            if num_classes is not None:
+                positive_int("num_classes", num_classes)
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= num_classes:
+                    raise CanaryError(
+                        f"{name} labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
+                    )
+        shared = set(_fingerprints(xm)) & set(_fingerprints(xn))
+        if shared:
+            raise CanaryError(
+                f"{len(shared)} sample(s) appear among both members and non_members; "
+                "the two sides must be disjoint"
+            )
+
+    def require(self, per_side: int, *, who: str = "the probe") -> None:
+        """Raise :class:`CanaryError` unless each side holds at least ``per_side`` samples."""
+        small = min(self.num_members, self.num_non_members)
+        if small < per_side:
+            raise CanaryError(
+                f"{who} needs at least {per_side} members and {per_side} non-members "
+                f"(shots + queries), got {self.num_members} members and "
+                f"{self.num_non_members} non-members"
+            )
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return self.num_members + self.num_non_members
+
+    def __repr__(self) -> str:
+        shape = tuple(self.inputs.shape[1:])
+        labels = "yes" if self.labels is not None else "no"
+        return (
+            f"CanarySet(members={self.num_members}, non_members={self.num_non_members}, "
+            f"input_shape={shape}, labels={labels})"
+        )
+
+    @property
+    def is_member(self) -> torch.Tensor:
+        """Boolean ``[len(self)]``: members first, then non-members."""
+        flags = torch.zeros(len(self), dtype=torch.bool)
+        flags[: self.num_members] = True
+        return flags
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inputs and labels on ``device``; moved once, then served from a cache."""
+        key = str(torch.device(device))
+        if key not in self._device_cache:
+            x = self.inputs.to(device)
+            y = None if self.labels is None else self.labels.to(device)
+            self._device_cache[key] = (x, y)
+        return self._device_cache[key]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def split(
+        cls,
+        dataset: Any,
+        *,
+        size: int = 64,
+        seed: int = 0,
+        num_classes: int | None = None,
+    ) -> tuple[Any, CanarySet]:
+        """Carve a canary set out of one dataset.
+
+        Draws ``size`` members and ``size`` non-members at random. The returned training
+        part keeps the members and drops the non-members, so training on it makes the
+        members real members.
+
+        Args:
+            dataset: A ``Dataset`` yielding ``(input, label)`` or a pair ``(inputs, labels)``.
+            size: Canaries per side.
+            seed: Seed of the draw.
+            num_classes: Passed to the :class:`CanarySet` checks.
+
+        Returns:
+            ``(train_part, canaries)``: a ``Subset`` for a Dataset, a pair of tensors for a
+            pair.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(200, 4), torch.randint(0, 2, (200,))
+            >>> (x_train, y_train), canaries = CanarySet.split((x, y), size=16)
+            >>> len(x_train), canaries.num_members, canaries.num_non_members
+            (184, 16, 16)
+        """
+        positive_int("size", size)
+        n = _length(dataset)
+        if 2 * size > n:
+            raise CanaryError(f"split(size={size}) needs at least {2 * size} samples, got {n}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        member_idx, non_member_idx = order[:size], order[size : 2 * size]
+        dropped = set(non_member_idx)
+        keep = [i for i in range(n) if i not in dropped]
+        canaries = cls(
+            members=_select(dataset, member_idx),
+            non_members=_select(dataset, non_member_idx),
+            num_classes=num_classes,
+        )
+        return _select(dataset, keep), canaries
+
+    @classmethod
+    def from_datasets(
+        cls,
+        train: Any,
+        holdout: Any,
+        *,
+        size: int = 64,
+        seed: int = 0,
+        num_classes: int | None = None,
+    ) -> CanarySet:
+        """Draw members from the training set and non-members from a held-out set.
+
+        Example:
+            >>> import torch
+            >>> train = (torch.randn(100, 4), torch.randint(0, 2, (100,)))
+            >>> holdout = (torch.randn(50, 4), torch.randint(0, 2, (50,)))
+            >>> CanarySet.from_datasets(train, holdout, size=20).num_non_members
+            20
+        """
+        positive_int("size", size)
+        picks = []
+        g = torch.Generator().manual_seed(seed)
+        for name, data in (("train", train), ("holdout", holdout)):
+            n = _length(data)
+            if n < size:
+                raise CanaryError(
+                    f"from_datasets(size={size}) needs {size} {name} samples, got {n}"
+                )
+            picks.append(_select(data, torch.randperm(n, generator=g)[:size].tolist()))
+        return cls(members=picks[0], non_members=picks[1], num_classes=num_classes)
+
+
+def _length(data: Any) -> int:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        n0, n1 = len(data[0]), len(data[1])
+        if n0 != n1:
+            raise CanaryError(f"inputs and labels must have one length, got {n0} and {n1}")
+        return int(n0)
+    try:
+        return len(data)
+    except TypeError as exc:
+        raise CanaryError(
+            f"expected a Dataset or a pair (inputs, labels), got {type(data).__name__}"
+        ) from exc
+
+
+def _select(data: Any, idx: list[int]) -> Any:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return tuple(_to_tensor("data", part)[index] for part in data)
+    return Subset(data, idx)

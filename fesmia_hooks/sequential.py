@@ -1,0 +1,123 @@
+"""Alarms that keep their false-alarm rate per training run, not per check.
+
+A monitor looks at the data every epoch; a 5 % test at each of 50 looks raises a false alarm
+on most runs of a model that leaks nothing (SCIENCE.md, trap 2). Under "no leakage" the
+membership labels of the canary pool are exchangeable for the whole run, so the probe's fixed
+set of ``B`` label permutations, reused at every check, gives ``B`` null *trajectories* of the
+test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
+at check ``c`` it picks the largest p-value threshold under which no more than
+``S(c) * (B + 1) - 1`` null trajectories have crossed *so far*, counting each trajectory once,
+at its first crossing. The observed run alarms when its p-value is at or below that threshold.
+The observed trajectory is exchangeable with the null ones when nothing leaks, so the chance
+that it alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutive checks are
+strongly correlated, so a null trajectory that crosses late has usually crossed before and is
+not counted again: the correction costs little power.
+
+The spending function is ``S(c) = alpha * min(1, c / horizon)`` when the number of checks is
+known, and ``S(c) = alpha * c / (c + 10)`` otherwise (half of ``alpha`` by the tenth check,
+all of it only in the limit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fesmia_hooks._validation import optional_positive_int, probability
+
+__all__ = ["SequentialTest", "permutation_p_values"]
+
+
+def permutation_p_values(observed: float, null: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Ranks of the observed and of every null statistic among all ``B + 1`` of them.
+
+    A p-value is ``rank / (B + 1)`` where ``rank`` counts the statistics at least as large
+    (the one itself included). Values within ``1e-6`` count as equal.
+
+    Returns:
+        ``(observed_rank, null_ranks)``; ranks are ints in ``1 .. B + 1``.
+
+    Example:
+        >>> r, nr = permutation_p_values(0.9, torch.tensor([0.1, 0.5, 0.95]))
+        >>> r, nr.tolist()
+        (2, [4, 3, 1])
+    """
+    null = null.detach().double().cpu()
+    tol = 1e-6
+    obs_rank = 1 + int((null >= observed - tol).sum())
+    everything = torch.cat([null, torch.tensor([observed], dtype=torch.float64)])
+    sorted_all, _ = torch.sort(everything)
+    # count of statistics >= x - tol, for each null x
+    below = torch.searchsorted(sorted_all, null - tol, right=False)
+    null_ranks = (everything.numel() - below).to(torch.int64)
+    return obs_rank, null_ranks
+
+
+class SequentialTest:
+    """Run-level calibrated significance over repeated checks (alpha spending on permutations).
+
+    Args:
+        alpha: The false-alarm rate allowed per training run.
+        horizon: Expected number of checks in the run, when known.
+
+    Example:
+        >>> test = SequentialTest(alpha=0.05)
+        >>> null = torch.linspace(0.0, 1.0, 999)
+        >>> test.update(2.0, null)  # beyond every permutation: p = 1/1000
+        (0.001, 0.004, True)
+    """
+
+    def __init__(self, alpha: float = 0.05, horizon: int | None = None) -> None:
+        self.alpha = probability("alpha", alpha)
+        self.horizon = optional_positive_int("horizon", horizon)
+        self.checks = 0
+        self._crossed: torch.Tensor | None = None
+
+    def spent(self, check: int) -> float:
+        """Share of ``alpha`` usable by check number ``check`` (1-based)."""
+        if self.horizon is not None:
+            return self.alpha * min(1.0, check / self.horizon)
+        return self.alpha * check / (check + 10)
+
+    def update(self, observed: float, null: torch.Tensor) -> tuple[float, float, bool]:
+        """Record one check.
+
+        Args:
+            observed: The observed statistic (higher = more leakage).
+            null: ``[B]`` the statistic under each label permutation, same order every check.
+
+        Returns:
+            ``(p_value, p_threshold, significant)``.
+        """
+        b = int(null.numel())
+        if self._crossed is None or self._crossed.numel() != b:
+            self._crossed = torch.zeros(b, dtype=torch.bool)
+        self.checks += 1
+        obs_rank, null_ranks = permutation_p_values(observed, null)
+        allowed = math.floor(self.spent(self.checks) * (b + 1) + 1e-9) - 1
+        remaining = allowed - int(self._crossed.sum())
+        open_ranks = null_ranks[~self._crossed]
+        # Largest rank r with #(open null ranks <= r) <= remaining.
+        counts = torch.bincount(open_ranks, minlength=b + 2).cumsum(0)
+        ok = (counts <= max(remaining, 0)).nonzero()
+        limit = int(ok.max()) if ok.numel() else 0
+        self._crossed |= null_ranks <= limit
+        return obs_rank / (b + 1), limit / (b + 1), obs_rank <= limit
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-value state: the check count and which null trajectories have crossed."""
+        crossed = [] if self._crossed is None else self._crossed.nonzero().flatten().tolist()
+        size = 0 if self._crossed is None else int(self._crossed.numel())
+        return {"checks": self.checks, "crossed": crossed, "permutations": size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (missing keys keep their defaults)."""
+        self.checks = int(state.get("checks", 0))
+        size = int(state.get("permutations", 0))
+        if size:
+            self._crossed = torch.zeros(size, dtype=torch.bool)
+            self._crossed[torch.as_tensor(state.get("crossed", []), dtype=torch.long)] = True
+        else:
+            self._crossed = None

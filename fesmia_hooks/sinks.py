@@ -1,0 +1,223 @@
+"""Where reports go: one small contract, ``log(report, step)`` and ``close()``.
+
+* :class:`TensorBoardSink` writes scalars under ``privacy/``, a custom-scalars layout that
+  draws each Log-MIA with its interval and its chance level, histograms of member and
+  non-member scores, a PR curve and a text summary. Its writer opens lazily, on first use.
+* :class:`JsonlSink` appends one JSON line per check and flushes it to disk at once.
+* :class:`NullSink` drops everything (used when there is no ``log_dir``).
+
+Only aggregates are written: never a canary input or label.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fesmia_hooks.report import LeakageReport
+
+__all__ = [
+    "HISTORY_FILE",
+    "JsonlSink",
+    "NullSink",
+    "PREFIX",
+    "Sink",
+    "TensorBoardSink",
+    "scalar_metrics",
+]
+
+#: Prefix of every metric key and TensorBoard tag.
+PREFIX = "privacy/"
+#: Name of the JSON-lines history inside a run's ``log_dir``.
+HISTORY_FILE = "privacy_history.jsonl"
+
+_NOT_SCALARS = {"check", "step", "epoch", "method", "level", "shots", "queries", "episodes",
+                "permutations", "action"}
+
+
+def scalar_metrics(report: LeakageReport) -> dict[str, float]:
+    """The report's numeric fields as ``{"privacy/<key>": float}``, the shared vocabulary.
+
+    Example:
+        >>> from fesmia_hooks.report import _example_report
+        >>> m = scalar_metrics(_example_report())
+        >>> m["privacy/log_mia_strict"], m["privacy/level_index"], m["privacy/significant"]
+        (0.5, 3.0, 1.0)
+    """
+    out = {}
+    for key, value in report.as_dict().items():
+        if key in _NOT_SCALARS or value is None or isinstance(value, str):
+            continue
+        out[PREFIX + key] = float(value)
+    return out
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything that receives reports."""
+
+    def log(self, report: LeakageReport, step: int) -> None:
+        """Record one report at global ``step``."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+class NullSink:
+    """A sink that records nothing."""
+
+    def log(self, report: LeakageReport, step: int) -> None:
+        """Drop the report."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+class JsonlSink:
+    """Append one JSON line per check to ``path``, flushed and synced to disk.
+
+    Args:
+        path: The history file; its folder is created on first write.
+
+    Example:
+        >>> import tempfile, json
+        >>> from fesmia_hooks.report import _example_report
+        >>> folder = tempfile.mkdtemp()
+        >>> sink = JsonlSink(os.path.join(folder, "h.jsonl"))
+        >>> sink.log(_example_report(), step=3)
+        >>> sink.close()
+        >>> json.loads(open(os.path.join(folder, "h.jsonl")).readline())["log_mia_strict"]
+        0.5
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def log(self, report: LeakageReport, step: int) -> None:
+        """Append the report's :meth:`~LeakageReport.as_dict` with ``global_step``."""
+        self.write({**report.as_dict(), "global_step": step})
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a check, or a failed check) as a JSON line."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({k: _json_value(v) for k, v in record.items()}, sort_keys=False)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def close(self) -> None:
+        """Nothing stays open between writes."""
+
+
+def custom_scalar_layout() -> dict[str, Any]:
+    """TensorBoard custom-scalars layout: each Log-MIA with its interval and chance level."""
+    p = PREFIX
+
+    def margin(key: str) -> list[Any]:
+        return ["Margin", [p + key, p + key + "_low", p + key + "_high"]]
+
+    return {
+        "Privacy leakage (FeS-MIA)": {
+            "Log-MIA strict (95% interval)": margin("log_mia_strict"),
+            "Log-MIA relaxed (95% interval)": margin("log_mia_relaxed"),
+            "AUC (95% interval)": margin("auc"),
+            "Log-MIA against chance": [
+                "Multiline",
+                [p + "log_mia_strict", p + "chance_strict", p + "log_mia_relaxed",
+                 p + "chance_relaxed"],
+            ],
+            "Significance (p-value and run-level threshold)": [
+                "Multiline", [p + "p_value", p + "p_threshold"]
+            ],
+            "Level (0 none … 4 critical)": ["Multiline", [p + "level_index"]],
+        }
+    }
+
+
+class TensorBoardSink:
+    """Write reports as TensorBoard events through ``torch.utils.tensorboard``.
+
+    Args:
+        log_dir: Folder of the event files; ignored when ``writer`` is given.
+        writer: An existing ``SummaryWriter`` to write through (for example a Lightning
+            ``TensorBoardLogger``'s ``experiment``); it is then not closed by this sink.
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None
+    ) -> None:
+        if log_dir is None and writer is None:
+            raise ValueError("TensorBoardSink needs `log_dir` or `writer`, got neither")
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self._writer = writer
+        self._owns_writer = writer is None
+        self._layout_written = False
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, opened on first use."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    def log(self, report: LeakageReport, step: int) -> None:
+        """Write scalars, histograms, PR curve and summary text of one check."""
+        w = self.writer
+        if not self._layout_written:
+            w.add_custom_scalars(custom_scalar_layout())
+            self._layout_written = True
+        for tag, value in scalar_metrics(report).items():
+            if math.isfinite(value):
+                w.add_scalar(tag, value, step)
+        members, non_members = report.member_scores, report.non_member_scores
+        if len(members) and len(non_members):
+            w.add_histogram(PREFIX + "scores/members", members, step)
+            w.add_histogram(PREFIX + "scores/non_members", non_members, step)
+            scores = np.concatenate([members, non_members])
+            ranks = scores.argsort().argsort() / max(len(scores) - 1, 1)
+            labels = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
+            w.add_pr_curve(PREFIX + "pr_curve", labels, ranks, step)
+        w.add_text(PREFIX + "summary", _markdown(report), step)
+        w.flush()
+
+    def close(self) -> None:
+        """Close the writer if this sink opened it."""
+        if self._writer is not None and self._owns_writer:
+            self._writer.close()
+            self._writer = None
+
+
+def _markdown(report: LeakageReport) -> str:
+    rows = [
+        ("Log-MIA strict", f"{report.strict:.3f} [{report.strict_low:.3f}, "
+         f"{report.strict_high:.3f}]", f"{report.chance_strict:.3f}"),
+        ("Log-MIA relaxed", f"{report.relaxed:.3f} [{report.relaxed_low:.3f}, "
+         f"{report.relaxed_high:.3f}]", f"{report.chance_relaxed:.3f}"),
+        ("AUC", f"{report.auc:.3f} [{report.auc_low:.3f}, {report.auc_high:.3f}]", "0.500"),
+    ]
+    table = "| measure | value [95% interval] | chance |\n|---|---|---|\n" + "\n".join(
+        f"| {a} | {b} | {c} |" for a, b, c in rows
+    )
+    return (
+        f"**{report.summary()}**\n\n{table}\n\n"
+        f"p-value {report.p_value:.4g} (threshold {report.p_threshold:.4g}, "
+        f"{report.permutations} permutations); level **{report.level.value}**; "
+        f"{report.method}, {report.shots} shots, {report.queries} queries, "
+        f"{report.episodes} episodes."
+    )
