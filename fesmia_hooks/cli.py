@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fesmia-hooks: --epochs must be a positive int, got {args.epochs}",
                   file=sys.stderr)
             return 2
-        from fesmia_hooks.demo import run_torch_demo
+        from fesmia_hooks.demos.digits import run_torch_demo
 
         run_torch_demo(log_dir=args.log_dir, epochs=args.epochs, seed=args.seed)
     return 0

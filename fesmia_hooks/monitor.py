@@ -121,12 +121,14 @@ class PrivacyMonitor:
                 self.sinks.append(TensorBoardSink(self.log_dir))
         self.restore_safe_weights = bool(restore_safe_weights)
         self._safe_state: dict[str, torch.Tensor] | None = None
+        self._horizon: int | None = None
         self._reset_state()
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
         alpha = self.budget.alpha if self.budget is not None else self.probe.alpha
         horizon = self.budget.horizon if self.budget is not None else None
+        horizon = horizon if horizon is not None else self._horizon
         self._test = SequentialTest(alpha=alpha, horizon=horizon)
         self.history: list[LeakageReport] = []
         self.errors: list[dict[str, Any]] = []
@@ -140,8 +142,14 @@ class PrivacyMonitor:
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
 
-    def reset(self) -> None:
-        """Forget every check: a new training run starts (keeps configuration and sinks)."""
+    def reset(self, *, horizon: int | None = None) -> None:
+        """Forget every check: a new training run starts (keeps configuration and sinks).
+
+        Args:
+            horizon: Checks expected in the new run (for example ``max_epochs //
+                every_n_epochs``), when the budget did not fix it; spends ``alpha`` evenly.
+        """
+        self._horizon = optional_positive_int("horizon", horizon)
         self._reset_state()
         self._safe_state = None
 

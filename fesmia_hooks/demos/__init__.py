@@ -1,0 +1,1 @@
+"""Runnable demos behind ``fesmia-hooks demo``; each imports its framework only when run."""
