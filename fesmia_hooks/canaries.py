@@ -26,7 +26,7 @@ def _to_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
     try:
-        return torch.as_tensor(np.asarray(value))
+        return torch.as_tensor(np.ascontiguousarray(value))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CanaryError(
             f"{name} must be a tensor, an array or a sequence of numbers, "
@@ -70,7 +70,7 @@ def _is_number_sequence(side: Sequence[Any]) -> bool:
 
 
 def _fingerprints(x: torch.Tensor) -> list[bytes]:
-    flat = x.reshape(x.shape[0], -1).contiguous().cpu().numpy()
+    flat = x.reshape(x.shape[0], -1).contiguous().cpu().view(torch.uint8).numpy()
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 

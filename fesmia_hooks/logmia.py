@@ -59,7 +59,7 @@ def _as_1d_tensor(name: str, values: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         t = values.detach()
     else:
-        t = torch.as_tensor(np.asarray(values))
+        t = torch.as_tensor(np.ascontiguousarray(values))
     if t.dim() != 1:
         raise ConfigurationError(f"`{name}` must be one-dimensional, got shape {tuple(t.shape)}")
     return t.to(dtype)

@@ -6,10 +6,11 @@ membership labels of the canary pool are exchangeable for the whole run, so the 
 set of ``B`` label permutations, reused at every check, gives ``B`` null *trajectories* of the
 test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
 at check ``c`` it picks the largest p-value threshold under which no more than
-``S(c) * (B + 1) - 1`` null trajectories have crossed *so far*, counting each trajectory once,
-at its first crossing. The observed run alarms when its p-value is at or below that threshold.
-The observed trajectory is exchangeable with the null ones when nothing leaks, so the chance
-that it alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutive checks are
+``floor(S(c) * (B + 1))`` of the ``B + 1`` trajectories (the observed one and the null ones,
+treated alike) have crossed *so far*, counting each trajectory once, at its first crossing.
+The observed run alarms when its p-value is at or below that threshold. The observed
+trajectory is exchangeable with the null ones when nothing leaks, so the chance that it
+alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutive checks are
 strongly correlated, so a null trajectory that crosses late has usually crossed before and is
 not counted again: the correction costs little power.
 
@@ -84,6 +85,12 @@ class SequentialTest:
     def update(self, observed: float, null: torch.Tensor) -> tuple[float, float, bool]:
         """Record one check.
 
+        The rule treats the observed trajectory and the ``B`` null ones alike: a trajectory
+        *crosses* at the first check where its rank falls within the threshold, and the
+        threshold is the largest rank that keeps the number of crossed trajectories within
+        ``floor(S(c) * (B + 1))``. Nothing distinguishes the observed trajectory when nothing
+        leaks, so it crosses by check ``c`` with probability at most ``S(c)``.
+
         Args:
             observed: The observed statistic (higher = more leakage).
             null: ``[B]`` the statistic under each label permutation, same order every check.
@@ -92,24 +99,25 @@ class SequentialTest:
             ``(p_value, p_threshold, significant)``.
         """
         b = int(null.numel())
-        if self._crossed is None or self._crossed.numel() != b:
-            self._crossed = torch.zeros(b, dtype=torch.bool)
+        if self._crossed is None or self._crossed.numel() != b + 1:
+            self._crossed = torch.zeros(b + 1, dtype=torch.bool)
         self.checks += 1
         obs_rank, null_ranks = permutation_p_values(observed, null)
-        allowed = math.floor(self.spent(self.checks) * (b + 1) + 1e-9) - 1
+        ranks = torch.cat([null_ranks, torch.tensor([obs_rank])])
+        allowed = math.floor(self.spent(self.checks) * (b + 1) + 1e-9)
         remaining = allowed - int(self._crossed.sum())
-        open_ranks = null_ranks[~self._crossed]
-        # Largest rank r with #(open null ranks <= r) <= remaining.
-        counts = torch.bincount(open_ranks, minlength=b + 2).cumsum(0)
-        ok = (counts <= max(remaining, 0)).nonzero()
-        limit = int(ok.max()) if ok.numel() else 0
-        self._crossed |= null_ranks <= limit
+        limit = 0
+        if remaining > 0:
+            # Largest rank r with #(open trajectories ranked <= r) <= remaining.
+            counts = torch.bincount(ranks[~self._crossed], minlength=b + 2).cumsum(0)
+            limit = int((counts <= remaining).nonzero().max())
+        self._crossed |= ranks <= limit
         return obs_rank / (b + 1), limit / (b + 1), obs_rank <= limit
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-value state: the check count and which null trajectories have crossed."""
         crossed = [] if self._crossed is None else self._crossed.nonzero().flatten().tolist()
-        size = 0 if self._crossed is None else int(self._crossed.numel())
+        size = 0 if self._crossed is None else int(self._crossed.numel()) - 1
         return {"checks": self.checks, "crossed": crossed, "permutations": size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -117,7 +125,7 @@ class SequentialTest:
         self.checks = int(state.get("checks", 0))
         size = int(state.get("permutations", 0))
         if size:
-            self._crossed = torch.zeros(size, dtype=torch.bool)
+            self._crossed = torch.zeros(size + 1, dtype=torch.bool)
             self._crossed[torch.as_tensor(state.get("crossed", []), dtype=torch.long)] = True
         else:
             self._crossed = None

@@ -1,0 +1,145 @@
+"""CanarySet: accepted inputs, constructors, caching and every validation error."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import fesmia_hooks as fh
+
+
+def data(n=40, d=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_accepts_tensors_arrays_and_datasets_alike():
+    x, y = data()
+    a = fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
+    b = fh.CanarySet(
+        members=(x[:20].numpy(), y[:20].numpy()), non_members=(x[20:].numpy(), y[20:].numpy())
+    )
+    c = fh.CanarySet(
+        members=TensorDataset(x[:20], y[:20]), non_members=TensorDataset(x[20:], y[20:])
+    )
+    for other in (b, c):
+        assert torch.equal(a.inputs, other.inputs)
+        assert torch.equal(a.labels, other.labels)
+    assert a.is_member.tolist() == [True] * 20 + [False] * 20
+
+
+def test_split_keeps_members_in_training_and_drops_non_members():
+    x, y = data(100)
+    (x_train, y_train), canaries = fh.CanarySet.split((x, y), size=10, seed=3)
+    assert len(x_train) == 90 and canaries.num_members == canaries.num_non_members == 10
+    train_rows = {tuple(r.tolist()) for r in x_train}
+    members = canaries.inputs[:10]
+    non_members = canaries.inputs[10:]
+    assert all(tuple(r.tolist()) in train_rows for r in members)
+    assert not any(tuple(r.tolist()) in train_rows for r in non_members)
+
+
+def test_split_of_a_dataset_returns_a_subset():
+    x, y = data(60)
+    train, canaries = fh.CanarySet.split(TensorDataset(x, y), size=5)
+    assert isinstance(train, torch.utils.data.Subset) and len(train) == 55
+    assert len(canaries) == 10
+
+
+def test_split_is_seeded():
+    x, y = data(60)
+    _, a = fh.CanarySet.split((x, y), size=5, seed=1)
+    _, b = fh.CanarySet.split((x, y), size=5, seed=1)
+    _, c = fh.CanarySet.split((x, y), size=5, seed=2)
+    assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
+
+
+def test_from_datasets_draws_each_side_from_its_set():
+    train, holdout = data(50, seed=1), data(30, seed=2)
+    canaries = fh.CanarySet.from_datasets(train, holdout, size=12)
+    train_rows = {tuple(r.tolist()) for r in train[0]}
+    assert all(tuple(r.tolist()) in train_rows for r in canaries.inputs[:12])
+    assert not any(tuple(r.tolist()) in train_rows for r in canaries.inputs[12:])
+
+
+def test_moved_once_and_cached():
+    x, y = data()
+    canaries = fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
+    first = canaries.on("cpu")
+    assert canaries.on(torch.device("cpu"))[0] is first[0]
+
+
+def test_repr_never_shows_data():
+    x, y = data()
+    x[0, 0] = 123.456
+    canaries = fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
+    assert "123.4" not in repr(canaries) and "members=20" in repr(canaries)
+
+
+@pytest.mark.parametrize(
+    "members, non_members, kwargs, message",
+    [
+        ((torch.zeros(0, 3), torch.zeros(0)), (torch.ones(2, 3), torch.zeros(2)), {},
+         "members must hold at least one sample, got none"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long)),
+         (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {},
+         r"same sample shape, got \(3,\) and \(5,\)"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long)),
+         (torch.randn(4, 3).double(), torch.zeros(4, dtype=torch.long)), {},
+         "same dtype, got torch.float32 and torch.float64"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), torch.randn(4, 3), {},
+         "labels for both members and non_members, or for neither"),
+        ((torch.tensor([[float("nan"), 0, 0]] + [[1.0, 2, 3]] * 3), torch.zeros(4, dtype=torch.long)),
+         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), {},
+         "members inputs must be finite, got 1 sample"),
+        ((torch.randn(4, 3), torch.zeros(4)), (torch.randn(4, 3), torch.zeros(4)), {},
+         "labels must be integer class indices, got torch.float32"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 2, 9])),
+         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), {"num_classes": 3},
+         r"labels must lie in \[0, 3\), got values in \[0, 9\]"),
+        ((torch.randn(4, 3), torch.zeros(3, dtype=torch.long)),
+         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), {},
+         r"one class index per sample \(4\), got shape \(3,\)"),
+    ],
+)
+def test_validation_errors(members, non_members, kwargs, message):
+    with pytest.raises(fh.CanaryError, match=message):
+        fh.CanarySet(members=members, non_members=non_members, **kwargs)
+
+
+def test_overlap_is_found_by_hashing():
+    x, y = data()
+    with pytest.raises(fh.CanaryError, match="2 sample\\(s\\) appear among both members"):
+        fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[18:38], y[18:38]))
+
+
+def test_too_few_canaries_for_the_probe():
+    x, y = data()
+    canaries = fh.CanarySet(members=(x[:10], y[:10]), non_members=(x[10:], y[10:]))
+    with pytest.raises(fh.CanaryError, match="needs at least 20 members and 20 non-members"):
+        fh.FeSMIA(shots=5, queries=15).check_canaries(canaries)
+    with pytest.raises(fh.CanaryError, match="needs at least 20 members"):
+        fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(shots=5, queries=15))
+
+
+def test_constructor_errors():
+    x, y = data(20)
+    with pytest.raises(fh.CanaryError, match=r"split\(size=15\) needs at least 30 samples, got 20"):
+        fh.CanarySet.split((x, y), size=15)
+    with pytest.raises(fh.ConfigurationError, match="`size` must be a positive int, got 0"):
+        fh.CanarySet.split((x, y), size=0)
+    with pytest.raises(fh.CanaryError, match="needs 15 holdout samples, got 10"):
+        fh.CanarySet.from_datasets((x, y), (x[:10] + 5, y[:10]), size=15)
+    with pytest.raises(fh.CanaryError, match="inputs and labels must have one length, got 20 and 19"):
+        fh.CanarySet.split((x, y[:19]), size=2)
+    with pytest.raises(fh.CanaryError, match="must be a tensor, an array"):
+        fh.CanarySet(members=(object(), object()), non_members=(x, y))
+
+
+def test_numpy_labels_become_long():
+    x, y = data()
+    canaries = fh.CanarySet(
+        members=(x[:20].numpy(), y[:20].numpy().astype(np.int32)),
+        non_members=(x[20:].numpy(), y[20:].numpy().astype(np.int32)),
+    )
+    assert canaries.labels.dtype == torch.long
