@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from fesmia_hooks._validation import choice, optional_positive_int, positive_int, probability
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.report import LeakageReport, Level
+from fesmia_hooks.report import LeakageReport, Level, numeric_keys
 
 __all__ = ["Decision", "LeakageBudget", "StopReason"]
 
@@ -137,11 +137,6 @@ class LeakageBudget:
             )
         values = report.as_dict()
         for key, ceiling in self.max_values.items():
-            if key not in values:
-                allowed = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
-                raise ConfigurationError(
-                    f"`max_values` key {key!r} is not a report field; allowed: {allowed}"
-                )
             if float(values[key]) > ceiling:
                 return StopReason.VALUE_EXCEEDED, (
                     f"{key} = {float(values[key]):.3g} exceeds the budget {ceiling:g}"
@@ -174,7 +169,12 @@ def _check_values(values: Mapping[str, float]) -> Iterable[tuple[str, float]]:
         raise ConfigurationError(
             f"`max_values` must be a mapping of report keys to numbers, got {type(values).__name__}"
         )
+    allowed = numeric_keys()
     for key, value in values.items():
+        if key not in allowed:
+            raise ConfigurationError(
+                f"`max_values` key {key!r} is not a numeric report field; allowed: {allowed}"
+            )
         if not isinstance(key, str) or isinstance(value, bool) or not isinstance(
             value, (int, float)
         ):

@@ -1,12 +1,38 @@
-"""The ``fesmia-hooks`` command line."""
+"""The ``fesmia-hooks`` command line.
+
+* ``fesmia-hooks demo [--framework torch|lightning|keras]`` trains a small model on the
+  digits data and prints one row per privacy check.
+* ``fesmia-hooks report LOG_DIR`` prints a table per run found in ``LOG_DIR`` and, when
+  matplotlib is installed, writes ``leakage.png`` into each run's folder.
+
+A usage problem, a missing optional dependency or an unreadable history prints one line
+``fesmia-hooks: error: ...`` on stderr and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+from fesmia_hooks.report import Level
+
+__all__ = ["DEMOS", "main"]
+
+#: ``framework: (module, function, default log dir, extra to install)`` of each demo.
+DEMOS: dict[str, tuple[str, str, str, str]] = {
+    "torch": ("fesmia_hooks.demos.digits", "run_torch_demo", "runs/fesmia-demo", "examples"),
+    "lightning": ("fesmia_hooks.demos.lightning_demo", "run_lightning_demo",
+                  "runs/fesmia-demo-lightning", "lightning,examples"),
+    "keras": ("fesmia_hooks.demos.keras_demo", "run_keras_demo", "runs/fesmia-demo-keras",
+              "keras,examples"),
+}
+
+_LEVEL_CHOICES = ["none", *(lv.value for lv in Level if lv not in (Level.NONE, Level.CRITICAL))]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,24 +41,117 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small model on digits and watch it leak")
-    demo.add_argument("--log-dir", default="runs/fesmia-demo", help="TensorBoard/history folder")
+    demo.add_argument("--framework", choices=sorted(DEMOS), default="torch",
+                      help="training loop to run: plain torch (default), lightning or keras")
+    demo.add_argument("--log-dir", default=None,
+                      help="TensorBoard/history folder (default: runs/fesmia-demo[-FRAMEWORK])")
     demo.add_argument("--epochs", type=int, default=100, help="most epochs to train")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, model and probe")
+    report = sub.add_parser(
+        "report", help="print the checks of every run below LOG_DIR and plot them"
+    )
+    report.add_argument("log_dir", metavar="LOG_DIR",
+                        help="a run's folder, a folder of runs, or a privacy_history.jsonl")
+    report.add_argument("--out", default=None,
+                        help="write the pictures here (mirroring the run folders) instead of "
+                             "into each run's folder")
+    report.add_argument("--no-plot", action="store_true", help="print the tables only")
+    report.add_argument("--max-level", choices=_LEVEL_CHOICES, default="low",
+                        help="the budget's max_level, for the budget line (default: low; "
+                             "'none' draws no line)")
     return parser
 
 
+def _error(message: str) -> int:
+    print(f"fesmia-hooks: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _demo_function(framework: str) -> Callable[..., Any]:
+    """Import the demo of ``framework`` only now; its framework may not be installed."""
+    module_name, function, _, _ = DEMOS[framework]
+    if framework == "keras":
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+    module = importlib.import_module(module_name)
+    return getattr(module, function)  # type: ignore[no-any-return]
+
+
+def _missing(framework: str, exc: ModuleNotFoundError) -> str:
+    """One line for a module that a demo could not import."""
+    _, _, _, extra = DEMOS[framework]
+    if exc.name is not None and exc.name.startswith("fesmia_hooks"):
+        return f"the {framework} demo is not part of this installation (no module {exc.name})"
+    return (f"the {framework} demo needs {exc.name or 'a package that is not installed'}: "
+            f"pip install 'fesmia-hooks[{extra}]'")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.epochs < 1:
+        return _error(f"--epochs must be a positive int, got {args.epochs}")
+    _, _, default_dir, _ = DEMOS[args.framework]
+    log_dir = args.log_dir if args.log_dir is not None else default_dir
+    try:
+        run = _demo_function(args.framework)
+        run(log_dir=log_dir, epochs=args.epochs, seed=args.seed)
+    except ModuleNotFoundError as exc:  # the framework, on import or while the demo runs
+        return _error(_missing(args.framework, exc))
+    except ImportError as exc:  # e.g. the demo's own message naming the extra to install
+        return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fesmia_hooks.history import HistoryError, format_table, load_runs, plot_leakage
+
+    root = Path(args.log_dir)
+    try:
+        runs = load_runs(root)
+    except HistoryError as exc:
+        return _error(str(exc))
+    base = root if root.is_dir() else root.parent
+    max_level = None if args.max_level == "none" else args.max_level
+    can_plot = not args.no_plot
+    if can_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fesmia-hooks: note: no leakage.png without matplotlib: "
+                  "pip install 'fesmia-hooks[plot]'", file=sys.stderr)
+            can_plot = False
+    for index, run in enumerate(runs):
+        relative = run.folder.relative_to(base) if run.folder.is_relative_to(base) else None
+        name = str(run.folder)
+        if index:
+            print()
+        print(format_table(run, name=name))
+        # one picture per folder: the latest run of a file that several runs appended to
+        if not can_plot or run.run != run.runs:
+            continue
+        if not run.records:
+            print(f"(no picture: {run.path} holds failed checks only)")
+            continue
+        target = None
+        if args.out is not None:
+            target = Path(args.out) / (relative if relative is not None else run.folder.name)
+            target = target / "leakage.png"
+        written = plot_leakage(run, target, max_level=max_level, title=name)
+        print(f"wrote {written}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fesmia-hooks``; returns the exit status."""
+    """Entry point of ``fesmia-hooks``; returns the exit status.
+
+    Example:
+        >>> main(["report", "no/such/folder"])
+        2
+    """
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        if args.epochs < 1:
-            print(f"fesmia-hooks: --epochs must be a positive int, got {args.epochs}",
-                  file=sys.stderr)
-            return 2
-        from fesmia_hooks.demos.digits import run_torch_demo
-
-        run_torch_demo(log_dir=args.log_dir, epochs=args.epochs, seed=args.seed)
-    return 0
+        return _run_demo(args)
+    if args.command == "report":
+        return _run_report(args)
+    return _error(f"unknown command {args.command!r}")  # pragma: no cover - argparse guards
 
 
 if __name__ == "__main__":  # pragma: no cover

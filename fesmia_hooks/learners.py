@@ -36,7 +36,9 @@ def _centroids(support: torch.Tensor, shots: int) -> torch.Tensor:
 def _centroid_distances(support: torch.Tensor, query: torch.Tensor, shots: int) -> torch.Tensor:
     """Squared distances ``[G, Q, 2]`` of each query to the two support centroids."""
     cent = _centroids(support, shots)
-    return (query[:, :, None, :] - cent[:, None, :, :]).pow(2).sum(-1)
+    cross = torch.bmm(query, cent.transpose(1, 2))
+    squared = query.pow(2).sum(-1, keepdim=True) - 2 * cross + cent.pow(2).sum(-1)[:, None, :]
+    return squared.clamp_min(0)
 
 
 def simpleshot(support: torch.Tensor, query: torch.Tensor, shots: int) -> torch.Tensor:
@@ -55,8 +57,10 @@ def simpleshot(support: torch.Tensor, query: torch.Tensor, shots: int) -> torch.
         >>> simpleshot(s, q, shots=2).argsort(descending=True)
         tensor([[0, 1, 2]])
     """
-    dist = _centroid_distances(support, query, shots)
-    return dist[..., 1] - dist[..., 0]
+    # d_n^2 - d_m^2 = 2 q.(c_m - c_n) + |c_n|^2 - |c_m|^2, without forming the distances.
+    member, non_member = support[:, :shots].mean(1), support[:, shots:].mean(1)
+    bias = non_member.pow(2).sum(-1) - member.pow(2).sum(-1)
+    return 2 * torch.bmm(query, (member - non_member)[:, :, None]).squeeze(-1) + bias[:, None]
 
 
 def threshold(

@@ -18,16 +18,13 @@ from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, compute_features
 from fesmia_hooks.learners import LEARNERS, get_learner
 from fesmia_hooks.logmia import batched_auc, batched_log_mia, chance_log_mia
-from fesmia_hooks.report import LeakageReport, LevelBands, mean_interval
+from fesmia_hooks.report import TPR_FPRS, LeakageReport, LevelBands, mean_interval
 from fesmia_hooks.sequential import permutation_p_values
 from fesmia_hooks.signals import CLASSIFICATION_SIGNALS, SignalFn
 
 __all__ = ["FeSMIA"]
 
 Method = Literal["simpleshot", "laplacianshot", "finetune", "threshold"]
-
-#: False-positive rates at which the pooled TPR is reported.
-TPR_FPRS: tuple[float, ...] = (0.01, 0.05, 0.1)
 
 # Elements of one gathered feature block; keeps the probe's extra memory near 8 MB.
 _BLOCK_ELEMENTS = 2_000_000

@@ -12,7 +12,10 @@ import numpy as np
 from fesmia_hooks._validation import choice
 from fesmia_hooks.exceptions import ConfigurationError
 
-__all__ = ["LeakageReport", "Level", "LevelBands"]
+__all__ = ["TPR_FPRS", "LeakageReport", "Level", "LevelBands", "numeric_keys"]
+
+#: False-positive rates at which the pooled TPR is reported.
+TPR_FPRS: tuple[float, ...] = (0.01, 0.05, 0.1)
 
 
 class Level(str, Enum):
@@ -270,11 +273,25 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     return round(m, 12), round(m - half, 12), round(m + half, 12)
 
 
+def numeric_keys() -> list[str]:
+    """Keys of :meth:`LeakageReport.as_dict` that hold numbers (usable in budgets).
+
+    Example:
+        >>> "log_mia_strict" in numeric_keys() and "level" not in numeric_keys()
+        True
+    """
+    return [
+        k for k, v in _example_report().as_dict().items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("check",)
+    ]
+
+
 def _example_report() -> LeakageReport:
     return LeakageReport(
         strict=0.5, strict_low=0.45, strict_high=0.55, relaxed=0.8, relaxed_low=0.75,
         relaxed_high=0.85, chance_strict=0.178, chance_relaxed=0.5884, auc=0.81, auc_low=0.79,
-        auc_high=0.83, tpr_at_fpr={0.01: 0.2, 0.05: 0.4}, p_value=0.001, p_threshold=0.004,
+        auc_high=0.83, tpr_at_fpr={0.01: 0.2, 0.05: 0.4, 0.1: 0.5}, p_value=0.001,
+        p_threshold=0.004,
         significant=True, level=Level.HIGH, method="simpleshot", shots=5, queries=15,
         episodes=200, permutations=999, seconds_forward=0.01, seconds_attack=0.1,
     )

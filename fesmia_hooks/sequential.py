@@ -106,11 +106,11 @@ class SequentialTest:
         ranks = torch.cat([null_ranks, torch.tensor([obs_rank])])
         allowed = math.floor(self.spent(self.checks) * (b + 1) + 1e-9)
         remaining = allowed - int(self._crossed.sum())
-        limit = 0
-        if remaining > 0:
-            # Largest rank r with #(open trajectories ranked <= r) <= remaining.
-            counts = torch.bincount(ranks[~self._crossed], minlength=b + 2).cumsum(0)
-            limit = int((counts <= remaining).nonzero().max())
+        # Largest rank r with #(open trajectories ranked <= r) <= remaining. With nothing
+        # left to spend, r stops just above the best open trajectory: a trajectory that has
+        # already crossed can still read as significant, and no new one crosses.
+        counts = torch.bincount(ranks[~self._crossed], minlength=b + 2).cumsum(0)
+        limit = int((counts <= max(remaining, 0)).nonzero().max())
         self._crossed |= ranks <= limit
         return obs_rank / (b + 1), limit / (b + 1), obs_rank <= limit
 

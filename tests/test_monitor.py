@@ -1,0 +1,210 @@
+"""PrivacyMonitor and LeakageBudget driven by scripted reports (no training)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fesmia_hooks as fh
+from fesmia_hooks.report import _example_report
+
+
+def report_with(strict, leaking):
+    """A report whose permutation null makes it clearly significant (or clearly not)."""
+    null = torch.zeros(499) if leaking else torch.linspace(0, 2, 499)
+    return _example_report().with_updates(
+        strict=strict, relaxed=1.0 if leaking else 0.5, null_statistics=null
+    )
+
+
+class ScriptedProbe(fh.FeSMIA):
+    """A FeSMIA whose checks return prepared reports, in order."""
+
+    def __init__(self, script):
+        super().__init__(episodes=5, permutations=499)
+        self.script = list(script)
+
+    def evaluate(self, model, canaries, *, step=None, epoch=None, check=0):
+        strict, leaking = self.script.pop(0)
+        return report_with(strict, leaking).with_updates(step=step, epoch=epoch, check=check)
+
+
+def canaries():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
+    return fh.CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
+
+
+def run(script, budget, **kwargs):
+    monitor = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script), budget=budget, **kwargs)
+    model = nn.Linear(4, 2)
+    epochs_run = 0
+    for epoch in range(len(script)):
+        epochs_run += 1
+        monitor.step(model, epoch=epoch)
+        if monitor.should_stop:
+            break
+    return monitor, epochs_run
+
+
+def test_level_ceiling_stops_at_the_first_crossing():
+    script = [(0.1, True), (0.3, False), (0.3, True), (0.6, True)]
+    monitor, epochs = run(script, fh.LeakageBudget(max_level="low"))
+    assert epochs == 3 and monitor.stopped_epoch == 2
+    assert monitor.stop_reason is fh.StopReason.LEVEL_EXCEEDED
+    assert [r.level.value for r in monitor.history] == ["low", "none", "moderate"]
+    assert monitor.history[-1].breached and monitor.history[-1].action == "stop"
+    assert "exceeds the budget 'low'" in monitor.stop_message
+
+
+def test_no_alarm_on_a_reading_that_is_not_significant():
+    monitor, epochs = run([(0.9, False)] * 4, fh.LeakageBudget(max_level="none"))
+    assert not monitor.should_stop and epochs == 4
+    assert all(r.level is fh.Level.NONE for r in monitor.history)
+
+
+def test_value_ceiling():
+    budget = fh.LeakageBudget(max_level=None, max_values={"log_mia_strict": 0.45})
+    monitor, epochs = run([(0.4, True), (0.5, True)], budget)
+    assert epochs == 2 and monitor.stop_reason is fh.StopReason.VALUE_EXCEEDED
+    assert "log_mia_strict = 0.5 exceeds the budget 0.45" in monitor.stop_message
+
+
+def test_patience_needs_consecutive_crossings():
+    script = [(0.6, True), (0.1, True), (0.6, True), (0.6, True), (0.6, True)]
+    monitor, epochs = run(script, fh.LeakageBudget(max_level="moderate", patience=2))
+    assert monitor.stopped_epoch == 3 and epochs == 4
+
+
+def test_min_checks_delays_any_breach():
+    monitor, epochs = run([(0.9, True)] * 5, fh.LeakageBudget(max_level="low", min_checks=3))
+    assert monitor.stopped_epoch == 2
+
+
+def test_alert_does_not_stop_and_calls_on_breach():
+    seen = []
+    budget = fh.LeakageBudget(
+        max_level="low", action="alert", on_breach=lambda r, d: seen.append((r.epoch, d.reason))
+    )
+    monitor, epochs = run([(0.6, True)] * 3, budget)
+    assert epochs == 3 and not monitor.should_stop
+    assert seen == [(e, fh.StopReason.LEVEL_EXCEEDED) for e in range(3)]
+    assert [r.action for r in monitor.history] == ["alert"] * 3
+
+
+def test_raise_raises_with_the_report():
+    with pytest.raises(fh.PrivacyBudgetExceeded, match="privacy budget exceeded at check 2") as err:
+        run([(0.1, True), (0.9, True)], fh.LeakageBudget(max_level="moderate", action="raise"))
+    assert err.value.report.level is fh.Level.CRITICAL
+
+
+def test_cadence_every_n_epochs_and_steps():
+    monitor = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([(0.1, False)] * 10),
+                                every_n_epochs=3)
+    model = nn.Linear(4, 2)
+    checked = [e for e in range(9) if monitor.step(model, epoch=e) is not None]
+    assert checked == [2, 5, 8]
+    assert monitor.step(model, epoch=8) is None  # the same epoch is never checked twice
+    by_step = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([(0.1, False)] * 10),
+                                every_n_steps=4)
+    assert [s for s in range(1, 13) if by_step.step(model, step=s) is not None] == [4, 8, 12]
+
+
+def test_restore_safe_weights_loads_the_last_weights_within_budget():
+    model = nn.Linear(4, 2)
+    monitor = fh.PrivacyMonitor(
+        canaries(), probe=ScriptedProbe([(0.1, True), (0.9, True)]),
+        budget=fh.LeakageBudget(max_level="low"), restore_safe_weights=True,
+    )
+    monitor.step(model, epoch=0)
+    safe = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monitor.step(model, epoch=1)
+    assert monitor.should_stop
+    assert all(torch.equal(safe[k], v) for k, v in model.state_dict().items())
+
+
+def test_state_dict_round_trip_continues_history_and_counters(tmp_path):
+    script = [(0.1, True), (0.1, False), (0.3, True), (0.3, True)]
+    budget = fh.LeakageBudget(max_level="low", patience=2)
+    first = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script[:2]), budget=budget)
+    model = nn.Linear(4, 2)
+    for e in range(2):
+        first.step(model, epoch=e)
+    state = json.loads(json.dumps(first.state_dict()))  # plain values only
+    resumed = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script[2:]), budget=budget)
+    resumed.load_state_dict(state)
+    assert resumed.checks == 2 and len(resumed.history) == 2
+    assert resumed.step(model, epoch=1) is None  # already checked before the restart
+    resumed.step(model, epoch=2)
+    resumed.step(model, epoch=3)
+    assert resumed.should_stop and resumed.stopped_epoch == 3
+    assert [r.check for r in resumed.history] == [1, 2, 3, 4]
+    older = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([]), budget=budget)
+    older.load_state_dict({"history": state["history"]})  # an older, smaller state
+    assert older.checks == 2 and older.streak == 0
+
+
+def test_a_failing_check_warns_and_is_recorded(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            return "no logits"
+
+    monitor = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9),
+                                log_dir=tmp_path, tensorboard=False)
+    with pytest.warns(UserWarning, match="check failed and was skipped: ProbeError"):
+        assert monitor.step(Broken(), epoch=0) is None
+    assert monitor.errors[0]["error"].startswith("ProbeError: the model's output holds no logits")
+    line = json.loads((tmp_path / "privacy_history.jsonl").read_text())
+    assert line["error"].startswith("ProbeError") and line["epoch"] == 0
+    strict = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9),
+                               on_error="raise")
+    with pytest.raises(fh.ProbeError):
+        strict.step(Broken(), epoch=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_level": "huge"}, "`max_level` must be one of 'none', 'low', 'moderate', 'high', "
+                                "'critical', got 'huge'"),
+        ({"max_level": "critical"}, "'critical' can never be exceeded"),
+        ({"max_level": None}, "needs `max_level` or `max_values`, got neither"),
+        ({"max_values": {"auc": "high"}}, "must map report keys to numbers, got 'auc': 'high'"),
+        ({"max_values": [0.5]}, "must be a mapping of report keys to numbers, got list"),
+        ({"max_values": {"aucc": 0.5}}, "`max_values` key 'aucc' is not a numeric report field"),
+        ({"patience": 0}, "`patience` must be a positive int, got 0"),
+        ({"min_checks": -2}, "`min_checks` must be a positive int, got -2"),
+        ({"action": "pause"}, "`action` must be one of 'alert', 'stop', 'raise', got 'pause'"),
+        ({"alpha": 0.0}, r"`alpha` must be a number in \(0, 1\), got 0.0"),
+        ({"horizon": 0}, "`horizon` must be a positive int, got 0"),
+        ({"on_breach": [print, 3]}, "`on_breach` must hold callables, got int"),
+    ],
+)
+def test_budget_argument_errors(kwargs, message):
+    with pytest.raises(fh.ConfigurationError, match=message):
+        fh.LeakageBudget(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive int, got 0"),
+        ({"every_n_epochs": None}, "give a cadence"),
+        ({"every_n_steps": -5}, "`every_n_steps` must be a positive int, got -5"),
+        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise', got 'ignore'"),
+        ({"probe": "simpleshot"}, "`probe` must be a FeSMIA, got str"),
+        ({"budget": "moderate"}, "`budget` must be a LeakageBudget or None, got str"),
+        ({"sinks": [object()]}, r"each sink needs log\(report, step\) and close\(\), got object"),
+    ],
+)
+def test_monitor_argument_errors(kwargs, message):
+    with pytest.raises(fh.ConfigurationError, match=message):
+        fh.PrivacyMonitor(canaries(), **kwargs)
+
+
+def test_monitor_needs_a_canary_set():
+    with pytest.raises(fh.ConfigurationError, match="`canaries` must be a CanarySet, got tuple"):
+        fh.PrivacyMonitor((torch.zeros(3), torch.zeros(3)))
