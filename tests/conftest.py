@@ -1,7 +1,3 @@
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "torch")
-
 import torch
 
 # The probe's tensors are small: one thread avoids oversubscribing two shared cores.

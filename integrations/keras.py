@@ -1,0 +1,252 @@
+"""Keras 3 adapter: a ``keras.callbacks.Callback`` over the core :class:`PrivacyMonitor`.
+
+It runs on Keras's **torch** backend only. There a Keras model *is* a ``torch.nn.Module``,
+so the core probe forwards the canaries through the very model being trained, on its own
+device, with no copy and no conversion. With any other backend the callback refuses at
+construction rather than measure something that is not the trained model. Set the backend
+before Keras is first imported::
+
+    KERAS_BACKEND=torch python train.py
+
+The adapter computes nothing itself. At each epoch end it hands the model to the core
+monitor, copies the report's scalars (:func:`fesmia_hooks.sinks.scalar_metrics`, keys such
+as ``privacy/log_mia_strict``) into Keras's ``logs`` and sets ``model.stop_training`` when
+the budget says stop.
+
+The probe's forward pass is in inference mode twice over: the core's
+:func:`~fesmia_hooks.guard.untouched` puts every torch module in eval mode, forks the torch
+RNG and turns gradients off, and the adapter calls the model as ``model(x, training=False)``
+(Keras layers read their ``training`` argument, not ``module.training``). Dropout then draws
+no random numbers and Keras ``SeedGenerator`` states are left as they were; BatchNormalization
+reads its moving statistics and does not update them.
+
+Logs on epochs without a check: the ``privacy/*`` keys are present only at the end of an
+epoch where a check ran (every ``every_n_epochs``-th epoch, and not after a check that
+failed), as Keras does for validation metrics with ``validation_freq > 1``. No number is
+repeated or invented for an epoch that was not measured. ``EarlyStopping`` on a
+``privacy/*`` key therefore counts its patience in checks (it warns, and waits, on the
+epochs in between), and ``History.history["privacy/..."]`` holds one value per check.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from torch import nn
+
+from fesmia_hooks._validation import positive_int
+from fesmia_hooks.budget import LeakageBudget, StopReason
+from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.exceptions import ConfigurationError, PrivacyBudgetExceeded
+from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
+from fesmia_hooks.probe import FeSMIA
+from fesmia_hooks.report import LeakageReport
+from fesmia_hooks.sinks import scalar_metrics
+
+try:
+    import keras
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    if exc.name == "keras":
+        raise ImportError(
+            "fesmia_hooks.integrations.keras needs Keras 3: pip install 'fesmia-hooks[keras]'"
+        ) from exc
+    raise ImportError(
+        f"keras failed to import ({exc}). fesmia-hooks runs Keras 3 on its torch backend: "
+        "set KERAS_BACKEND=torch before keras is first imported"
+    ) from exc
+
+__all__ = ["PrivacyMonitor", "REQUIRED_BACKEND"]
+
+#: The only Keras backend this adapter runs on.
+REQUIRED_BACKEND = "torch"
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != REQUIRED_BACKEND:
+        raise ConfigurationError(
+            f"the Keras adapter of fesmia-hooks needs the {REQUIRED_BACKEND!r} backend, got "
+            f"{backend!r}: set KERAS_BACKEND={REQUIRED_BACKEND} before keras is first imported"
+        )
+
+
+class _InferenceForward(nn.Module):
+    """The Keras model seen by the core probe: its forward is ``model(x, training=False)``.
+
+    Modules, parameters, buffers and state dict are the Keras model's own, under its own
+    names, so ``embedding_layer`` names and saved weights are the same as on the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.keras_model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the Keras model in inference mode."""
+        return self.keras_model(*args, training=False, **kwargs)
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.keras_model.named_modules(*args, **kwargs)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.keras_model.named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.keras_model.named_buffers(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.keras_model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.keras_model.load_state_dict(*args, **kwargs)
+
+
+class PrivacyMonitor(keras.callbacks.Callback):
+    """Watch a Keras model's privacy leakage during ``fit``; stop it when over budget.
+
+    A thin Keras callback over the core :class:`fesmia_hooks.PrivacyMonitor` (available as
+    :attr:`monitor`). After every ``every_n_epochs``-th epoch it runs the FeS-MIA probe on
+    the canaries, writes the report to ``log_dir`` (TensorBoard events through
+    ``torch.utils.tensorboard`` and ``privacy_history.jsonl``; TensorFlow is not needed),
+    adds the report's ``privacy/*`` scalars to the epoch's ``logs`` (so ``History``,
+    ``CSVLogger`` and ``EarlyStopping`` placed after it see them) and sets
+    ``model.stop_training`` when the budget is breached with ``action="stop"``. With
+    ``action="raise"``, :class:`~fesmia_hooks.PrivacyBudgetExceeded` propagates out of
+    ``fit``; with ``action="alert"`` training goes on.
+
+    Every ``fit`` is one training run: :meth:`on_train_begin` forgets the previous run's
+    checks, and spends the budget's ``alpha`` over ``epochs // every_n_epochs`` checks when
+    the budget gives no ``horizon``. The TensorBoard step of a check is its epoch (counted
+    from 0), as in Keras's own ``TensorBoard`` callback; give each ``fit`` its own
+    ``log_dir`` to keep runs apart.
+
+    Args:
+        canaries: The canary set; its members must be in the training data.
+        probe: The probe; ``FeSMIA()`` when omitted.
+        budget: The leakage budget; ``None`` only measures and logs.
+        log_dir: Folder for TensorBoard events and the history file; ``None`` writes nothing.
+        every_n_epochs: Check after every n-th epoch (the first after epoch ``n - 1``).
+        restore_safe_weights: On a stop, load back the last weights that were within budget.
+        on_error: ``"warn"`` skips a failed check with a warning; ``"raise"`` re-raises.
+
+    Raises:
+        ConfigurationError: If Keras does not run on the torch backend, or an argument is
+            out of range.
+
+    Example:
+        Run with ``KERAS_BACKEND=torch``; ``canaries`` hold training samples as members::
+
+            from fesmia_hooks import CanarySet, FeSMIA, LeakageBudget
+            from fesmia_hooks.integrations.keras import PrivacyMonitor
+
+            train, canaries = CanarySet.split((x, y), size=64, num_classes=10)
+            privacy = PrivacyMonitor(canaries, budget=LeakageBudget(max_level="low"),
+                                     log_dir="runs/keras")
+            model.fit(train[0].numpy(), train[1].numpy(), epochs=50,
+                      callbacks=[privacy, keras.callbacks.CSVLogger("log.csv")])
+            privacy.stop_reason, privacy.history[-1].summary()
+    """
+
+    def __init__(
+        self,
+        canaries: CanarySet,
+        *,
+        probe: FeSMIA | None = None,
+        budget: LeakageBudget | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        every_n_epochs: int = 1,
+        restore_safe_weights: bool = False,
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        _check_backend()
+        super().__init__()
+        positive_int("every_n_epochs", every_n_epochs)
+        if not isinstance(restore_safe_weights, bool):
+            raise ConfigurationError(
+                f"`restore_safe_weights` must be a bool, got {restore_safe_weights!r}"
+            )
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ConfigurationError(
+                f"`log_dir` must be a path (str or os.PathLike) or None, "
+                f"got {type(log_dir).__name__}"
+            )
+        self.monitor = CoreMonitor(
+            canaries,
+            probe=probe,
+            budget=budget,
+            log_dir=log_dir,
+            every_n_epochs=every_n_epochs,
+            restore_safe_weights=restore_safe_weights,
+            on_error=on_error,
+        )
+        self._forward: _InferenceForward | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def history(self) -> list[LeakageReport]:
+        """The reports of the current (or last) ``fit``, one per check."""
+        return self.monitor.history
+
+    @property
+    def last_report(self) -> LeakageReport | None:
+        """The latest report, if any."""
+        return self.monitor.last_report
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the budget asked training to stop in this ``fit``."""
+        return self.monitor.should_stop
+
+    @property
+    def stop_reason(self) -> StopReason:
+        """Why training was stopped (``StopReason.NOT_STOPPED`` if it was not)."""
+        return self.monitor.stop_reason
+
+    @property
+    def stop_message(self) -> str:
+        """The budget's sentence about the stop, with the numbers; empty if none."""
+        return self.monitor.stop_message
+
+    @property
+    def stopped_epoch(self) -> int | None:
+        """The epoch (from 0) after which the budget asked to stop; ``None`` if it did not."""
+        return self.monitor.stopped_epoch
+
+    # ------------------------------------------------------------------ Keras hooks
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Start a new run: forget previous checks and wrap the model for the probe."""
+        model = self.model
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"the Keras model must be a torch.nn.Module (Keras on the "
+                f"{REQUIRED_BACKEND!r} backend), got {type(model).__name__}"
+            )
+        self._forward = _InferenceForward(model)
+        budget = self.monitor.budget
+        horizon = None
+        if budget is None or budget.horizon is None:
+            epochs = (self.params or {}).get("epochs")
+            every = self.monitor.every_n_epochs or 1
+            if isinstance(epochs, int) and epochs >= every:
+                horizon = epochs // every
+        self.monitor.reset(horizon=horizon)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Check if due, add the report's scalars to ``logs``, stop if over budget."""
+        if self._forward is None or self._forward.keras_model is not self.model:
+            self._forward = _InferenceForward(self.model)
+        try:
+            report = self.monitor.step(self._forward, epoch=epoch)
+        except PrivacyBudgetExceeded:
+            self.model.stop_training = True
+            self.monitor.close()
+            raise
+        if report is not None and logs is not None:
+            logs.update(scalar_metrics(report))
+        if self.monitor.should_stop:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        """Flush and close the sinks (a later ``fit`` reopens them)."""
+        self.monitor.close()
