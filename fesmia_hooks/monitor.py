@@ -111,18 +111,54 @@ class PrivacyMonitor:
         self.probe = probe if probe is not None else FeSMIA()
         self.probe.check_canaries(canaries)
         self.budget = budget
-        self.log_dir = None if log_dir is None else Path(log_dir)
         self.sinks: list[Sink] = list(sinks)
+        self.log_dir: Path | None = None
         self._history_sink: JsonlSink | None = None
-        if self.log_dir is not None:
-            self._history_sink = JsonlSink(self.log_dir / HISTORY_FILE)
-            self.sinks.append(self._history_sink)
-            if tensorboard:
-                self.sinks.append(TensorBoardSink(self.log_dir))
+        self._dir_sinks: list[Sink] = []
+        self.set_log_dir(log_dir, tensorboard=tensorboard)
         self.restore_safe_weights = bool(restore_safe_weights)
         self._safe_state: dict[str, torch.Tensor] | None = None
         self._horizon: int | None = None
         self._reset_state()
+
+    def set_log_dir(
+        self,
+        log_dir: str | os.PathLike[str] | None,
+        *,
+        tensorboard: bool = True,
+        writer: Any = None,
+        scalars: bool = True,
+    ) -> None:
+        """Point the history file and TensorBoard output at ``log_dir`` (``None``: no files).
+
+        Integrations call this once they know where the framework writes (and, under
+        several processes, only on rank zero). Sinks opened for an earlier ``log_dir`` are
+        closed; sinks given to the constructor stay.
+
+        Args:
+            log_dir: Folder of ``privacy_history.jsonl`` (and of the event files when no
+                ``writer`` is given).
+            tensorboard: Write TensorBoard content.
+            writer: An existing ``SummaryWriter`` to write TensorBoard content through.
+            scalars: Write scalars to TensorBoard too (off when the framework's logger
+                already writes them).
+        """
+        for sink in self._dir_sinks:
+            self.sinks.remove(sink)
+            sink.close()
+        self._dir_sinks = []
+        self._history_sink = None
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        if self.log_dir is None:
+            return
+        self._history_sink = JsonlSink(self.log_dir / HISTORY_FILE)
+        self._dir_sinks.append(self._history_sink)
+        if tensorboard:
+            self._dir_sinks.append(
+                TensorBoardSink(None if writer is not None else self.log_dir, writer=writer,
+                                scalars=scalars)
+            )
+        self.sinks.extend(self._dir_sinks)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:

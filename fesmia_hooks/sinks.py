@@ -155,10 +155,15 @@ class TensorBoardSink:
         log_dir: Folder of the event files; ignored when ``writer`` is given.
         writer: An existing ``SummaryWriter`` to write through (for example a Lightning
             ``TensorBoardLogger``'s ``experiment``); it is then not closed by this sink.
+        scalars: Write the scalars too; off when another logger already writes them.
     """
 
     def __init__(
-        self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None
+        self,
+        log_dir: str | os.PathLike[str] | None = None,
+        *,
+        writer: Any = None,
+        scalars: bool = True,
     ) -> None:
         if log_dir is None and writer is None:
             raise ValueError("TensorBoardSink needs `log_dir` or `writer`, got neither")
@@ -166,6 +171,7 @@ class TensorBoardSink:
         self._writer = writer
         self._owns_writer = writer is None
         self._layout_written = False
+        self.scalars = scalars
 
     @property
     def writer(self) -> Any:
@@ -182,7 +188,7 @@ class TensorBoardSink:
         if not self._layout_written:
             w.add_custom_scalars(custom_scalar_layout())
             self._layout_written = True
-        for tag, value in scalar_metrics(report).items():
+        for tag, value in scalar_metrics(report).items() if self.scalars else ():
             if math.isfinite(value):
                 w.add_scalar(tag, value, step)
         members, non_members = report.member_scores, report.non_member_scores
