@@ -356,6 +356,9 @@ class PrivacyMonitor:
         self.stopped_epoch = state.get("stopped_epoch")
         self.stopped_step = state.get("stopped_step")
         self._checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
+        if self._history_sink is not None:
+            # Checks made after this state was saved will be made again: drop their lines.
+            self._history_sink.truncate_after(self.checks)
 
     def close(self) -> None:
         """Flush and close every sink."""

@@ -119,6 +119,29 @@ class JsonlSink:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def truncate_after(self, check: int) -> None:
+        """Drop the records of checks after ``check`` (a run resumed from an earlier state).
+
+        The file is rewritten to a temporary file and renamed over the old one, so a crash
+        leaves either the old file or the new one, never half of one.
+        """
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and int(record.get("check", 0) or 0) <= check:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
     def close(self) -> None:
         """Nothing stays open between writes."""
 

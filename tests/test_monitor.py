@@ -208,3 +208,24 @@ def test_monitor_argument_errors(kwargs, message):
 def test_monitor_needs_a_canary_set():
     with pytest.raises(fh.ConfigurationError, match="`canaries` must be a CanarySet, got tuple"):
         fh.PrivacyMonitor((torch.zeros(3), torch.zeros(3)))
+
+
+def test_history_file_after_a_crash_and_resume_has_no_duplicates_or_gaps(tmp_path):
+    script = [(0.1, False)] * 6
+    first = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script), log_dir=tmp_path,
+                              tensorboard=False)
+    model = nn.Linear(4, 2)
+    first.step(model, epoch=0)
+    first.step(model, epoch=1)
+    saved = first.state_dict()  # the checkpoint is taken after epoch 1 ...
+    first.step(model, epoch=2)  # ... the run crashes after writing check 3
+    with open(tmp_path / "privacy_history.jsonl", "a") as fh_:
+        fh_.write('{"check": 4, "epo')  # and a line cut short
+    resumed = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script), log_dir=tmp_path,
+                                tensorboard=False)
+    resumed.load_state_dict(saved)
+    for epoch in range(2, 5):
+        resumed.step(model, epoch=epoch)
+    lines = [json.loads(s) for s in (tmp_path / "privacy_history.jsonl").read_text().splitlines()]
+    assert [d["check"] for d in lines] == [1, 2, 3, 4, 5]
+    assert [d["epoch"] for d in lines] == [0, 1, 2, 3, 4]
