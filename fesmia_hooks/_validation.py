@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,22 @@ def probability(name: str, value: Any, *, open_low: bool = True, open_high: bool
         hi = "1)" if open_high else "1]"
         raise ConfigurationError(f"`{name}` must be a number in {lo}, {hi}, got {value!r}")
     return float(value)
+
+
+def optional_path(name: str, value: Any) -> Any:
+    """Return ``value`` if it is a path (``str`` or ``os.PathLike``) or ``None``."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ConfigurationError(
+            f"`{name}` must be a path (str or os.PathLike) or None, got {type(value).__name__}"
+        )
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"`{name}` must be a bool, got {value!r}")
+    return value
 
 
 def choice(name: str, value: Any, allowed: Iterable[str]) -> str:

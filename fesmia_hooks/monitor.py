@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fesmia_hooks._validation import choice, optional_positive_int
+from fesmia_hooks._validation import boolean, choice, optional_path, optional_positive_int
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
 from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError, FesmiaError, PrivacyBudgetExceeded
@@ -21,11 +21,51 @@ from fesmia_hooks.report import LeakageReport
 from fesmia_hooks.sequential import SequentialTest
 from fesmia_hooks.sinks import HISTORY_FILE, JsonlSink, Sink, TensorBoardSink
 
-__all__ = ["PrivacyMonitor"]
+__all__ = ["MonitorView", "PrivacyMonitor"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+class MonitorView:
+    """Read-only stop state and history of a core monitor, for the objects that drive one.
+
+    The framework integrations (and the plain-torch ``attach`` handle) mix this in and keep
+    the core :class:`PrivacyMonitor` in ``self.monitor``.
+    """
+
+    monitor: PrivacyMonitor
+
+    @property
+    def history(self) -> list[LeakageReport]:
+        """Every check's report, oldest first."""
+        return self.monitor.history
+
+    @property
+    def last_report(self) -> LeakageReport | None:
+        """The latest check's report, if any."""
+        return self.monitor.last_report
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the budget asked training to stop."""
+        return self.monitor.should_stop
+
+    @property
+    def stop_reason(self) -> StopReason:
+        """Which budget rule asked to stop (``StopReason.NOT_STOPPED`` if none did)."""
+        return self.monitor.stop_reason
+
+    @property
+    def stop_message(self) -> str:
+        """The budget's sentence about the stop, with the numbers; empty if none."""
+        return self.monitor.stop_message
+
+    @property
+    def stopped_epoch(self) -> int | None:
+        """The epoch (from 0) whose check asked to stop; ``None`` if none did."""
+        return self.monitor.stopped_epoch
 
 
 class PrivacyMonitor:
@@ -102,6 +142,8 @@ class PrivacyMonitor:
                 "give a cadence: `every_n_epochs` or `every_n_steps` (a positive int), got neither"
             )
         self.on_error = choice("on_error", on_error, ("warn", "raise"))
+        optional_path("log_dir", log_dir)
+        boolean("restore_safe_weights", restore_safe_weights)
         for sink in sinks:
             if not isinstance(sink, Sink):
                 raise ConfigurationError(

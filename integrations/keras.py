@@ -36,12 +36,12 @@ from typing import Any, Literal
 from torch import nn
 
 from fesmia_hooks._validation import positive_int
-from fesmia_hooks.budget import LeakageBudget, StopReason
+from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError, PrivacyBudgetExceeded
+from fesmia_hooks.monitor import MonitorView
 from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
 from fesmia_hooks.probe import FeSMIA
-from fesmia_hooks.report import LeakageReport
 from fesmia_hooks.sinks import scalar_metrics
 
 try:
@@ -102,7 +102,7 @@ class _InferenceForward(nn.Module):
         return self.keras_model.load_state_dict(*args, **kwargs)
 
 
-class PrivacyMonitor(keras.callbacks.Callback):
+class PrivacyMonitor(MonitorView, keras.callbacks.Callback):
     """Watch a Keras model's privacy leakage during ``fit``; stop it when over budget.
 
     A thin Keras callback over the core :class:`fesmia_hooks.PrivacyMonitor` (available as
@@ -162,15 +162,6 @@ class PrivacyMonitor(keras.callbacks.Callback):
         _check_backend()
         super().__init__()
         positive_int("every_n_epochs", every_n_epochs)
-        if not isinstance(restore_safe_weights, bool):
-            raise ConfigurationError(
-                f"`restore_safe_weights` must be a bool, got {restore_safe_weights!r}"
-            )
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise ConfigurationError(
-                f"`log_dir` must be a path (str or os.PathLike) or None, "
-                f"got {type(log_dir).__name__}"
-            )
         self.monitor = CoreMonitor(
             canaries,
             probe=probe,
@@ -183,36 +174,6 @@ class PrivacyMonitor(keras.callbacks.Callback):
         self._forward: _InferenceForward | None = None
 
     # ------------------------------------------------------------------ state
-    @property
-    def history(self) -> list[LeakageReport]:
-        """The reports of the current (or last) ``fit``, one per check."""
-        return self.monitor.history
-
-    @property
-    def last_report(self) -> LeakageReport | None:
-        """The latest report, if any."""
-        return self.monitor.last_report
-
-    @property
-    def should_stop(self) -> bool:
-        """Whether the budget asked training to stop in this ``fit``."""
-        return self.monitor.should_stop
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Why training was stopped (``StopReason.NOT_STOPPED`` if it was not)."""
-        return self.monitor.stop_reason
-
-    @property
-    def stop_message(self) -> str:
-        """The budget's sentence about the stop, with the numbers; empty if none."""
-        return self.monitor.stop_message
-
-    @property
-    def stopped_epoch(self) -> int | None:
-        """The epoch (from 0) after which the budget asked to stop; ``None`` if it did not."""
-        return self.monitor.stopped_epoch
-
     # ------------------------------------------------------------------ Keras hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Start a new run: forget previous checks and wrap the model for the probe."""

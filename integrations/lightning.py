@@ -20,12 +20,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from fesmia_hooks.budget import LeakageBudget, StopReason
+from fesmia_hooks._validation import boolean, optional_path
+from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
-from fesmia_hooks.exceptions import ConfigurationError
+from fesmia_hooks.monitor import MonitorView
 from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
 from fesmia_hooks.probe import FeSMIA
-from fesmia_hooks.report import LeakageReport
 from fesmia_hooks.sinks import PREFIX, scalar_metrics
 
 __all__ = ["PrivacyMonitor"]
@@ -72,7 +72,7 @@ def _is_tensorboard_logger(logger: Any) -> bool:
     )
 
 
-class PrivacyMonitor(_Callback):  # type: ignore[misc]
+class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
     """Lightning callback that watches privacy leakage while the model trains.
 
     A thin adapter over the core :class:`fesmia_hooks.PrivacyMonitor` (see there for the probe,
@@ -150,17 +150,10 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
         log_rich: bool = True,
     ) -> None:
         super().__init__()
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise ConfigurationError(
-                f"`log_dir` must be a path (str or os.PathLike) or None, "
-                f"got {type(log_dir).__name__}"
-            )
-        for name, flag in (("restore_safe_weights", restore_safe_weights),
-                           ("log_rich", log_rich)):
-            if not isinstance(flag, bool):
-                raise ConfigurationError(f"`{name}` must be a bool, got {flag!r}")
+        optional_path("log_dir", log_dir)
+        boolean("log_rich", log_rich)
         # Sinks are decided in `setup`, once the trainer (its loggers, its rank) is known.
-        self._core = CoreMonitor(
+        self.monitor = CoreMonitor(
             canaries,
             probe=probe,
             budget=budget,
@@ -176,46 +169,31 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ public state
     @property
-    def monitor(self) -> CoreMonitor:
-        """The core :class:`fesmia_hooks.PrivacyMonitor` this callback drives."""
-        return self._core
-
-    @property
-    def history(self) -> list[LeakageReport]:
-        """Every check's report, oldest first."""
-        return self._core.history
-
-    @property
     def should_stop(self) -> bool:
         """Whether this monitor (on this rank or, reduced, on any rank) asked to stop."""
-        return self._core.should_stop or self._reduced_stop_epoch is not None
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Which budget rule stopped training (``NOT_STOPPED`` if none did)."""
-        return self._core.stop_reason
+        return self.monitor.should_stop or self._reduced_stop_epoch is not None
 
     @property
     def stopped_epoch(self) -> int | None:
         """The epoch whose check stopped training, or ``None``."""
-        if self._core.stopped_epoch is not None:
-            return self._core.stopped_epoch
+        if self.monitor.stopped_epoch is not None:
+            return self.monitor.stopped_epoch
         return self._reduced_stop_epoch
 
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint."""
         return self._generate_state_key(
-            every_n_epochs=self._core.every_n_epochs, every_n_steps=self._core.every_n_steps
+            every_n_epochs=self.monitor.every_n_epochs, every_n_steps=self.monitor.every_n_steps
         )
 
     def state_dict(self) -> dict[str, Any]:
         """The core monitor's plain-value state (history, counters, run-level test, stop)."""
-        return self._core.state_dict()
+        return self.monitor.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output, so a resumed run continues the same history."""
-        self._core.load_state_dict(state_dict)
+        self.monitor.load_state_dict(state_dict)
         self._reduced_stop_epoch = None
 
     # ------------------------------------------------------------------ hooks
@@ -235,11 +213,11 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Flush and close the sinks this callback opened."""
         if stage == "fit":
-            self._core.close()
+            self.monitor.close()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Check after every ``every_n_epochs``-th epoch."""
-        if trainer.sanity_checking or self._core.every_n_epochs is None:
+        if trainer.sanity_checking or self.monitor.every_n_epochs is None:
             return
         self._check(trainer, pl_module, on_step=False)
 
@@ -247,13 +225,13 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Check every ``every_n_steps`` optimizer steps."""
-        if trainer.sanity_checking or self._core.every_n_steps is None:
+        if trainer.sanity_checking or self.monitor.every_n_steps is None:
             return
         self._check(trainer, pl_module, on_step=True)
 
     # ------------------------------------------------------------------ internals
     def _attach_sinks(self, trainer: Any) -> None:
-        core = self._core
+        core = self.monitor
         if not trainer.is_global_zero:
             core.set_log_dir(None)
             return
@@ -268,7 +246,7 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
             core.set_log_dir(self.log_dir, tensorboard=self.log_rich)
 
     def _set_horizon(self, trainer: Any) -> None:
-        core = self._core
+        core = self.monitor
         if core.checks or (core.budget is not None and core.budget.horizon is not None):
             return
         most: int | None = trainer.max_epochs
@@ -279,7 +257,7 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
             core.reset(horizon=max(1, most // every))
 
     def _check(self, trainer: Any, pl_module: Any, *, on_step: bool) -> None:
-        core = self._core
+        core = self.monitor
         epoch, step = trainer.current_epoch, trainer.global_step
         if not core.is_due(epoch=epoch, step=step):
             return

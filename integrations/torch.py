@@ -60,17 +60,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fesmia_hooks._validation import optional_positive_int, positive_int
-from fesmia_hooks.budget import StopReason
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.monitor import PrivacyMonitor
-from fesmia_hooks.report import LeakageReport
+from fesmia_hooks.monitor import MonitorView, PrivacyMonitor
 
 __all__ = ["AttachedMonitor", "PrivacyMonitor", "attach"]
 
 log = logging.getLogger(__name__)
 
 
-class AttachedMonitor:
+class AttachedMonitor(MonitorView):
     """A monitor attached to an optimizer; returned by :func:`attach`.
 
     Use it as a context manager to remove the hook on exit (the monitor and its sinks stay
@@ -100,21 +98,6 @@ class AttachedMonitor:
     def attached(self) -> bool:
         """Whether the hook is still registered."""
         return self._handle is not None
-
-    @property
-    def should_stop(self) -> bool:
-        """The monitor asks the loop to stop (the budget was breached with ``action="stop"``)."""
-        return self.monitor.should_stop
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Why the monitor asked to stop; ``StopReason.NOT_STOPPED`` while it has not."""
-        return self.monitor.stop_reason
-
-    @property
-    def last_report(self) -> LeakageReport | None:
-        """The latest check's report, if any."""
-        return self.monitor.last_report
 
     def remove(self) -> None:
         """Unregister the hook; later ``optimizer.step()`` calls are neither counted nor checked.
