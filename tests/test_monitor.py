@@ -229,3 +229,15 @@ def test_history_file_after_a_crash_and_resume_has_no_duplicates_or_gaps(tmp_pat
     lines = [json.loads(s) for s in (tmp_path / "privacy_history.jsonl").read_text().splitlines()]
     assert [d["check"] for d in lines] == [1, 2, 3, 4, 5]
     assert [d["epoch"] for d in lines] == [0, 1, 2, 3, 4]
+
+
+def test_non_finite_outputs_fail_the_check_not_the_run():
+    class Exploded(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 2), float("nan"))
+
+    monitor = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9))
+    with pytest.warns(UserWarning, match="non-finite signals"):
+        assert monitor.step(Exploded(), epoch=0) is None
+    assert monitor.checks == 0 and "non-finite" in monitor.errors[0]["error"]
+    assert monitor.step(nn.Linear(4, 2), epoch=1) is not None  # the next check runs
