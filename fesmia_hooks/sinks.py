@@ -153,20 +153,21 @@ def custom_scalar_layout() -> dict[str, Any]:
     def margin(key: str) -> list[Any]:
         return ["Margin", [p + key, p + key + "_low", p + key + "_high"]]
 
+    def lines(*keys: str) -> list[Any]:
+        # Multiline tags are regular expressions: anchor them, or "log_mia_strict" would
+        # also draw "log_mia_strict_low" and "log_mia_strict_high".
+        return ["Multiline", [f"^{p}{key}$" for key in keys]]
+
     return {
         "Privacy leakage (FeS-MIA)": {
             "Log-MIA strict (95% interval)": margin("log_mia_strict"),
             "Log-MIA relaxed (95% interval)": margin("log_mia_relaxed"),
             "AUC (95% interval)": margin("auc"),
-            "Log-MIA against chance": [
-                "Multiline",
-                [p + "log_mia_strict", p + "chance_strict", p + "log_mia_relaxed",
-                 p + "chance_relaxed"],
-            ],
-            "Significance (p-value and run-level threshold)": [
-                "Multiline", [p + "p_value", p + "p_threshold"]
-            ],
-            "Level (0 none … 4 critical)": ["Multiline", [p + "level_index"]],
+            "Log-MIA against chance": lines(
+                "log_mia_strict", "chance_strict", "log_mia_relaxed", "chance_relaxed"
+            ),
+            "Significance (p-value and run-level threshold)": lines("p_value", "p_threshold"),
+            "Level (0 none … 4 critical)": lines("level_index"),
         }
     }
 

@@ -117,3 +117,15 @@ def test_tensorboard_sink_opens_lazily_and_accepts_a_writer(tmp_path):
     assert "privacy/log_mia_strict" in acc.Tags()["scalars"] and "other" in acc.Tags()["scalars"]
     with pytest.raises(ValueError, match="needs `log_dir` or `writer`, got neither"):
         fh.TensorBoardSink()
+
+
+def test_multiline_charts_match_exactly_their_tags(run):
+    import re
+
+    _, _, acc = run
+    tags = acc.Tags()["scalars"]
+    for title, (kind, patterns) in custom_scalar_layout()["Privacy leakage (FeS-MIA)"].items():
+        if kind != "Multiline":
+            continue
+        matched = {t for t in tags for pat in patterns if re.search(pat, t)}
+        assert len(matched) == len(patterns), (title, sorted(matched))
