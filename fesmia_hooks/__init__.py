@@ -1,8 +1,10 @@
 """fesmia-hooks: watch a model's privacy leakage while it trains.
 
 FeS-MIA (Jiménez-López et al., 2025) runs membership inference as a few-shot task on a small
-canary set; Log-MIA reads it on a log scale at (near) zero false positives. This package is
-the framework-neutral core; adapters for Lightning, Keras 3 and plain PyTorch loops live in
+canary set; Log-MIA reads it on a log scale at (near) zero false positives. Canaries are
+samples of a classifier or token sequences of a causal language model
+(:meth:`CanarySet.from_sequences`, :mod:`fesmia_hooks.text`). This package is the
+framework-neutral core; adapters for Lightning, Keras 3 and plain PyTorch loops live in
 :mod:`fesmia_hooks.integrations`.
 
 Example:
@@ -28,6 +30,7 @@ from fesmia_hooks.report import LeakageReport, Level, LevelBands
 from fesmia_hooks.sequential import SequentialTest
 from fesmia_hooks.signals import classification_signals, extract_logits
 from fesmia_hooks.sinks import JsonlSink, NullSink, Sink, TensorBoardSink
+from fesmia_hooks.text import SequenceSignals, sequence_signals
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PrivacyMonitor",
     "ProbeError",
+    "SequenceSignals",
     "SequentialTest",
     "Sink",
     "StopReason",
@@ -57,5 +61,6 @@ __all__ = [
     "extract_logits",
     "log_mia",
     "roc_counts",
+    "sequence_signals",
     "untouched",
 ]

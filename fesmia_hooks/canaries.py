@@ -1,5 +1,9 @@
 """The canary set: a few samples known to be trained on, and a few known never to be.
 
+Two kinds of canaries share one class: samples of a classifier (inputs and class labels,
+:class:`CanarySet` itself, :meth:`CanarySet.split`, :meth:`CanarySet.from_datasets`) and token
+sequences of a causal language model (:meth:`CanarySet.from_sequences`).
+
 Canary data is private. Nothing in this module, nor anywhere in fesmia-hooks, writes canary
 inputs or labels to a log, a report, a history file, an exception message or a state dict.
 """
@@ -7,7 +11,7 @@ inputs or labels to a log, a report, a history file, an exception message or a s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -15,11 +19,13 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from fesmia_hooks._validation import positive_int
-from fesmia_hooks.exceptions import CanaryError
+from fesmia_hooks.exceptions import CanaryError, ConfigurationError
+from fesmia_hooks.text import IGNORE_INDEX, zlib_lengths
 
 __all__ = ["CanarySet"]
 
 Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
+TokenSide = Union[torch.Tensor, np.ndarray, Sequence[Sequence[int]], Mapping[str, Any]]  # noqa: UP007
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
@@ -115,6 +121,12 @@ class CanarySet:
         self.num_non_members = int(xn.shape[0])
         self.num_classes = num_classes
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # Token sequences only (see from_sequences); None for classification canaries.
+        self.attention_mask: torch.Tensor | None = None
+        self.zlib_bytes: torch.Tensor | None = None
+        self.vocab_size: int | None = None
+        self.pad_token_id: int | None = None
+        self._sequence_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -184,6 +196,11 @@ class CanarySet:
         return self.num_members + self.num_non_members
 
     def __repr__(self) -> str:
+        if self.is_sequence:
+            return (
+                f"CanarySet(members={self.num_members}, non_members={self.num_non_members}, "
+                f"sequence_length={self.inputs.shape[1]}, vocab_size={self.vocab_size})"
+            )
         shape = tuple(self.inputs.shape[1:])
         labels = "yes" if self.labels is not None else "no"
         return (
@@ -198,14 +215,45 @@ class CanarySet:
         flags[: self.num_members] = True
         return flags
 
+    @property
+    def is_sequence(self) -> bool:
+        """Whether the canaries are token sequences (built by :meth:`from_sequences`)."""
+        return getattr(self, "attention_mask", None) is not None
+
     def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inputs and labels on ``device``; moved once, then served from a cache."""
+        """Inputs and labels on ``device``; moved once, then served from a cache.
+
+        For token sequences these are the token ids ``[N, T]`` and the next-token targets
+        ``[N, T]`` (``targets[:, t]`` is scored against the logits at position ``t``;
+        ``-100`` where nothing is scored).
+        """
         key = str(torch.device(device))
         if key not in self._device_cache:
             x = self.inputs.to(device)
             y = None if self.labels is None else self.labels.to(device)
             self._device_cache[key] = (x, y)
         return self._device_cache[key]
+
+    def sequences_on(
+        self, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids, attention mask and zlib lengths on ``device`` (token sequences only).
+
+        Raises:
+            CanaryError: When the canaries are not token sequences.
+        """
+        if self.attention_mask is None or self.zlib_bytes is None:
+            raise CanaryError(
+                "these canaries are not token sequences; build them with "
+                "CanarySet.from_sequences"
+            )
+        key = str(torch.device(device))
+        if key not in self._sequence_cache:
+            x, _ = self.on(device)
+            self._sequence_cache[key] = (
+                x, self.attention_mask.to(device), self.zlib_bytes.to(device)
+            )
+        return self._sequence_cache[key]
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -285,6 +333,269 @@ class CanarySet:
                 )
             picks.append(_select(data, torch.randperm(n, generator=g)[:size].tolist()))
         return cls(members=picks[0], non_members=picks[1], num_classes=num_classes)
+
+
+    @classmethod
+    def from_sequences(
+        cls,
+        members: TokenSide,
+        non_members: TokenSide,
+        *,
+        pad_token_id: int | None = None,
+        vocab_size: int | None = None,
+        decode: Callable[[list[int]], str | bytes] | None = None,
+    ) -> CanarySet:
+        """Canaries of a causal language model: token sequences known in and out of training.
+
+        Each side is one of:
+
+        * a ``LongTensor`` or integer array ``[n, T]``: every position is a token, except
+          positions equal to ``pad_token_id`` when it is given;
+        * a list of 1-D token sequences of any lengths: padded on the right with
+          ``pad_token_id`` (0 when it is not given) and masked;
+        * a mapping with ``"input_ids"`` and optionally ``"attention_mask"`` and
+          ``"labels"``, as a Hugging Face tokenizer (``padding=True``) or data collator
+          returns. ``labels`` follow Hugging Face's convention: aligned with the inputs,
+          ``-100`` where a token is not scored (a prompt, say); the shift happens here.
+
+        The two sides are padded to one length ``T``. Next-token targets are the inputs
+        (or ``labels``) shifted by one: ``targets[:, t] = input_ids[:, t + 1]``, scored
+        only where positions ``t`` and ``t + 1`` are both unmasked (and the label is not
+        ``-100``); every other target is ``-100``. Masked positions of the token ids are
+        overwritten with ``pad_token_id`` when it is given.
+
+        The zlib-compressed length of each sequence (for the ``zlib`` signal of
+        :mod:`fesmia_hooks.text`) is computed here, once: of ``decode(tokens)`` encoded as
+        UTF-8 when ``decode`` is given (``tokenizer.decode``, as Carlini et al. 2021
+        compress the text), otherwise of the unmasked token ids packed in the fewest bytes
+        per id (for a byte- or character-level vocabulary that is the text itself).
+
+        Pass ``attention_mask`` explicitly (the mapping form) when the pad token also occurs
+        inside the text, as with GPT-2 whose pad token is its end-of-text token: with the
+        tensor form every occurrence of ``pad_token_id`` is masked.
+
+        Args:
+            members: Sequences that are, or will be, in the training data.
+            non_members: Sequences of the same distribution that are never trained on.
+            pad_token_id: Token id of padding (a non-negative int).
+            vocab_size: When given, token ids and labels are checked to lie in
+                ``[0, vocab_size)``.
+            decode: ``decode(list_of_token_ids) -> str | bytes``, used for the zlib lengths
+                only.
+
+        Returns:
+            A :class:`CanarySet` whose :attr:`inputs` are the token ids ``[N, T]``,
+            :attr:`labels` the next-token targets ``[N, T]``, plus :attr:`attention_mask`
+            ``[N, T]`` and :attr:`zlib_bytes` ``[N]``.
+
+        Raises:
+            CanaryError: On non-integer or out-of-range ids, a mask that is not 0/1 or does
+                not match, a sequence with fewer than two unmasked tokens or no scored
+                target, or a sequence present on both sides.
+
+        Example:
+            >>> import torch
+            >>> g = torch.Generator().manual_seed(0)
+            >>> ids = torch.randint(1, 50, (40, 16), generator=g)
+            >>> canaries = CanarySet.from_sequences(ids[:20], ids[20:], vocab_size=50)
+            >>> canaries
+            CanarySet(members=20, non_members=20, sequence_length=16, vocab_size=50)
+            >>> bool((canaries.labels[:, :-1] == ids[:, 1:]).all()), canaries.labels[0, -1].item()
+            (True, -100)
+            >>> short = CanarySet.from_sequences([[5, 6, 7], [8, 9]], [[1, 2, 3, 4]],
+            ...                                  pad_token_id=0)
+            >>> short.inputs.tolist(), short.attention_mask.tolist()
+            ([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]], [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+            >>> short.labels.tolist()
+            [[6, 7, -100, -100], [9, -100, -100, -100], [2, 3, 4, -100]]
+        """
+        if vocab_size is not None:
+            positive_int("vocab_size", vocab_size)
+        if pad_token_id is not None:
+            if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or (
+                pad_token_id < 0
+            ):
+                raise CanaryError(
+                    f"`pad_token_id` must be a non-negative int, got {pad_token_id!r}"
+                )
+            if vocab_size is not None and pad_token_id >= vocab_size:
+                raise CanaryError(
+                    f"`pad_token_id` must lie in [0, {vocab_size}), got {pad_token_id}"
+                )
+        if decode is not None and not callable(decode):
+            raise CanaryError(f"`decode` must be callable, got {type(decode).__name__}")
+        sides = [
+            _token_side(name, side, pad_token_id)
+            for name, side in (("members", members), ("non_members", non_members))
+        ]
+        length = max(ids.shape[1] for ids, _, _ in sides)
+        fill = 0 if pad_token_id is None else pad_token_id
+        ids_parts, mask_parts, target_parts = [], [], []
+        for name, (ids, mask, labels) in zip(("members", "non_members"), sides, strict=True):
+            ids, mask, labels = (
+                _pad_right(t, length, v)
+                for t, v in ((ids, fill), (mask, 0), (labels, IGNORE_INDEX))
+            )
+            if pad_token_id is not None:
+                ids = ids.masked_fill(mask == 0, pad_token_id)
+            _check_tokens(name, ids, mask, labels, vocab_size)
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+            target_parts.append(_shift_targets(labels, mask))
+        for name, targets in zip(("members", "non_members"), target_parts, strict=True):
+            empty = int(((targets != IGNORE_INDEX).sum(1) == 0).sum())
+            if empty:
+                raise CanaryError(
+                    f"every sequence needs at least one scored next-token target; {empty} "
+                    f"{name} sequence(s) have none (all labels -100)"
+                )
+        shared = set(_token_fingerprints(ids_parts[0], mask_parts[0])) & set(
+            _token_fingerprints(ids_parts[1], mask_parts[1])
+        )
+        if shared:
+            raise CanaryError(
+                f"{len(shared)} sequence(s) appear among both members and non_members; "
+                "the two sides must be disjoint"
+            )
+        obj = cls.__new__(cls)
+        obj.inputs = torch.cat(ids_parts).contiguous()
+        obj.labels = torch.cat(target_parts).contiguous()
+        obj.num_members = int(ids_parts[0].shape[0])
+        obj.num_non_members = int(ids_parts[1].shape[0])
+        obj.num_classes = None
+        obj._device_cache = {}
+        obj.attention_mask = torch.cat(mask_parts).contiguous()
+        try:
+            obj.zlib_bytes = zlib_lengths(obj.inputs, obj.attention_mask, decode=decode)
+        except ConfigurationError as exc:
+            raise CanaryError(str(exc)) from exc
+        obj.vocab_size = vocab_size
+        obj.pad_token_id = pad_token_id
+        obj._sequence_cache = {}
+        return obj
+
+
+def _integer_tokens(name: str, value: Any) -> torch.Tensor:
+    t = _to_tensor(name, value)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise CanaryError(f"{name} must be integer token ids, got {t.dtype}")
+    return t.long()
+
+
+def _token_side(
+    name: str, side: Any, pad_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, mask, labels)`` of one side, each ``[n, T]`` long; labels unshifted."""
+    labels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    if isinstance(side, Mapping):
+        if "input_ids" not in side:
+            raise CanaryError(
+                f"{name} as a mapping needs 'input_ids' (and optionally 'attention_mask', "
+                f"'labels'), got keys {sorted(map(str, side))}"
+            )
+        ids = _integer_tokens(f"{name} input_ids", side["input_ids"])
+        if side.get("attention_mask") is not None:
+            mask = _integer_tokens(f"{name} attention_mask", side["attention_mask"])
+        if side.get("labels") is not None:
+            labels = _integer_tokens(f"{name} labels", side["labels"])
+    elif isinstance(side, (torch.Tensor, np.ndarray)):
+        ids = _integer_tokens(f"{name} token ids", side)
+    elif isinstance(side, Sequence) and not isinstance(side, (str, bytes)):
+        rows = [_integer_tokens(f"{name} token ids", row) for row in side]
+        if not rows:
+            raise CanaryError(f"{name} must hold at least one sequence, got none")
+        bad = [tuple(r.shape) for r in rows if r.dim() != 1]
+        if bad:
+            raise CanaryError(
+                f"{name} as a list must hold 1-D token sequences, got a sample of shape {bad[0]}"
+            )
+        length = max(len(r) for r in rows)
+        fill = 0 if pad_token_id is None else pad_token_id
+        ids = torch.full((len(rows), length), fill, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+    else:
+        raise CanaryError(
+            f"{name} must be token ids [n, T], a list of token sequences or a mapping with "
+            f"'input_ids', got {type(side).__name__}"
+        )
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise CanaryError(
+            f"{name} token ids must be [sequences, length] with at least one sequence, "
+            f"got shape {tuple(ids.shape)}"
+        )
+    if mask is None:
+        mask = torch.ones_like(ids) if pad_token_id is None else (ids != pad_token_id).long()
+    for what, t in (("attention_mask", mask), ("labels", labels)):
+        if t is not None and t.shape != ids.shape:
+            raise CanaryError(
+                f"{name} {what} must have the shape of its token ids {tuple(ids.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise CanaryError(f"{name} attention_mask must hold only 0 and 1")
+    short = int((mask.sum(1) < 2).sum())
+    if short:
+        raise CanaryError(
+            f"every sequence needs at least 2 unmasked tokens (one next-token target); "
+            f"{short} {name} sequence(s) have fewer"
+        )
+    if labels is None:
+        labels = ids.clone()
+    return ids, mask, labels
+
+
+def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    if t.shape[1] == length:
+        return t
+    pad = torch.full((t.shape[0], length - t.shape[1]), value, dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
+
+
+def _check_tokens(
+    name: str,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None,
+) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab_size)"
+        raise CanaryError(
+            f"{name} token ids must lie in {allowed}, got values in [{lo}, {hi}]; masked "
+            "positions are overwritten only when `pad_token_id` is given"
+        )
+    scored = labels[(mask == 1) & (labels != IGNORE_INDEX)]
+    if scored.numel():
+        lo, hi = int(scored.min()), int(scored.max())
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab_size)"
+            raise CanaryError(
+                f"{name} labels must be -100 or lie in {allowed}, got values in [{lo}, {hi}]"
+            )
+
+
+def _shift_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the logits: ``-100`` where nothing is scored."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    scored = (mask[:, :-1] == 1) & (mask[:, 1:] == 1) & (labels[:, 1:] != IGNORE_INDEX)
+    targets[:, :-1] = torch.where(scored, labels[:, 1:], IGNORE_INDEX)
+    return targets
+
+
+def _valid_tokens(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    return [row[keep.bool()] for row, keep in zip(ids, mask, strict=True)]
+
+
+def _token_fingerprints(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+    return [
+        hashlib.blake2b(row.numpy().astype(np.int64).tobytes(), digest_size=16).digest()
+        for row in _valid_tokens(ids, mask)
+    ]
 
 
 def _length(data: Any) -> int:

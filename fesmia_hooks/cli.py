@@ -1,7 +1,8 @@
 """The ``fesmia-hooks`` command line.
 
 * ``fesmia-hooks demo [--framework torch|lightning|keras]`` trains a small model on the
-  digits data and prints one row per privacy check.
+  digits data and prints one row per privacy check; ``fesmia-hooks demo --task text`` trains
+  a character-level language model on CPython's bundled reference manual instead.
 * ``fesmia-hooks report LOG_DIR`` prints a table per run found in ``LOG_DIR`` and, when
   matplotlib is installed, writes ``leakage.png`` into each run's folder.
 
@@ -31,6 +32,12 @@ DEMOS: dict[str, tuple[str, str, str, str]] = {
     "keras": ("fesmia_hooks.demos.keras_demo", "run_keras_demo", "runs/fesmia-demo-keras",
               "keras,examples"),
 }
+#: The same for the language-model demo (``--task text``); its data ship with CPython.
+TEXT_DEMOS: dict[str, tuple[str, str, str, str]] = {
+    "torch": ("fesmia_hooks.demos.text_demo", "run_text_demo", "runs/fesmia-demo-text", ""),
+}
+#: Most epochs of each task's demo unless ``--epochs`` says otherwise.
+DEFAULT_EPOCHS = {"digits": 100, "text": 60}
 
 _LEVEL_CHOICES = ["none", *(lv.value for lv in Level if lv not in (Level.NONE, Level.CRITICAL))]
 
@@ -40,12 +47,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="fesmia-hooks", description="Watch a model's privacy leakage while it trains."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small model on digits and watch it leak")
+    demo = sub.add_parser("demo", help="train a small model and watch it leak")
+    demo.add_argument("--task", choices=sorted(DEFAULT_EPOCHS), default="digits",
+                      help="digits: an MLP on noisy digits (default); text: a character-level "
+                           "language model on the Python reference manual")
     demo.add_argument("--framework", choices=sorted(DEMOS), default="torch",
-                      help="training loop to run: plain torch (default), lightning or keras")
+                      help="training loop to run: plain torch (default), lightning or keras "
+                           "(the text task: torch only)")
     demo.add_argument("--log-dir", default=None,
-                      help="TensorBoard/history folder (default: runs/fesmia-demo[-FRAMEWORK])")
-    demo.add_argument("--epochs", type=int, default=100, help="most epochs to train")
+                      help="TensorBoard/history folder (default: runs/fesmia-demo[-FRAMEWORK] "
+                           "or runs/fesmia-demo-text)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="most epochs to train (default: 100 for digits, 60 for text)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, model and probe")
     report = sub.add_parser(
         "report", help="print the checks of every run below LOG_DIR and plot them"
@@ -67,34 +80,46 @@ def _error(message: str) -> int:
     return 2
 
 
-def _demo_function(framework: str) -> Callable[..., Any]:
+def _demos(task: str) -> dict[str, tuple[str, str, str, str]]:
+    return TEXT_DEMOS if task == "text" else DEMOS
+
+
+def _demo_function(framework: str, task: str = "digits") -> Callable[..., Any]:
     """Import the demo of ``framework`` only now; its framework may not be installed."""
-    module_name, function, _, _ = DEMOS[framework]
+    module_name, function, _, _ = _demos(task)[framework]
     if framework == "keras":
         os.environ.setdefault("KERAS_BACKEND", "torch")
     module = importlib.import_module(module_name)
     return getattr(module, function)  # type: ignore[no-any-return]
 
 
-def _missing(framework: str, exc: ModuleNotFoundError) -> str:
+def _missing(framework: str, exc: ModuleNotFoundError, task: str = "digits") -> str:
     """One line for a module that a demo could not import."""
-    _, _, _, extra = DEMOS[framework]
+    _, _, _, extra = _demos(task)[framework]
     if exc.name is not None and exc.name.startswith("fesmia_hooks"):
         return f"the {framework} demo is not part of this installation (no module {exc.name})"
+    install = f"pip install 'fesmia-hooks[{extra}]'" if extra else "pip install fesmia-hooks"
     return (f"the {framework} demo needs {exc.name or 'a package that is not installed'}: "
-            f"pip install 'fesmia-hooks[{extra}]'")
+            f"{install}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if args.epochs < 1:
-        return _error(f"--epochs must be a positive int, got {args.epochs}")
-    _, _, default_dir, _ = DEMOS[args.framework]
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.task]
+    if epochs < 1:
+        return _error(f"--epochs must be a positive int, got {epochs}")
+    demos = _demos(args.task)
+    if args.framework not in demos:
+        return _error(
+            f"--task {args.task} runs with --framework {', '.join(sorted(demos))}, got "
+            f"{args.framework} (see examples/text_lm_lightning.py for Lightning)"
+        )
+    _, _, default_dir, _ = demos[args.framework]
     log_dir = args.log_dir if args.log_dir is not None else default_dir
     try:
-        run = _demo_function(args.framework)
-        run(log_dir=log_dir, epochs=args.epochs, seed=args.seed)
+        run = _demo_function(args.framework, args.task)
+        run(log_dir=log_dir, epochs=epochs, seed=args.seed)
     except ModuleNotFoundError as exc:  # the framework, on import or while the demo runs
-        return _error(_missing(args.framework, exc))
+        return _error(_missing(args.framework, exc, args.task))
     except ImportError as exc:  # e.g. the demo's own message naming the extra to install
         return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return 0

@@ -12,7 +12,13 @@ from torch import nn
 from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError, ProbeError
 from fesmia_hooks.guard import model_device, untouched
-from fesmia_hooks.signals import SignalFn, classification_signals, extract_logits
+from fesmia_hooks.signals import DEFAULT_SIGNALS, SignalFn, classification_signals, extract_logits
+from fesmia_hooks.text import (
+    DEFAULT_SEQUENCE_SIGNALS,
+    SEQUENCE_SIGNALS,
+    SequenceSignals,
+    forward_logits,
+)
 
 __all__ = ["FeatureKind", "Features", "compute_features"]
 
@@ -79,7 +85,7 @@ def compute_features(
     canaries: CanarySet,
     *,
     kind: FeatureKind = "signals",
-    signals: Sequence[str] = ("phi", "log_prob", "margin", "neg_entropy"),
+    signals: Sequence[str] | None = None,
     embedding_layer: str | None = None,
     signal_fn: SignalFn | None = None,
     batch_size: int = 256,
@@ -89,15 +95,29 @@ def compute_features(
     Runs under :func:`~fesmia_hooks.guard.untouched`, in batches of ``batch_size``, on the
     model's own device (the canaries are moved there once and cached).
 
+    Token-sequence canaries (:meth:`CanarySet.from_sequences`) take the language-model path
+    of :mod:`fesmia_hooks.text`: the model gets the token ids (and ``attention_mask=`` when
+    its ``forward`` names it) and returns ``[B, T, V]`` logits; ``signals`` are then the
+    per-token signals averaged over the scored tokens, or whatever a
+    :class:`~fesmia_hooks.text.SequenceSignals` given as ``signal_fn`` asks for; batches
+    are cut so that at most ``max_logit_elements`` logits come back at once; and an
+    embedding layer whose output is ``[B, T, D]`` is averaged over the unmasked positions
+    (for the paper's text features, "logits averaged over positions", name the output
+    layer).
+
     Args:
         model: The victim.
         canaries: The canary pool.
         kind: Which features to return.
-        signals: Built-in classification signals to compute (ignored with ``signal_fn``).
+        signals: Built-in signals to compute (ignored with ``signal_fn``); ``None`` picks
+            the canaries' kind's default, :data:`~fesmia_hooks.signals.DEFAULT_SIGNALS` for
+            a classifier and :data:`~fesmia_hooks.text.DEFAULT_SEQUENCE_SIGNALS` for token
+            sequences.
         embedding_layer: Name of the submodule whose output is the embedding.
         signal_fn: ``signal_fn(model, inputs, targets) -> Tensor[B, F]`` replacing the
-            built-in signals; it is called inside the same guard.
-        batch_size: Canaries per forward pass.
+            built-in signals; it is called inside the same guard. For token sequences
+            ``inputs`` are the token ids and ``targets`` the next-token targets.
+        batch_size: Canaries per forward pass (at most).
 
     Returns:
         The :class:`Features`.
@@ -106,6 +126,17 @@ def compute_features(
         raise ConfigurationError(
             f"features={kind!r} needs `embedding_layer`, the name of the layer to read"
         )
+    if canaries.is_sequence:
+        return _sequence_features(
+            model,
+            canaries,
+            kind=kind,
+            signals=signals,
+            embedding_layer=embedding_layer,
+            signal_fn=signal_fn,
+            batch_size=batch_size,
+        )
+    signals = DEFAULT_SIGNALS if signals is None else tuple(signals)
     device = model_device(model)
     x, y = canaries.on(device)
     if signal_fn is None and kind != "embeddings" and y is None:
@@ -142,6 +173,10 @@ def compute_features(
     finally:
         if handle is not None:
             handle.remove()
+    return _finish(sig_parts, captured, kind)
+
+
+def _finish(sig_parts: list[torch.Tensor], captured: list[torch.Tensor], kind: str) -> Features:
     sig = torch.cat(sig_parts).float() if sig_parts else None
     emb = torch.cat(captured).float() if captured else None
     if kind == "embeddings":
@@ -150,6 +185,86 @@ def compute_features(
         if t is not None and not torch.isfinite(t).all():
             raise ProbeError(f"the model produced non-finite {name} on the canary set")
     return Features(signals=sig, embeddings=emb)
+
+
+def _sequence_features(
+    model: nn.Module,
+    canaries: CanarySet,
+    *,
+    kind: FeatureKind,
+    signals: Sequence[str] | None,
+    embedding_layer: str | None,
+    signal_fn: SignalFn | None,
+    batch_size: int,
+) -> Features:
+    """:func:`compute_features` for token-sequence canaries (see :mod:`fesmia_hooks.text`)."""
+    signals = DEFAULT_SEQUENCE_SIGNALS if signals is None else tuple(signals)
+    device = model_device(model)
+    ids, targets = canaries.on(device)
+    _, mask, zlib_bytes = canaries.sequences_on(device)
+    assert targets is not None
+    spec: SequenceSignals | None = None
+    if isinstance(signal_fn, SequenceSignals):
+        spec = signal_fn
+    elif signal_fn is None:
+        unknown = [n for n in signals if n not in SEQUENCE_SIGNALS]
+        if unknown:
+            raise ConfigurationError(
+                f"signal(s) {unknown} have no sequence form; allowed for token sequences: "
+                f"{', '.join(SEQUENCE_SIGNALS)}"
+            )
+        spec = SequenceSignals(tuple(signals))
+    length = ids.shape[1]
+    captured: list[torch.Tensor] = []
+    current_mask: list[torch.Tensor] = []
+    handle = None
+    if kind in ("embeddings", "both"):
+        layer = _find_layer(model, str(embedding_layer))
+
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            tensor = extract_logits(output)
+            block_mask = current_mask[-1]
+            if tensor.dim() == 3 and tuple(tensor.shape[:2]) == tuple(block_mask.shape):
+                weight = block_mask.to(tensor.dtype)[..., None]
+                tensor = (tensor * weight).sum(1) / weight.sum(1).clamp_min(1)
+            captured.append(tensor.reshape(tensor.shape[0], -1).float())
+
+        handle = layer.register_forward_hook(hook)
+    pass_mask = None if spec is None else spec.pass_attention_mask
+    vocab = canaries.vocab_size
+    if spec is None:
+        rows = batch_size
+    elif vocab is not None:
+        rows = spec.rows_per_forward(length, vocab, batch_size)
+    else:
+        rows = 1  # learn the vocabulary's size from one sequence first
+    sig_parts: list[torch.Tensor] = []
+    try:
+        with untouched(model):
+            start = 0
+            while start < ids.shape[0]:
+                block = slice(start, start + rows)
+                xb, yb, mb = ids[block], targets[block], mask[block]
+                current_mask.append(mb)
+                if spec is None:
+                    assert signal_fn is not None
+                    seen = len(captured)
+                    sig_parts.append(_check_signal_block(signal_fn(model, xb, yb), len(xb)))
+                    if handle is not None and len(captured) == seen:
+                        forward_logits(model, xb, mb)
+                else:
+                    logits = forward_logits(model, xb, mb, pass_attention_mask=pass_mask)
+                    if vocab is None:
+                        vocab = int(logits.shape[-1])
+                        rows = spec.rows_per_forward(length, vocab, batch_size)
+                    if kind != "embeddings":
+                        sig_parts.append(spec.reduce(logits, yb, zlib_bytes=zlib_bytes[block]))
+                    del logits
+                start = block.stop
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _finish(sig_parts, captured, kind)
 
 
 def _check_signal_block(block: object, rows: int) -> torch.Tensor:

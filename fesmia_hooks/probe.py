@@ -21,10 +21,16 @@ from fesmia_hooks.logmia import batched_auc, batched_log_mia, chance_log_mia
 from fesmia_hooks.report import TPR_FPRS, LeakageReport, LevelBands, mean_interval
 from fesmia_hooks.sequential import permutation_p_values
 from fesmia_hooks.signals import CLASSIFICATION_SIGNALS, SignalFn
+from fesmia_hooks.text import SEQUENCE_SIGNALS
 
 __all__ = ["FeSMIA"]
 
 Method = Literal["simpleshot", "laplacianshot", "finetune", "threshold"]
+
+#: Every signal name: the classification signals, then those only token sequences have.
+SIGNAL_NAMES: tuple[str, ...] = CLASSIFICATION_SIGNALS + tuple(
+    s for s in SEQUENCE_SIGNALS if s not in CLASSIFICATION_SIGNALS
+)
 
 # Elements of one gathered feature block; keeps the probe's extra memory near 8 MB.
 _BLOCK_ELEMENTS = 2_000_000
@@ -49,7 +55,10 @@ class FeSMIA:
             ``1 / (permutations + 1)``.
         features: What the learners read: ``"signals"`` (per-sample signals from the logits),
             ``"embeddings"`` (outputs of ``embedding_layer``) or ``"both"``.
-        signals: Which built-in classification signals to compute.
+        signals: Which built-in signals to compute. Token-sequence canaries read each
+            classification signal per token, averaged, and also know ``min_k``, ``zlib``
+            and ``positions`` (see :mod:`fesmia_hooks.text`; ``positions`` is several
+            columns, so list it last when ``method="threshold"`` picks a signal by name).
         embedding_layer: Name of the submodule (as in ``model.named_modules()``) to read.
         signal_fn: ``signal_fn(model, inputs, targets) -> Tensor[B, F]`` to replace the
             built-in signals, for models that are not classifiers.
@@ -109,7 +118,7 @@ class FeSMIA:
                 f"`signals` must be a non-empty sequence of signal names, got {signals!r}"
             )
         for name in signals:
-            choice("signals", name, CLASSIFICATION_SIGNALS)
+            choice("signals", name, SIGNAL_NAMES)
         self.signals = tuple(signals)
         if features != "signals" and embedding_layer is None:
             raise ConfigurationError(

@@ -17,6 +17,7 @@ from fesmia_hooks.exceptions import ConfigurationError, ProbeError
 
 __all__ = [
     "CLASSIFICATION_SIGNALS",
+    "DEFAULT_SIGNALS",
     "SignalFn",
     "classification_signals",
     "extract_logits",
@@ -32,6 +33,8 @@ CLASSIFICATION_SIGNALS: tuple[str, ...] = (
     "neg_entropy",
     "max_logit_gap",
 )
+#: The signals a classifier's canaries get unless told otherwise.
+DEFAULT_SIGNALS: tuple[str, ...] = ("phi", "log_prob", "margin", "neg_entropy")
 
 
 def extract_logits(output: Any) -> torch.Tensor:

@@ -1,0 +1,539 @@
+"""Causal language models: membership signals of token sequences, in log space.
+
+A text :class:`~fesmia_hooks.CanarySet` (built with
+:meth:`~fesmia_hooks.CanarySet.from_sequences`) holds token ids ``[N, T]``, an attention mask
+``[N, T]``, next-token targets ``[N, T]`` (``targets[:, t]`` is scored against the logits at
+position ``t``; ``-100`` where nothing is scored) and the zlib-compressed length of each
+sequence. The probe forwards the ids through the model -- with ``attention_mask=`` when the
+model's ``forward`` takes one, and ``use_cache=False`` when it takes that -- reads ``[B, T,
+V]`` logits (a tensor, or an output with ``.logits`` as Hugging Face causal LMs return) and
+reduces them to a few numbers per sequence. Every signal is computed from the logits in log
+space, never through softmax probabilities (SCIENCE.md, trap 3), and is oriented so that
+*higher means more member-like*:
+
+* ``log_prob``: mean token log-probability over the scored tokens, i.e. minus the mean
+  negative log-likelihood (the loss attack, Yeom et al. 2018).
+* ``min_k``: Min-K% Prob (Shi et al., ICLR 2024): the mean of the lowest ``k`` share of the
+  token log-probabilities (``floor(k * L)`` tokens of a sequence with ``L`` scored tokens,
+  at least one).
+* ``zlib``: ``log_prob`` divided by the sequence's zlib-compressed length in bytes (Carlini
+  et al., USENIX Security 2021, in the form of Shi et al.'s code): text that is easy for the
+  model but hard for zlib is suspect. The length is a property of the text, computed once
+  when the canary set is built.
+* ``phi``, ``margin``, ``neg_entropy``, ``max_logit_gap``: the classification signals of
+  :func:`fesmia_hooks.classification_signals` for every token, averaged over the scored
+  tokens.
+* ``positions``: the mean token log-probability in each of ``bins`` equal parts of each
+  sequence's scored tokens (``bins`` columns): a per-position profile for the few-shot
+  learners.
+
+Memory is bounded twice (by :func:`~fesmia_hooks.features.compute_features`, for the built-in
+signals and for a :class:`SequenceSignals`; any other ``signal_fn`` gets ``batch_size``
+sequences at a time). The canaries are forwarded ``rows`` sequences at a time, with
+``rows = min(batch_size, max(1, max_logit_elements // (T * V)))``: the model is never asked
+for more than ``max(max_logit_elements, T * V)`` logits at once (one sequence always goes
+whole; splitting it would change what a causal model sees). The reductions then read the
+scored positions of those logits in blocks of ``max(1, chunk_elements // V)`` positions: a
+block's float32 log-softmax and its copies take a few times ``max(chunk_elements, V)`` floats,
+plus ``O(rows * T)`` floats of per-token statistics. With the defaults (``2**24`` logits per
+forward, ``2**21`` per block) that is 64 MiB of float32 logits from the model (more only for
+a single sequence with ``T * V > 2**24``, e.g. GPT-2 at 1,024 tokens: 206 MB) and about
+8 MiB per block copy.
+
+Example:
+    >>> import torch
+    >>> logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens
+    >>> targets = torch.tensor([[1, 2, -100]])
+    >>> sequence_signals(logits, targets, ["log_prob", "min_k"])
+    tensor([[-1.3863, -1.3863]])
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fesmia_hooks.exceptions import ConfigurationError, ProbeError
+from fesmia_hooks.signals import extract_logits
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_MAX_LOGIT_ELEMENTS",
+    "DEFAULT_SEQUENCE_SIGNALS",
+    "IGNORE_INDEX",
+    "SEQUENCE_SIGNALS",
+    "SequenceSignals",
+    "forward_logits",
+    "sequence_signals",
+    "token_statistics",
+    "zlib_length",
+    "zlib_lengths",
+]
+
+#: Target value of a position whose next token is not scored.
+IGNORE_INDEX = -100
+#: Names of the built-in sequence signals, each "higher = more member-like".
+SEQUENCE_SIGNALS: tuple[str, ...] = (
+    "log_prob",
+    "min_k",
+    "zlib",
+    "phi",
+    "margin",
+    "neg_entropy",
+    "max_logit_gap",
+    "positions",
+)
+#: The signals token-sequence canaries get unless told otherwise.
+DEFAULT_SEQUENCE_SIGNALS: tuple[str, ...] = ("log_prob", "min_k", "zlib")
+#: Most logits the probe asks the model for in one forward pass (unless one sequence is more).
+DEFAULT_MAX_LOGIT_ELEMENTS = 2**24
+#: Most logits reduced at once (unless one position's vocabulary is more).
+DEFAULT_CHUNK_ELEMENTS = 2**21
+
+_TOKEN_STATS = ("log_prob", "phi", "margin", "neg_entropy", "max_logit_gap")
+# Which per-token statistic each sequence signal reads.
+_NEEDS = {
+    "log_prob": "log_prob",
+    "min_k": "log_prob",
+    "zlib": "log_prob",
+    "positions": "log_prob",
+    "phi": "phi",
+    "margin": "margin",
+    "neg_entropy": "neg_entropy",
+    "max_logit_gap": "max_logit_gap",
+}
+
+
+def zlib_length(data: bytes | str) -> int:
+    """Length in bytes of ``data`` compressed by zlib (a ``str`` is encoded as UTF-8).
+
+    Example:
+        >>> zlib_length("a" * 1000) < zlib_length(bytes(range(256)) * 4)
+        True
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    return len(zlib.compress(raw))
+
+
+def _check_names(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str) or not names:
+        raise ConfigurationError(
+            f"`names` must be a non-empty sequence of signal names, got {names!r}"
+        )
+    unknown = [n for n in names if n not in SEQUENCE_SIGNALS]
+    if unknown:
+        raise ConfigurationError(
+            f"unknown sequence signal(s) {unknown}; allowed: {', '.join(SEQUENCE_SIGNALS)}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"`names` must not repeat a signal, got {list(names)}")
+    return tuple(names)
+
+
+def token_statistics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    stats: Sequence[str] = ("log_prob",),
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> dict[str, torch.Tensor]:
+    """Per-token statistics ``[B, T]`` float32 of the scored positions (NaN elsewhere).
+
+    Only the scored positions (``targets != -100``) are reduced, ``max(1, chunk_elements //
+    V)`` of them at a time, each in float32 whatever the logits' dtype.
+
+    Args:
+        logits: ``[B, T, V]``.
+        targets: ``[B, T]`` next-token targets aligned with ``logits``; ``-100`` is ignored.
+        stats: Any of ``log_prob`` (``log p_y``), ``phi`` (``z_y - logsumexp_{j != y}
+            z_j``), ``margin`` (``z_y - max_{j != y} z_j``), ``neg_entropy`` and
+            ``max_logit_gap`` (top logit minus the second).
+        chunk_elements: Logits reduced at once.
+
+    Returns:
+        ``{name: Tensor[B, T]}``.
+
+    Example:
+        >>> z = torch.tensor([[[60.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+        >>> s = token_statistics(z, torch.tensor([[0, -100]]), ["log_prob", "phi"])
+        >>> s["log_prob"].tolist(), round(float(s["phi"][0, 0]), 2)
+        ([[0.0, nan]], 59.31)
+    """
+    if logits.dim() != 3:
+        raise ProbeError(
+            f"a causal language model must return [batch, length, vocab] logits, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    b, t, v = logits.shape
+    if targets.shape != (b, t):
+        raise ProbeError(
+            f"the model returned logits for [batch={b}, length={t}] but the canary batch is "
+            f"{tuple(targets.shape)}"
+        )
+    if v < 2:
+        raise ProbeError(f"language-model logits need a vocabulary of at least 2, got {v}")
+    unknown = [s for s in stats if s not in _TOKEN_STATS]
+    if unknown:
+        raise ConfigurationError(f"unknown token statistic(s) {unknown}; allowed: {_TOKEN_STATS}")
+    flat_targets = targets.reshape(-1)
+    where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    scored = flat_targets[where]
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= v):
+        raise ProbeError(
+            f"canary token targets lie in [{int(scored.min())}, {int(scored.max())}] but the "
+            f"model's vocabulary has {v} tokens"
+        )
+    rows, cols = where // t, where % t  # index the logits in place: no flattened copy
+    values = {s: torch.empty(where.numel(), dtype=torch.float32, device=logits.device)
+              for s in stats}
+    step = max(1, int(chunk_elements) // v)
+    for start in range(0, where.numel(), step):
+        z = logits[rows[start : start + step], cols[start : start + step]].float()  # [c, V]
+        y = scored[start : start + step].long()[:, None]
+        z_y = z.gather(1, y).squeeze(1)
+        lse = torch.logsumexp(z, dim=1)
+        need_others = any(s in stats for s in ("phi", "margin"))
+        others = z.scatter(1, y, float("-inf")) if need_others else None
+        for s in stats:
+            out = values[s][start : start + step]
+            if s == "log_prob":
+                out.copy_(z_y - lse)
+            elif s == "phi":
+                assert others is not None
+                out.copy_(z_y - torch.logsumexp(others, dim=1))
+            elif s == "margin":
+                assert others is not None
+                out.copy_(z_y - others.amax(dim=1))
+            elif s == "neg_entropy":
+                log_p = z - lse[:, None]
+                out.copy_((log_p.exp() * log_p).sum(1))
+            else:  # max_logit_gap
+                top = z.topk(2, dim=1).values
+                out.copy_(top[:, 0] - top[:, 1])
+    result = {}
+    for s in stats:
+        full = torch.full((b * t,), float("nan"), dtype=torch.float32, device=logits.device)
+        full[where] = values[s]
+        result[s] = full.reshape(b, t)
+    return result
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    count = valid.sum(1).clamp_min(1)
+    return torch.where(valid, x, torch.zeros_like(x)).sum(1) / count
+
+
+def _min_k(log_prob: torch.Tensor, valid: torch.Tensor, k: float) -> torch.Tensor:
+    length = valid.sum(1)
+    take = torch.clamp(torch.floor(length.double() * k).long(), min=1)
+    ordered = torch.where(valid, log_prob, torch.full_like(log_prob, float("inf"))).sort(1).values
+    keep = torch.arange(log_prob.shape[1], device=log_prob.device)[None, :] < take[:, None]
+    return torch.where(keep, ordered, torch.zeros_like(ordered)).sum(1) / take
+
+
+def _position_bins(log_prob: torch.Tensor, valid: torch.Tensor, bins: int) -> torch.Tensor:
+    length = valid.sum(1, keepdim=True)
+    rank = valid.long().cumsum(1) - 1  # rank of each scored token among its row's
+    which = torch.div(rank.clamp_min(0) * bins, length.clamp_min(1), rounding_mode="floor")
+    which = which.clamp(0, bins - 1)
+    value = torch.where(valid, log_prob, torch.zeros_like(log_prob))
+    total = torch.zeros(log_prob.shape[0], bins, dtype=torch.float32, device=log_prob.device)
+    count = torch.zeros_like(total)
+    total.scatter_add_(1, which, value)
+    count.scatter_add_(1, which, valid.float())
+    mean = _masked_mean(log_prob, valid)[:, None].expand_as(total)
+    return torch.where(count > 0, total / count.clamp_min(1), mean)  # an empty bin: row mean
+
+
+def sequence_signals(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    names: Sequence[str] = DEFAULT_SEQUENCE_SIGNALS,
+    *,
+    k: float = 0.2,
+    zlib_bytes: torch.Tensor | None = None,
+    bins: int = 4,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-sequence membership signals from causal-LM logits, ``[B, F]`` float32.
+
+    ``F`` is ``len(names)``, plus ``bins - 1`` when ``positions`` is asked for (its
+    ``bins`` columns take its place in the order of ``names``). See the module docstring
+    for each signal.
+
+    Args:
+        logits: ``[B, T, V]`` logits; position ``t`` predicts ``targets[:, t]``.
+        targets: ``[B, T]`` next-token targets, ``-100`` where nothing is scored (padding).
+        names: Signals to compute, from :data:`SEQUENCE_SIGNALS`.
+        k: Share of the lowest token log-probabilities that ``min_k`` averages, in (0, 1].
+        zlib_bytes: ``[B]`` zlib-compressed lengths of the sequences, needed by ``zlib``.
+        bins: Columns of ``positions``.
+        chunk_elements: Logits reduced at once (see the module docstring).
+
+    Returns:
+        The signals, one row per sequence.
+
+    Example:
+        >>> z = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+        >>> s = sequence_signals(z, torch.tensor([[0, 0, -100]]), ["log_prob", "min_k"], k=0.5)
+        >>> [round(v, 4) for v in s[0].tolist()]  # log p = -0.1269, -2.1269
+        [-1.1269, -2.1269]
+    """
+    names = _check_names(names)
+    k = _check_k(k)
+    bins = _check_bins(bins)
+    needed = tuple(dict.fromkeys(_NEEDS[n] for n in names))
+    stats = token_statistics(logits, targets, needed, chunk_elements=chunk_elements)
+    valid = targets != IGNORE_INDEX
+    if not bool(valid.any(1).all()):
+        raise ProbeError("every canary sequence needs at least one scored target, got none")
+    columns: list[torch.Tensor] = []
+    for name in names:
+        lp = stats["log_prob"] if "log_prob" in stats else None
+        if name == "min_k":
+            assert lp is not None
+            columns.append(_min_k(lp, valid, k)[:, None])
+        elif name == "zlib":
+            assert lp is not None
+            if zlib_bytes is None:
+                raise ConfigurationError(
+                    "the 'zlib' signal needs the zlib lengths of the sequences (`zlib_bytes`); "
+                    "a CanarySet built with from_sequences carries them"
+                )
+            size = zlib_bytes.to(device=logits.device, dtype=torch.float32).reshape(-1)
+            if size.shape[0] != logits.shape[0]:
+                raise ProbeError(
+                    f"`zlib_bytes` must hold one length per sequence ({logits.shape[0]}), "
+                    f"got {size.shape[0]}"
+                )
+            columns.append((_masked_mean(lp, valid) / size.clamp_min(1.0))[:, None])
+        elif name == "positions":
+            assert lp is not None
+            columns.append(_position_bins(lp, valid, bins))
+        else:
+            columns.append(_masked_mean(stats[_NEEDS[name]], valid)[:, None])
+    return torch.cat(columns, dim=1)
+
+
+def _check_k(k: Any) -> float:
+    ok = isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < float(k) <= 1
+    if not ok:
+        raise ConfigurationError(f"`k` must be a number in (0, 1], got {k!r}")
+    return float(k)
+
+
+def _check_bins(bins: Any) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ConfigurationError(f"`bins` must be a positive int, got {bins!r}")
+    return bins
+
+
+def _check_elements(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"`{name}` must be a positive int, got {value!r}")
+    return value
+
+
+_FORWARD_OPTIONS: dict[type, tuple[bool, bool]] = {}
+
+
+def _forward_options(model: nn.Module) -> tuple[bool, bool]:
+    """Whether ``model.forward`` names ``attention_mask`` and ``use_cache`` parameters."""
+    kind = type(model)
+    if kind not in _FORWARD_OPTIONS:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            params = {}  # type: ignore[assignment]
+        _FORWARD_OPTIONS[kind] = ("attention_mask" in params, "use_cache" in params)
+    return _FORWARD_OPTIONS[kind]
+
+
+def forward_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    pass_attention_mask: bool | None = None,
+) -> torch.Tensor:
+    """Run ``model`` on token ids and return its ``[B, T, V]`` logits.
+
+    ``attention_mask`` is passed as a keyword when ``pass_attention_mask`` is True, or when
+    it is None and ``model.forward`` has a parameter named ``attention_mask`` (Hugging Face
+    models, or your own); ``use_cache=False`` likewise when ``forward`` takes ``use_cache``
+    (a probe never generates, so no key/value cache is kept). The caller provides the
+    no-grad, eval-mode context (see :func:`fesmia_hooks.untouched`).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5))
+        >>> forward_logits(model, torch.zeros(2, 3, dtype=torch.long)).shape
+        torch.Size([2, 3, 5])
+    """
+    takes_mask, takes_cache = _forward_options(model)
+    kwargs: dict[str, Any] = {}
+    send_mask = takes_mask if pass_attention_mask is None else pass_attention_mask
+    if send_mask and attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if takes_cache:
+        kwargs["use_cache"] = False
+    logits = extract_logits(model(input_ids, **kwargs))
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise ProbeError(
+            "a causal language model must return [batch, length, vocab] logits for token ids "
+            f"of shape {tuple(input_ids.shape)}, got {tuple(logits.shape)}"
+        )
+    return logits
+
+
+class SequenceSignals:
+    """A ``signal_fn`` for :class:`~fesmia_hooks.FeSMIA` that picks the sequence signals.
+
+    ``FeSMIA(signal_fn=SequenceSignals(("log_prob", "min_k", "zlib")))`` reads these
+    signals from a text canary set. Without it, a text canary set gets the probe's
+    ``signals`` (by default ``phi``, ``log_prob``, ``margin``, ``neg_entropy``) computed per
+    token and averaged. With ``method="threshold"`` the first signal ranks the canaries
+    (``learner_options={"signal_index": i}`` picks another column).
+
+    The probe calls it with the attention mask and the zlib lengths of the canaries; called
+    directly as ``signal_fn(model, input_ids, targets)`` it takes the mask to be the scored
+    positions and their successors, and computes the zlib lengths of those tokens.
+
+    Args:
+        names: Signals, from :data:`SEQUENCE_SIGNALS`.
+        k: Share of tokens that ``min_k`` averages, in (0, 1].
+        bins: Columns of ``positions``.
+        max_logit_elements: Most logits asked of the model at once (see the module
+            docstring for the memory bound).
+        chunk_elements: Most logits reduced at once.
+        pass_attention_mask: ``None`` passes ``attention_mask=`` when ``model.forward`` names
+            it; True or False force it.
+
+    Example:
+        >>> import fesmia_hooks as fh
+        >>> probe = fh.FeSMIA(signal_fn=SequenceSignals(("min_k", "zlib"), k=0.1))
+        >>> probe.signal_fn
+        SequenceSignals(names=('min_k', 'zlib'), k=0.1, bins=4)
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str] = DEFAULT_SEQUENCE_SIGNALS,
+        *,
+        k: float = 0.2,
+        bins: int = 4,
+        max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        pass_attention_mask: bool | None = None,
+    ) -> None:
+        self.names = _check_names(names)
+        self.k = _check_k(k)
+        self.bins = _check_bins(bins)
+        self.max_logit_elements = _check_elements("max_logit_elements", max_logit_elements)
+        self.chunk_elements = _check_elements("chunk_elements", chunk_elements)
+        if pass_attention_mask is not None and not isinstance(pass_attention_mask, bool):
+            raise ConfigurationError(
+                f"`pass_attention_mask` must be None or a bool, got {pass_attention_mask!r}"
+            )
+        self.pass_attention_mask = pass_attention_mask
+
+    def __repr__(self) -> str:
+        return f"SequenceSignals(names={self.names}, k={self.k}, bins={self.bins})"
+
+    @property
+    def width(self) -> int:
+        """Columns of the signal matrix."""
+        return len(self.names) + (self.bins - 1 if "positions" in self.names else 0)
+
+    def rows_per_forward(self, length: int, vocab_size: int, batch_size: int) -> int:
+        """Sequences per forward pass so that at most ``max_logit_elements`` logits come back.
+
+        Example:
+            >>> SequenceSignals().rows_per_forward(1024, 50257, 256)
+            1
+        """
+        return max(1, min(batch_size, self.max_logit_elements // max(1, length * vocab_size)))
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        zlib_bytes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Signals ``[B, width]`` of the token ids ``inputs`` against ``targets``."""
+        if targets is None:
+            raise ConfigurationError("sequence signals need next-token targets, got None")
+        if attention_mask is None:
+            scored = targets != IGNORE_INDEX
+            attention_mask = scored.clone()
+            attention_mask[:, 1:] |= scored[:, :-1]
+            attention_mask = attention_mask.long()
+        if zlib_bytes is None and "zlib" in self.names:
+            zlib_bytes = zlib_lengths(inputs, attention_mask)
+        logits = forward_logits(
+            model, inputs, attention_mask, pass_attention_mask=self.pass_attention_mask
+        )
+        return self.reduce(logits, targets, zlib_bytes=zlib_bytes)
+
+    def reduce(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        zlib_bytes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Signals ``[B, width]`` of ready ``[B, T, V]`` logits (see :func:`sequence_signals`)."""
+        return sequence_signals(
+            logits,
+            targets,
+            self.names,
+            k=self.k,
+            zlib_bytes=zlib_bytes,
+            bins=self.bins,
+            chunk_elements=self.chunk_elements,
+        )
+
+
+def zlib_lengths(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    decode: Callable[[list[int]], str | bytes] | None = None,
+) -> torch.Tensor:
+    """zlib-compressed length in bytes of each sequence's unmasked tokens, ``[N]`` float32.
+
+    With ``decode`` (e.g. ``tokenizer.decode``) the decoded text is compressed, as Carlini
+    et al. (2021) do; otherwise the unmasked token ids, packed in the fewest bytes per id
+    that hold the largest id of ``input_ids`` (one byte for a byte- or character-level
+    vocabulary, where that is the text itself).
+
+    Example:
+        >>> ids = torch.tensor([[7] * 64, list(range(64))])
+        >>> repetitive, varied = zlib_lengths(ids, torch.ones_like(ids)).tolist()
+        >>> repetitive < 20 < 64 < varied
+        True
+    """
+    cpu_ids, cpu_mask = input_ids.detach().cpu().long(), attention_mask.detach().cpu().bool()
+    top = int(cpu_ids.max()) if cpu_ids.numel() else 0
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
+    sizes = []
+    for row, keep in zip(cpu_ids, cpu_mask, strict=True):
+        tokens = row[keep]
+        if decode is None:
+            sizes.append(zlib_length(tokens.numpy().astype(dtype).tobytes()))
+            continue
+        text = decode([int(v) for v in tokens])
+        if not isinstance(text, (str, bytes)):
+            raise ConfigurationError(
+                f"`decode` must return str or bytes, got {type(text).__name__}"
+            )
+        sizes.append(zlib_length(text))
+    return torch.tensor(sizes, dtype=torch.float32, device=input_ids.device)
