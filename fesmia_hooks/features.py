@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ def compute_features(
     embedding_layer: str | None = None,
     signal_fn: SignalFn | None = None,
     batch_size: int = 256,
+    rows: torch.Tensor | None = None,
 ) -> Features:
     """Forward the canary pool through ``model`` without touching training.
 
@@ -118,9 +119,11 @@ def compute_features(
             built-in signals; it is called inside the same guard. For token sequences
             ``inputs`` are the token ids and ``targets`` the next-token targets.
         batch_size: Canaries per forward pass (at most).
+        rows: Only these canaries (pool indices, members first), in this order; a rank's
+            share under several processes (see :mod:`fesmia_hooks.distributed`).
 
     Returns:
-        The :class:`Features`.
+        The :class:`Features` (raw, not yet normalised over the pool).
     """
     if kind in ("embeddings", "both") and embedding_layer is None:
         raise ConfigurationError(
@@ -135,10 +138,11 @@ def compute_features(
             embedding_layer=embedding_layer,
             signal_fn=signal_fn,
             batch_size=batch_size,
+            subset=rows,
         )
     signals = DEFAULT_SIGNALS if signals is None else tuple(signals)
     device = model_device(model)
-    x, y = canaries.on(device)
+    x, y = _select_rows(canaries.on(device), rows)
     if signal_fn is None and kind != "embeddings" and y is None:
         raise ConfigurationError(
             "the built-in classification signals need canary labels; give (inputs, labels) "
@@ -176,6 +180,13 @@ def compute_features(
     return _finish(sig_parts, captured, kind)
 
 
+def _select_rows(tensors: tuple[Any, ...], rows: torch.Tensor | None) -> tuple[Any, ...]:
+    """The given rows of each tensor (``None`` entries stay ``None``)."""
+    if rows is None:
+        return tensors
+    return tuple(None if t is None else t[rows.to(t.device)] for t in tensors)
+
+
 def _finish(sig_parts: list[torch.Tensor], captured: list[torch.Tensor], kind: str) -> Features:
     sig = torch.cat(sig_parts).float() if sig_parts else None
     emb = torch.cat(captured).float() if captured else None
@@ -196,12 +207,13 @@ def _sequence_features(
     embedding_layer: str | None,
     signal_fn: SignalFn | None,
     batch_size: int,
+    subset: torch.Tensor | None,
 ) -> Features:
     """:func:`compute_features` for token-sequence canaries (see :mod:`fesmia_hooks.text`)."""
     signals = DEFAULT_SEQUENCE_SIGNALS if signals is None else tuple(signals)
     device = model_device(model)
-    ids, targets = canaries.on(device)
-    _, mask, zlib_bytes = canaries.sequences_on(device)
+    ids, targets = _select_rows(canaries.on(device), subset)
+    _, mask, zlib_bytes = _select_rows(canaries.sequences_on(device), subset)
     assert targets is not None
     spec: SequenceSignals | None = None
     if isinstance(signal_fn, SequenceSignals):

@@ -9,13 +9,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fesmia_hooks._validation import choice, positive_int, probability
 from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distributed, shard
 from fesmia_hooks.episodes import EpisodePlan
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, compute_features
+from fesmia_hooks.guard import model_device
 from fesmia_hooks.learners import LEARNERS, get_learner
 from fesmia_hooks.logmia import batched_auc, batched_log_mia, chance_log_mia
 from fesmia_hooks.report import TPR_FPRS, LeakageReport, LevelBands, mean_interval
@@ -167,15 +170,33 @@ class FeSMIA:
                          f"queries={self.queries})")
 
     def features_of(self, model: nn.Module, canaries: CanarySet) -> Features:
-        """Forward the canary pool and return its features (side-effect free)."""
-        return compute_features(
-            model,
-            canaries,
-            kind=self.features,
-            signals=self.signals,
-            embedding_layer=self.embedding_layer,
-            signal_fn=self.signal_fn,
-            batch_size=self.batch_size,
+        """Forward the canary pool and return its features (side-effect free).
+
+        Inside a ``torch.distributed`` process group of several processes, each rank
+        forwards its share of the pool and the features are gathered, so every rank holds
+        them all (see :mod:`fesmia_hooks.distributed`).
+        """
+        options: dict[str, Any] = {
+            "kind": self.features,
+            "signals": self.signals,
+            "embedding_layer": self.embedding_layer,
+            "signal_fn": self.signal_fn,
+            "batch_size": self.batch_size,
+        }
+        if not is_distributed():
+            return compute_features(model, canaries, **options)
+        n = len(canaries)
+        rows = shard(n, dist.get_rank(), dist.get_world_size())
+        local, error = None, None
+        try:
+            local = compute_features(model, canaries, rows=rows, **options)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it before gathering
+            error = exc
+        agree_on_failure(error, model_device(model))
+        assert local is not None
+        return Features(
+            signals=None if local.signals is None else gather_rows(local.signals, n),
+            embeddings=None if local.embeddings is None else gather_rows(local.embeddings, n),
         )
 
     def evaluate(
