@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -159,25 +160,70 @@ def compute_features(
 
         handle = layer.register_forward_hook(hook)
     sig_parts: list[torch.Tensor] = []
+
+    def block(start: int, stop: int) -> None:
+        xb = x[start:stop]
+        yb = None if y is None else y[start:stop]
+        if signal_fn is not None:
+            seen = len(captured)
+            sig_parts.append(_check_signal_block(signal_fn(model, xb, yb), len(xb)))
+            if handle is not None and len(captured) == seen:
+                model(xb)
+            return
+        out = model(xb)
+        if kind != "embeddings":
+            assert yb is not None
+            sig_parts.append(classification_signals(extract_logits(out), yb, signals))
+
     try:
         with untouched(model):
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size]
-                yb = None if y is None else y[start : start + batch_size]
-                if signal_fn is not None:
-                    seen = len(captured)
-                    sig_parts.append(_check_signal_block(signal_fn(model, xb, yb), len(xb)))
-                    if handle is not None and len(captured) == seen:
-                        model(xb)
-                    continue
-                out = model(xb)
-                if kind != "embeddings":
-                    assert yb is not None
-                    sig_parts.append(classification_signals(extract_logits(out), yb, signals))
+            _in_batches(x.shape[0], batch_size, block, [sig_parts, captured])
     finally:
         if handle is not None:
             handle.remove()
     return _finish(sig_parts, captured, kind)
+
+
+_OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _in_batches(
+    n: int,
+    batch_size: int,
+    block: Any,
+    outputs: list[list[torch.Tensor]],
+) -> None:
+    """Call ``block(start, stop)`` over ``range(n)`` in batches, halving them on out-of-memory.
+
+    A batch that does not fit is dropped from ``outputs`` and retried at half the size, down
+    to one sample; the smaller size is kept for the rest of the pass.
+    """
+    start, size = 0, batch_size
+    while start < n:
+        stop = min(start + size, n)
+        lengths = [len(out) for out in outputs]
+        try:
+            block(start, stop)
+        except _OutOfMemory as exc:
+            for out, length in zip(outputs, lengths, strict=True):
+                del out[length:]
+            if size == 1:
+                raise ProbeError("one canary does not fit in the device's memory") from exc
+            size = max(1, size // 2)
+            _warn_once(f"the canary batch did not fit in memory; retrying with {size} per batch")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"fesmia-hooks: {message}", stacklevel=4)
 
 
 def _select_rows(tensors: tuple[Any, ...], rows: torch.Tensor | None) -> tuple[Any, ...]:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,3 +127,30 @@ def test_half_precision_model_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         again = probe.evaluate(model, half)
     assert report.strict == again.strict
+
+
+def test_a_canary_batch_too_large_for_memory_falls_back_to_smaller_batches():
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    class Tight(nn.Module):
+        """Runs out of memory on batches over 16 rows, like a full accelerator would."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+            self.batches = []
+
+        def forward(self, x):
+            if x.shape[0] > 16:
+                raise oom("simulated: out of memory")
+            self.batches.append(x.shape[0])
+            return self.fc(x)
+
+    x, y, canaries = make_data()
+    model = Tight()
+    probe = fh.FeSMIA(episodes=10, permutations=9, batch_size=64)
+    with pytest.warns(UserWarning, match="retrying with 16 per batch"):
+        report = probe.evaluate(model, canaries)
+    assert model.batches == [16, 16, 16, 16]
+    plain = fh.FeSMIA(episodes=10, permutations=9, batch_size=16).evaluate(model, canaries)
+    assert report.strict == plain.strict and report.relaxed == plain.relaxed
