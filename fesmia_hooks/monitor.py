@@ -102,6 +102,7 @@ class PrivacyMonitor:
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
         >>> monitor = PrivacyMonitor(canaries, probe=FeSMIA(episodes=20, permutations=99),
         ...                          budget=LeakageBudget(max_level="low"))
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(8, 3)
         >>> report = monitor.step(model, epoch=0)
         >>> report.level.value, monitor.should_stop

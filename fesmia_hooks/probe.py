@@ -79,6 +79,7 @@ class FeSMIA:
 
     Example:
         >>> import torch
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(8, 3)
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
