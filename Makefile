@@ -30,3 +30,11 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+.PHONY: bench bench-quick
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick

@@ -1,0 +1,195 @@
+"""Item 1: what one privacy check costs against its floor, one forward pass of the canaries.
+
+Measured in one process, interleaved (floor, then check, repeated), medians of the repeats.
+The floor is a side-effect-free forward pass of the whole canary pool through the victim
+(what any membership test of those canaries must pay). The check is ``FeSMIA.evaluate``
+(forward pass, signals, episodes, the permutation null); ``monitor.check`` adds the run-level
+test and the sinks (TensorBoard and the JSON-lines history, written to a temporary folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import fesmia_hooks as fh
+from benchmarks.common import (
+    NUM_CLASSES,
+    Recipe,
+    digits_workload,
+    make_images,
+    median,
+    small_cnn,
+    timed,
+    train,
+    wide_cnn,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"canaries": 64, "shots": 5, "queries": 15, "episodes": 100, "permutations": 499}
+LEARNERS = ("threshold", "simpleshot", "laplacianshot", "finetune")
+
+
+def _floor(model: nn.Module, canaries: fh.CanarySet) -> float:
+    x, _ = canaries.on("cpu")
+
+    def forward() -> None:
+        with fh.untouched(model):
+            for i in range(0, x.shape[0], 256):
+                model(x[i : i + 256])
+
+    return timed(forward)[0]
+
+
+def ratio_of(
+    model: nn.Module,
+    canaries: fh.CanarySet,
+    probe: fh.FeSMIA,
+    repeats: int,
+    *,
+    with_monitor: bool = False,
+) -> dict[str, float]:
+    """Median floor, check and their ratio, interleaved; plus the check's own split."""
+    probe.evaluate(model, canaries)  # warm-up: episode plans, caches
+    floors, checks, forwards, attacks, monitor_checks = [], [], [], [], []
+    folder = tempfile.TemporaryDirectory() if with_monitor else None
+    monitor = None
+    if folder is not None:
+        monitor = fh.PrivacyMonitor(canaries, probe=probe, budget=fh.LeakageBudget(
+            action="alert"), log_dir=folder.name)
+        monitor.check(model, epoch=0)  # opens the writers
+    try:
+        for r in range(repeats):
+            floors.append(_floor(model, canaries))
+            seconds, report = timed(lambda: probe.evaluate(model, canaries))
+            checks.append(seconds)
+            forwards.append(report.seconds_forward)
+            attacks.append(report.seconds_attack)
+            if monitor is not None:
+                monitor_checks.append(timed(lambda r=r: monitor.check(model, epoch=r + 1))[0])
+    finally:
+        if monitor is not None:
+            monitor.close()
+        if folder is not None:
+            folder.cleanup()
+    out = {
+        "floor_s": median(floors),
+        "check_s": median(checks),
+        "features_s": median(forwards),
+        "attack_s": median(attacks),
+        "repeats": repeats,
+    }
+    out["ratio"] = out["check_s"] / out["floor_s"]
+    if monitor_checks:
+        out["monitor_check_s"] = median(monitor_checks)
+        out["monitor_ratio"] = out["monitor_check_s"] / out["floor_s"]
+    return out
+
+
+def _cnn_canaries(per_side: int, images: tuple[torch.Tensor, torch.Tensor]) -> fh.CanarySet:
+    x, y = images
+    return fh.CanarySet(
+        members=(x[:per_side], y[:per_side]),
+        non_members=(x[per_side : 2 * per_side], y[per_side : 2 * per_side]),
+        num_classes=NUM_CLASSES,
+    )
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    ok = [(a, b) for a, b in zip(xs, ys, strict=True) if a > 0 and b > 0]
+    if len(ok) < 2:
+        return math.nan
+    lx, ly = np.log([a for a, _ in ok]), np.log([b for _, b in ok])
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Item 1 on the digits MLP and the CNN; sweeps on the CNN."""
+    seed = cfg.seed
+    out: dict[str, Any] = {
+        "workloads": {},
+        "learners": {},
+        "sweeps": {},
+        "candidates": [],
+        "defaults": DEFAULTS,
+    }
+    # Digits MLP: the demo's model after a few epochs.
+    work = digits_workload(label_noise=0.2, seed=seed)
+    digits = train(work.make_model, work.train, Recipe(epochs=5), seed=seed)
+    probe_kw = dict(cfg.probe_kwargs)
+    out["workloads"]["digits_mlp"] = {
+        "what": "digits MLP 64-1024-10, 64 + 64 canaries (8x8 inputs)",
+        **ratio_of(digits, work.canaries, fh.FeSMIA(seed=seed, **probe_kw), cfg.cost_repeats,
+                   with_monitor=True),
+    }
+    log.info("cost: digits %s", out["workloads"]["digits_mlp"])
+    # CNN: 3x32x32 inputs; the weights do not change the cost, so a fresh model is timed.
+    per_side_max = max(cfg.cost_sweeps.get("canaries", [64]) + [64])
+    images = make_images(2 * per_side_max, seed=seed + 1)
+    torch.manual_seed(seed)
+    cnn = small_cnn()
+    canaries = _cnn_canaries(64, images)
+    out["workloads"]["cnn"] = {
+        "what": "small CNN (2 conv blocks with BatchNorm, 3x32x32 inputs), 64 + 64 canaries",
+        **ratio_of(cnn, canaries, fh.FeSMIA(seed=seed, **probe_kw), cfg.cost_repeats,
+                   with_monitor=True),
+    }
+    log.info("cost: cnn %s", out["workloads"]["cnn"])
+    # Context: the same check next to a model whose forward pass costs what real ones do.
+    torch.manual_seed(seed)
+    if cfg.cost_wide_cnn:
+        out["workloads"]["wide_cnn"] = {
+            "what": "VGG-style CNN (5 conv layers, 64-256 channels, 3x32x32 inputs), 64 + 64 "
+                    "canaries",
+            **ratio_of(wide_cnn(), canaries, fh.FeSMIA(seed=seed, **probe_kw),
+                       max(1, cfg.cost_repeats // 3)),
+        }
+        log.info("cost: wide cnn %s", out["workloads"]["wide_cnn"])
+    for method in LEARNERS:
+        heavy = method in ("laplacianshot", "finetune")
+        reps = cfg.cost_learner_repeats if heavy else cfg.cost_repeats
+        probe = fh.FeSMIA(method, seed=seed, **probe_kw)
+        out["learners"][method] = ratio_of(cnn, canaries, probe, reps)
+        log.info("cost: learner %s %.1fx", method, out["learners"][method]["ratio"])
+    base = {k: v for k, v in DEFAULTS.items() if k != "canaries"}
+    base.update({k: v for k, v in probe_kw.items() if k in base})
+    for param, values in cfg.cost_sweeps.items():
+        rows = []
+        for value in values:
+            kw = dict(base)
+            per_side = DEFAULTS["canaries"]
+            if param == "canaries":
+                per_side = value
+            else:
+                kw[param] = value
+            if kw["shots"] + kw["queries"] > per_side:
+                continue
+            probe = fh.FeSMIA(seed=seed, **kw)
+            r = ratio_of(cnn, _cnn_canaries(per_side, images), probe, cfg.cost_sweep_repeats)
+            rows.append({"value": value, **r})
+        out["sweeps"][param] = {
+            "rows": rows,
+            "loglog_slope": _slope([r["value"] for r in rows], [r["check_s"] for r in rows]),
+        }
+        log.info("cost: sweep %s slope %.2f", param, out["sweeps"][param]["loglog_slope"])
+    # How much of a check is the permutation null: a straight line through the sweep.
+    perm_rows = out["sweeps"].get("permutations", {}).get("rows", [])
+    if len(perm_rows) >= 2:
+        b = np.array([r["value"] for r in perm_rows], dtype=float)
+        t = np.array([r["check_s"] for r in perm_rows])
+        slope, intercept = np.polyfit(b, t, 1)
+        at_default = intercept + slope * DEFAULTS["permutations"]
+        out["null_share_at_default"] = float(slope * DEFAULTS["permutations"] / at_default)
+        out["seconds_per_permutation"] = float(slope)
+    for kw in cfg.cost_candidates:
+        probe = fh.FeSMIA(seed=seed, **kw)
+        r = ratio_of(cnn, canaries, probe, cfg.cost_sweep_repeats)
+        out["candidates"].append({"settings": kw, **r})
+    return out
