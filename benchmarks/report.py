@@ -25,6 +25,7 @@ HEADINGS: tuple[str, ...] = (
     "### Learners and features",
     "### Natural and crafted canaries",
     "### Recommendations",
+    "## 7. Language models",
     "## How these figures were made",
 )
 
@@ -879,6 +880,45 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
+def _text(results: dict[str, Any]) -> list[str]:
+    sec = section(results, "text")
+    if sec is None:
+        return ["_Not run yet: `python benchmarks/run.py --only text`._"]
+    cfg, fid, cst = sec["config"], sec["fidelity"], sec["cost"]
+    first, last = fid["population_auc_first_last"]
+    intro = (
+        f"The text demo's character-level GRU (`fesmia_hooks.demos.text_demo`), trained "
+        f"{cfg['epochs']} epochs on {cfg['members']} prose passages of CPython's "
+        f"`pydoc_data.topics` ({cfg['non_members']} more never trained on), without stopping, "
+        f"watched after every epoch by two probes on {cfg['canaries_per_side']} + "
+        f"{cfg['canaries_per_side']} canaries: *sequence* reads `{cfg['sequence_signals']}` "
+        f"(mean log-likelihood, Min-K%, zlib ratio); *token means* reads `FeSMIA()`'s default "
+        f"signals averaged over tokens. The population attack thresholds each signal over all "
+        f"passages; its AUC on the log-likelihood goes from {num(first)} to {num(last)}, and "
+        f"its expected strict Log-MIA first reaches the 0.25 band at epoch "
+        f"{when(fid['population_crosses_budget_epoch'])}. One thread; seed {cfg['seed']}."
+    )
+    rows = []
+    for name in ("sequence", "token_means"):
+        f, c = fid[name], cst[name]
+        rows.append([
+            name.replace("_", " "),
+            num(f["spearman_auc_vs_population_auc"]),
+            num(f["spearman_relaxed_vs_population_auc"]),
+            when(f["first_significant_epoch"]),
+            when(f["first_breach_epoch"]),
+            num(f["population_auc_at_first_breach"]),
+            ms(c["check_s"]),
+            times(c["ratio_to_floor"], 2),
+            pct(c["share_of_train_epoch"], 0),
+        ])
+    header = ["probe", "ρ AUC vs population AUC", "ρ relaxed vs population AUC",
+              "first significant (epoch)", "first breach (epoch)", "population AUC at breach",
+              "check ms", f"check / forward pass ({ms(cst['floor_s'])} ms)",
+              f"check / training epoch ({num(cst['train_epoch_s'], 1)} s)"]
+    return [mode_note(results, "text"), intro, table(header, rows)]
+
+
 def write_markdown(results: dict[str, Any], path: Path, plots: Path) -> None:
     """Write the whole BENCHMARKS.md to ``path`` and its plots into ``plots``."""
     path = Path(path)
@@ -895,7 +935,8 @@ def write_markdown(results: dict[str, Any], path: Path, plots: Path) -> None:
         HEADINGS[5], *_fidelity(results, plots, md_dir),
         HEADINGS[6], *_honesty(results),
         HEADINGS[7], *_defaults(results),
-        HEADINGS[11], *_how(results),
+        HEADINGS[11], *_text(results),
+        HEADINGS[12], *_how(results),
     ]
     text = "\n\n".join(p for p in parts if p) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,13 +30,13 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 
 import torch  # noqa: E402
 
-from benchmarks import cost, overhead, panel, placebo, report  # noqa: E402
+from benchmarks import cost, overhead, panel, placebo, report, text_bench  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.panel import RunSpec  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ("cost", "overhead", "panel", "placebo")
+SECTIONS = ("cost", "overhead", "panel", "placebo", "text")
 RESULTS = ROOT / "benchmarks" / "results.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
 PLOTS = ROOT / "benchmarks" / "plots"
@@ -104,6 +104,9 @@ class Config:
     placebo_epochs: int = 30
     placebo_alt_checks: int = 5
     placebo_runs_heavy: int = 8
+    # language models (issue 5): the text demo's GRU, read every epoch
+    text_epochs: int = 40
+    text_repeats: int = 15
 
     @classmethod
     def full(cls) -> Config:
@@ -146,6 +149,8 @@ class Config:
             placebo_epochs=15,
             placebo_alt_checks=3,
             placebo_runs_heavy=2,
+            text_epochs=20,
+            text_repeats=5,
         )
 
     @classmethod
@@ -185,6 +190,8 @@ class Config:
             placebo_epochs=3,
             placebo_alt_checks=2,
             placebo_runs_heavy=1,
+            text_epochs=2,
+            text_repeats=1,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,7 +200,15 @@ class Config:
         return out
 
 
-RUNNERS = {"cost": cost.run, "overhead": overhead.run, "panel": panel.run, "placebo": placebo.run}
+def _text(cfg: Config) -> dict[str, Any]:
+    return text_bench.run_text_benchmark(
+        epochs=cfg.text_epochs, seed=cfg.seed, repeats=cfg.text_repeats,
+        population_episodes=cfg.population_episodes,
+    )
+
+
+RUNNERS = {"cost": cost.run, "overhead": overhead.run, "panel": panel.run, "placebo": placebo.run,
+           "text": _text}
 
 
 def _clean(value: Any) -> Any:
