@@ -895,7 +895,7 @@ def _text(results: dict[str, Any]) -> list[str]:
         f"(mean log-likelihood, Min-K%, zlib ratio); *token means* reads `FeSMIA()`'s default "
         f"signals averaged over tokens. The population attack thresholds each signal over all "
         f"passages; its AUC on the log-likelihood goes from {num(first)} to {num(last)}, and "
-        f"its expected strict Log-MIA first reaches the 0.25 band at epoch "
+        f"its expected strict Log-MIA first reaches the 0.25 band "
         f"{when(fid['population_crosses_budget_epoch'])}. One thread; seed {cfg['seed']}."
     )
     rows = []
@@ -913,7 +913,7 @@ def _text(results: dict[str, Any]) -> list[str]:
             pct(c["share_of_train_epoch"], 0),
         ])
     header = ["probe", "ρ AUC vs population AUC", "ρ relaxed vs population AUC",
-              "first significant (epoch)", "first breach (epoch)", "population AUC at breach",
+              "first significant", "first breach", "population AUC at breach",
               "check ms", f"check / forward pass ({ms(cst['floor_s'])} ms)",
               f"check / training epoch ({num(cst['train_epoch_s'], 1)} s)"]
     return [mode_note(results, "text"), intro, table(header, rows)]
