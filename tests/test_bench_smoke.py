@@ -6,6 +6,7 @@ is written. No timing value is asserted.
 """
 
 import json
+import logging
 
 import pytest
 
@@ -14,6 +15,16 @@ from benchmarks.panel import CONFIGS, COST_ONLY, config_name
 from benchmarks.run import SECTIONS, Config, main, run_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    # The runner's main() configures logging for a console run; leave other tests as found.
+    logger = logging.getLogger("fesmia_hooks")
+    level, root_handlers = logger.level, list(logging.getLogger().handlers)
+    yield
+    logger.setLevel(level)
+    logging.getLogger().handlers[:] = root_handlers
 
 
 def test_tiny_benchmark_writes_results_and_every_table(tmp_path):
