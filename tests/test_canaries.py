@@ -143,3 +143,45 @@ def test_numpy_labels_become_long():
         non_members=(x[20:].numpy(), y[20:].numpy().astype(np.int32)),
     )
     assert canaries.labels.dtype == torch.long
+
+
+def test_crafted_canaries_carry_wrong_labels_and_members_are_the_inserts():
+    x, y = data(100, classes=4)
+    (x_in, y_in), canaries = fh.CanarySet.crafted((x, y), num_classes=4, size=10, seed=2)
+    original = {tuple(r.tolist()): int(label) for r, label in zip(x, y, strict=True)}
+    every = torch.cat([canaries.inputs]), canaries.labels
+    for row, label in zip(*every, strict=True):
+        assert original[tuple(row.tolist())] != int(label)  # certainly wrong
+    assert torch.equal(canaries.inputs[:10], x_in) and torch.equal(canaries.labels[:10], y_in)
+    _, again = fh.CanarySet.crafted(TensorDataset(x, y), num_classes=4, size=10, seed=2)
+    assert torch.equal(again.inputs, canaries.inputs) and torch.equal(again.labels, canaries.labels)
+    with pytest.raises(fh.CanaryError, match=r"crafted\(size=60\) needs at least 120 samples"):
+        fh.CanarySet.crafted((x, y), num_classes=4, size=60)
+    with pytest.raises(fh.ConfigurationError, match="`num_classes` must be an int >= 2, got 1"):
+        fh.CanarySet.crafted((x, y), num_classes=1)
+
+
+def test_crafted_canaries_expose_memorisation_on_a_clean_model():
+    from sklearn.datasets import load_digits
+
+    from fesmia_hooks.demos.digits import digits_mlp
+
+    digits = load_digits()
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0))
+    images = torch.tensor(digits.data / 16.0, dtype=torch.float32)[order]
+    labels = torch.tensor(digits.target)[order]
+    held_out = images[300:364], labels[300:364]  # never trained on with any label
+    (x_in, y_in), canaries = fh.CanarySet.crafted(held_out, num_classes=10, size=32)
+    x = torch.cat([images[:300], x_in])  # a clean training set plus the mislabeled members
+    y = torch.cat([labels[:300], y_in])
+    torch.manual_seed(0)
+    model = digits_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        for idx in torch.randperm(len(x)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    report = fh.FeSMIA(shots=5, queries=15, episodes=50, permutations=199).evaluate(
+        model, canaries)
+    assert report.significant and report.strict > 0.75 and report.auc > 0.95
