@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,16 @@ from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
 from fesmia_hooks.report import LeakageReport
+from fesmia_hooks.sinks import HISTORY_FILE
 
-__all__ = ["DigitsTask", "digits_mlp", "load_noisy_digits", "run_torch_demo", "format_row"]
+__all__ = [
+    "DigitsTask",
+    "closing_lines",
+    "digits_mlp",
+    "format_row",
+    "load_noisy_digits",
+    "run_torch_demo",
+]
 
 
 @dataclass
@@ -83,6 +92,38 @@ def format_row(report: LeakageReport, loss: float | None = None) -> str:
     )
 
 
+def closing_lines(
+    monitor: PrivacyMonitor,
+    *,
+    epochs: int,
+    log_dir: str | Path,
+    start: float,
+    out: Callable[[str], None],
+    stop_state: Any = None,
+    history: Path | None = None,
+) -> None:
+    """Print how a demo run ended and where its outputs are; close the monitor's sinks.
+
+    Args:
+        monitor: The core monitor of the run.
+        epochs: Most epochs the run could train.
+        log_dir: Where TensorBoard should look.
+        start: ``time.perf_counter()`` at the start of training.
+        out: Where the lines go.
+        stop_state: What holds the stop state, when not ``monitor`` (a framework callback).
+        history: The history file, when not ``log_dir / privacy_history.jsonl``.
+    """
+    state = monitor if stop_state is None else stop_state
+    if state.should_stop:
+        out(f"stopped at epoch {state.stopped_epoch}: {state.stop_reason.value}")
+    else:
+        out(f"finished {epochs} epochs within budget")
+    monitor.close()
+    history = Path(log_dir) / HISTORY_FILE if history is None else history
+    out(f"{monitor.checks} checks in {time.perf_counter() - start:.1f} s; "
+        f"TensorBoard: tensorboard --logdir {log_dir}; history: {history}")
+
+
 def run_torch_demo(
     *,
     log_dir: str | Path = "runs/fesmia-demo",
@@ -124,12 +165,6 @@ def run_torch_demo(
         if report is not None:
             out(format_row(report, loss_value))
         if monitor.should_stop:
-            out(f"stopped at epoch {monitor.stopped_epoch}: {monitor.stop_reason.value}")
             break
-    else:
-        out(f"finished {epochs} epochs within budget")
-    monitor.close()
-    out(f"{monitor.checks} checks in {time.perf_counter() - start:.1f} s; "
-        f"TensorBoard: tensorboard --logdir {log_dir}; history: "
-        f"{Path(log_dir) / 'privacy_history.jsonl'}")
+    closing_lines(monitor, epochs=epochs, log_dir=log_dir, start=start, out=out)
     return monitor

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fesmia_hooks.budget import LeakageBudget
-from fesmia_hooks.demos.digits import format_row, load_noisy_digits
+from fesmia_hooks.demos.digits import closing_lines, format_row, load_noisy_digits
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
@@ -112,12 +112,5 @@ def run_keras_demo(
         x, y, epochs=epochs, batch_size=32, verbose=0,
         callbacks=[privacy, keras.callbacks.LambdaCallback(on_epoch_end=print_row)],
     )  # fmt: skip
-    if monitor.should_stop:
-        out(f"stopped at epoch {monitor.stopped_epoch}: {monitor.stop_reason.value}")
-    else:
-        out(f"finished {epochs} epochs within budget")
-    monitor.close()
-    out(f"{monitor.checks} checks in {time.perf_counter() - start:.1f} s; "
-        f"TensorBoard: tensorboard --logdir {log_dir}; history: "
-        f"{Path(log_dir) / 'privacy_history.jsonl'}")
+    closing_lines(monitor, epochs=epochs, log_dir=log_dir, start=start, out=out)
     return monitor

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fesmia_hooks.budget import LeakageBudget
-from fesmia_hooks.demos.digits import digits_mlp, format_row, load_noisy_digits
+from fesmia_hooks.demos.digits import closing_lines, digits_mlp, format_row, load_noisy_digits
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
 from fesmia_hooks.sinks import HISTORY_FILE
@@ -116,12 +116,6 @@ def run_lightning_demo(
             trainer.fit(model, loader)
     finally:
         lightning_log.setLevel(level)
-    if callback.should_stop:
-        out(f"stopped at epoch {callback.stopped_epoch}: {callback.stop_reason.value}")
-    else:
-        out(f"finished {epochs} epochs within budget")
-    monitor.close()
-    folder = Path(logger.log_dir)
-    out(f"{monitor.checks} checks in {time.perf_counter() - start:.1f} s; "
-        f"TensorBoard: tensorboard --logdir {log_dir}; history: {folder / HISTORY_FILE}")
+    closing_lines(monitor, epochs=epochs, log_dir=log_dir, start=start, out=out,
+                  stop_state=callback, history=Path(logger.log_dir) / HISTORY_FILE)
     return monitor

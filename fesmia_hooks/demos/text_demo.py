@@ -21,7 +21,7 @@ from torch import nn
 
 from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
-from fesmia_hooks.demos.digits import format_row
+from fesmia_hooks.demos.digits import closing_lines, format_row
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
 from fesmia_hooks.text import IGNORE_INDEX, SequenceSignals
@@ -262,12 +262,6 @@ def _run(
         if report is not None:
             out(format_row(report, loss))
         if monitor.should_stop:
-            out(f"stopped at epoch {monitor.stopped_epoch}: {monitor.stop_reason.value}")
             break
-    else:
-        out(f"finished {epochs} epochs within budget")
-    monitor.close()
-    out(f"{monitor.checks} checks in {time.perf_counter() - start:.1f} s; "
-        f"TensorBoard: tensorboard --logdir {log_dir}; history: "
-        f"{Path(log_dir) / 'privacy_history.jsonl'}")
+    closing_lines(monitor, epochs=epochs, log_dir=log_dir, start=start, out=out)
     return monitor
