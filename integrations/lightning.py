@@ -246,15 +246,20 @@ class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
             core.set_log_dir(self.log_dir, tensorboard=self.log_rich)
 
     def _set_horizon(self, trainer: Any) -> None:
+        """A new ``fit`` is a new run (fresh history and alpha); a resumed one is not."""
         core = self.monitor
-        if core.checks or (core.budget is not None and core.budget.horizon is not None):
-            return
-        most: int | None = trainer.max_epochs
-        every: int | None = core.every_n_epochs
-        if every is None:
-            most, every = trainer.max_steps, core.every_n_steps
-        if most is not None and every is not None and most > 0:
-            core.reset(horizon=max(1, most // every))
+        if getattr(trainer, "ckpt_path", None) is not None:
+            return  # load_state_dict restores the run being resumed
+        horizon = None
+        if core.budget is None or core.budget.horizon is None:
+            most: int | None = trainer.max_epochs
+            every: int | None = core.every_n_epochs
+            if every is None:
+                most, every = trainer.max_steps, core.every_n_steps
+            if most is not None and every is not None and most > 0:
+                horizon = max(1, most // every)
+        core.reset(horizon=horizon)
+        self._reduced_stop_epoch = None
 
     def _check(self, trainer: Any, pl_module: Any, *, on_step: bool) -> None:
         core = self.monitor

@@ -405,3 +405,15 @@ def test_core_import_leaves_lightning_out():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_second_fit_is_a_new_run(tmp_path):
+    stopper = _monitor(budget=LeakageBudget(max_level="none", horizon=6, action="stop"))
+    _fit(tmp_path / "first", stopper, max_epochs=6)
+    assert stopper.should_stop
+    stopped_at = stopper.stopped_epoch
+    trainer, _ = _fit(tmp_path / "second", stopper, max_epochs=6)
+    # A fresh run: history and alpha spending start again, the old stop does not carry over.
+    assert [r.check for r in stopper.history] == list(range(1, len(stopper.history) + 1))
+    assert stopper.history[0].epoch == 0 and len(stopper.history) == stopped_at + 1
+    assert stopper.stopped_epoch == stopped_at == trainer.current_epoch - 1
