@@ -72,7 +72,7 @@ CASES = {
     "canary-float-labels": (lambda out: fh.CanarySet(members=(x[:20], y[:20].float()), non_members=(x[20:], y[20:].float())),
                             fh.CanaryError, "integer class indices, got torch.float32"),
     "canary-label-out-of-range": (lambda out: fh.CanarySet(members=(x[:20], y[:20] + 5), non_members=(x[20:], y[20:]), num_classes=3),
-                                  fh.CanaryError, r"must lie in \[0, 3\), got values in \[5, 7\]"),
+                                  fh.CanaryError, r"must lie in \[0, 3\), got \d+ label\(s\) outside it"),
     "canary-nan-input": (lambda out: fh.CanarySet(members=(NAN[:20], y[:20]), non_members=(x[20:], y[20:])),
                          fh.CanaryError, "must be finite, got 1 sample"),
     "canary-overlap": (lambda out: fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[15:35], y[15:35])),

@@ -96,7 +96,7 @@ def test_repr_never_shows_data():
          "labels must be integer class indices, got torch.float32"),
         ((torch.randn(4, 3), torch.tensor([0, 1, 2, 9])),
          (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), {"num_classes": 3},
-         r"labels must lie in \[0, 3\), got values in \[0, 9\]"),
+         r"labels must lie in \[0, 3\), got 1 label\(s\) outside it"),
         ((torch.randn(4, 3), torch.zeros(3, dtype=torch.long)),
          (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), {},
          r"one class index per sample \(4\), got shape \(3,\)"),
@@ -185,3 +185,9 @@ def test_crafted_canaries_expose_memorisation_on_a_clean_model():
     report = fh.FeSMIA(shots=5, queries=15, episodes=50, permutations=199).evaluate(
         model, canaries)
     assert report.significant and report.strict > 0.75 and report.auc > 0.95
+
+
+def test_negative_labels_are_refused_even_without_a_class_count():
+    x, y = data()
+    with pytest.raises(fh.CanaryError, match=r"class indices >= 0, got 20 negative label\(s\)"):
+        fh.CanarySet(members=(x[:20], y[:20] - 5), non_members=(x[20:], y[20:]))

@@ -105,7 +105,7 @@ def test_output_without_logits_is_a_clear_error():
 
 
 def test_labels_beyond_the_model_classes_are_a_clear_error():
-    with pytest.raises(fh.ProbeError, match="model returns 2 classes"):
+    with pytest.raises(fh.ProbeError, match=r"canary label\(s\) fall outside the model's 2 classes"):
         fh.FeSMIA(episodes=5, permutations=9).evaluate(nn.Linear(6, 2), canaries(classes=3))
 
 
