@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from fesmia_hooks._validation import choice, optional_positive_int, positive_int, probability
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.report import LeakageReport, Level, numeric_keys
+from fesmia_hooks.report import LeakageReport, Level, budget_keys
 
 __all__ = ["Decision", "LeakageBudget", "StopReason"]
 
@@ -56,7 +56,7 @@ class LeakageBudget:
     Args:
         max_level: Highest level tolerated; a check whose level is above it crosses.
             ``None`` puts no ceiling on the level.
-        max_values: Ceilings on numeric report fields, by their :meth:`LeakageReport.as_dict`
+        max_values: Ceilings on leakage readings, by their :meth:`LeakageReport.as_dict`
             key, e.g. ``{"log_mia_strict": 0.4, "auc": 0.7}``.
         patience: Consecutive crossing checks needed for a breach.
         min_checks: Checks to run before any breach.
@@ -169,11 +169,12 @@ def _check_values(values: Mapping[str, float]) -> Iterable[tuple[str, float]]:
         raise ConfigurationError(
             f"`max_values` must be a mapping of report keys to numbers, got {type(values).__name__}"
         )
-    allowed = numeric_keys()
+    allowed = budget_keys()
     for key, value in values.items():
         if key not in allowed:
             raise ConfigurationError(
-                f"`max_values` key {key!r} is not a numeric report field; allowed: {allowed}"
+                f"`max_values` key {key!r} is not a leakage reading of the report; allowed: "
+                f"{allowed}"
             )
         if not isinstance(key, str) or isinstance(value, bool) or not isinstance(
             value, (int, float)

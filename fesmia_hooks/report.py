@@ -12,7 +12,7 @@ import numpy as np
 from fesmia_hooks._validation import choice
 from fesmia_hooks.exceptions import ConfigurationError
 
-__all__ = ["TPR_FPRS", "LeakageReport", "Level", "LevelBands", "numeric_keys"]
+__all__ = ["TPR_FPRS", "LeakageReport", "Level", "LevelBands", "budget_keys"]
 
 #: False-positive rates at which the pooled TPR is reported.
 TPR_FPRS: tuple[float, ...] = (0.01, 0.05, 0.1)
@@ -273,17 +273,19 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     return round(m, 12), round(m - half, 12), round(m + half, 12)
 
 
-def numeric_keys() -> list[str]:
-    """Keys of :meth:`LeakageReport.as_dict` that hold numbers (usable in budgets).
+def budget_keys() -> list[str]:
+    """Keys of :meth:`LeakageReport.as_dict` that read leakage (usable in ``max_values``).
+
+    The Log-MIA readings and their interval bounds, AUC and its bounds, TPR at each FPR, and
+    ``members_named``: higher always means more leakage. Chance levels, p-values, sizes and
+    timings are not leakage and cannot be budgeted.
 
     Example:
-        >>> "log_mia_strict" in numeric_keys() and "level" not in numeric_keys()
+        >>> "log_mia_strict" in budget_keys() and "p_value" not in budget_keys()
         True
     """
-    return [
-        k for k, v in _example_report().as_dict().items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("check",)
-    ]
+    leakage = ("log_mia_", "auc", "tpr_at_fpr_", "members_named")
+    return [k for k in _example_report().as_dict() if k.startswith(leakage)]
 
 
 def _example_report() -> LeakageReport:

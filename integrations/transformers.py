@@ -43,13 +43,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fesmia_hooks.budget import LeakageBudget, StopReason
+from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.guard import model_device
+from fesmia_hooks.monitor import MonitorView
 from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
 from fesmia_hooks.probe import FeSMIA
-from fesmia_hooks.report import LeakageReport
 from fesmia_hooks.sinks import scalar_metrics
 
 __all__ = ["STATE_FILE", "PrivacyMonitor"]
@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover - exercised by a test that hides the pac
     _Callback = object
 
 
-class PrivacyMonitor(_Callback):  # type: ignore[misc]
+class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
     """``TrainerCallback`` that watches privacy leakage while a ``Trainer`` trains.
 
     A thin adapter over the core :class:`fesmia_hooks.PrivacyMonitor` (see there for the
@@ -142,7 +142,7 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
                            ("restore_safe_weights", restore_safe_weights)):
             if not isinstance(flag, bool):
                 raise ConfigurationError(f"`{name}` must be a bool, got {flag!r}")
-        self._core = CoreMonitor(
+        self.monitor = CoreMonitor(
             canaries,
             probe=probe,
             budget=budget,
@@ -159,46 +159,31 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ public state
     @property
-    def monitor(self) -> CoreMonitor:
-        """The core :class:`fesmia_hooks.PrivacyMonitor` this callback drives."""
-        return self._core
-
-    @property
-    def history(self) -> list[LeakageReport]:
-        """Every check's report, oldest first."""
-        return self._core.history
-
-    @property
     def should_stop(self) -> bool:
         """Whether this monitor (on this process or, reduced, on any) asked to stop."""
-        return self._core.should_stop or self._reduced_stop_epoch is not None
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Which budget rule stopped training (``NOT_STOPPED`` if none did)."""
-        return self._core.stop_reason
+        return self.monitor.should_stop or self._reduced_stop_epoch is not None
 
     @property
     def stopped_epoch(self) -> int | None:
         """The epoch (counted from 0) whose check stopped training, or ``None``."""
-        if self._core.stopped_epoch is not None:
-            return self._core.stopped_epoch
+        if self.monitor.stopped_epoch is not None:
+            return self.monitor.stopped_epoch
         return self._reduced_stop_epoch
 
     def state_dict(self) -> dict[str, Any]:
         """The core monitor's plain-value state (history, counters, run-level test, stop)."""
-        return self._core.state_dict()
+        return self.monitor.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (e.g. a checkpoint's ``STATE_FILE``)."""
-        self._core.load_state_dict(state)
+        self.monitor.load_state_dict(state)
         self._reduced_stop_epoch = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Decide the sinks (main process only) and the horizon of the run-level test."""
         self._model = kwargs.get("model")
-        core = self._core
+        core = self.monitor
         if state.is_world_process_zero:
             folder = self.log_dir if self.log_dir is not None else (
                 Path(args.output_dir) / "privacy"
@@ -218,14 +203,14 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check after every ``every_n_epochs``-th epoch."""
-        if self._core.every_n_epochs is None:
+        if self.monitor.every_n_epochs is None:
             return
         epoch = max(0, int(round(float(state.epoch or 0.0))) - 1)
         self._check(state, control, kwargs.get("model"), epoch=epoch)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check every ``every_n_steps`` optimizer steps."""
-        if self._core.every_n_steps is None:
+        if self.monitor.every_n_steps is None:
             return
         epoch = max(0, int(math.ceil(float(state.epoch or 0.0))) - 1)
         self._check(state, control, kwargs.get("model"), epoch=epoch)
@@ -237,15 +222,15 @@ class PrivacyMonitor(_Callback):  # type: ignore[misc]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             with open(folder / STATE_FILE, "w", encoding="utf-8") as fh:
-                json.dump(self._core.state_dict(), fh, default=_plain)
+                json.dump(self.monitor.state_dict(), fh, default=_plain)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Flush and close the sinks."""
-        self._core.close()
+        self.monitor.close()
 
     # ------------------------------------------------------------------ internals
     def _check(self, state: Any, control: Any, model: nn.Module | None, *, epoch: int) -> None:
-        core = self._core
+        core = self.monitor
         step = int(state.global_step)
         if not core.is_due(epoch=epoch, step=step):
             return

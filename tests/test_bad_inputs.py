@@ -97,7 +97,7 @@ CASES = {
     "probe-bands-out-of-order": (lambda out: fh.LevelBands(moderate=0.6, high=0.5), fh.ConfigurationError, "0 <= moderate <= high <= critical <= 1"),
     # LeakageBudget
     "budget-unknown-level": (lambda out: fh.LeakageBudget(max_level="severe"), fh.ConfigurationError, "`max_level` must be one of .*got 'severe'"),
-    "budget-unknown-key": (lambda out: fh.LeakageBudget(max_values={"leak": 0.5}), fh.ConfigurationError, "'leak' is not a numeric report field"),
+    "budget-unknown-key": (lambda out: fh.LeakageBudget(max_values={"leak": 0.5}), fh.ConfigurationError, "'leak' is not a leakage reading"),
     "budget-threshold-not-a-number": (lambda out: fh.LeakageBudget(max_values={"auc": "0.7"}), fh.ConfigurationError, "must map report keys to numbers, got 'auc': '0.7'"),
     "budget-negative-patience": (lambda out: fh.LeakageBudget(patience=-1), fh.ConfigurationError, "`patience` must be a positive int, got -1"),
     "budget-unknown-action": (lambda out: fh.LeakageBudget(action="email"), fh.ConfigurationError, "`action` must be one of 'alert', 'stop', 'raise', got 'email'"),

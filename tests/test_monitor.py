@@ -174,7 +174,7 @@ def test_a_failing_check_warns_and_is_recorded(tmp_path):
         ({"max_level": None}, "needs `max_level` or `max_values`, got neither"),
         ({"max_values": {"auc": "high"}}, "must map report keys to numbers, got 'auc': 'high'"),
         ({"max_values": [0.5]}, "must be a mapping of report keys to numbers, got list"),
-        ({"max_values": {"aucc": 0.5}}, "`max_values` key 'aucc' is not a numeric report field"),
+        ({"max_values": {"aucc": 0.5}}, "`max_values` key 'aucc' is not a leakage reading"),
         ({"patience": 0}, "`patience` must be a positive int, got 0"),
         ({"min_checks": -2}, "`min_checks` must be a positive int, got -2"),
         ({"action": "pause"}, "`action` must be one of 'alert', 'stop', 'raise', got 'pause'"),
@@ -241,3 +241,10 @@ def test_non_finite_outputs_fail_the_check_not_the_run():
         assert monitor.step(Exploded(), epoch=0) is None
     assert monitor.checks == 0 and "non-finite" in monitor.errors[0]["error"]
     assert monitor.step(nn.Linear(4, 2), epoch=1) is not None  # the next check runs
+
+
+def test_only_leakage_readings_can_be_budgeted():
+    for key in ("p_value", "shots", "seconds_attack", "chance_strict"):
+        with pytest.raises(fh.ConfigurationError, match=f"'{key}' is not a leakage reading"):
+            fh.LeakageBudget(max_values={key: 0.5})
+    fh.LeakageBudget(max_values={"auc_low": 0.7, "tpr_at_fpr_0.01": 0.2, "members_named": 3})
