@@ -93,6 +93,8 @@ class PrivacyMonitor:
         sinks: Extra sinks (anything with ``log(report, step)`` and ``close()``).
         tensorboard: Write TensorBoard events into ``log_dir``.
         restore_safe_weights: On a stop, load back the last weights that were within budget.
+            They are kept as one copy of the model's ``state_dict`` on its own device, so
+            this costs the model's size in device memory.
         on_error: ``"warn"`` records a failed check and carries on; ``"raise"`` re-raises.
 
     Example:
