@@ -21,7 +21,7 @@ from fesmia_hooks.report import LeakageReport
 from fesmia_hooks.sequential import SequentialTest
 from fesmia_hooks.sinks import HISTORY_FILE, JsonlSink, Sink, TensorBoardSink
 
-__all__ = ["MonitorView", "PrivacyMonitor"]
+__all__ = ["MonitorView", "PrivacyMonitor", "RankedMonitorView"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,28 @@ class MonitorView:
     def stopped_epoch(self) -> int | None:
         """The epoch (from 0) whose check asked to stop; ``None`` if none did."""
         return self.monitor.stopped_epoch
+
+
+class RankedMonitorView(MonitorView):
+    """A :class:`MonitorView` that also knows a stop decided, after reduction, on any rank.
+
+    Integrations that reduce the stop decision across processes record the epoch of a
+    reduced stop in ``_reduced_stop_epoch``; a stop is then reported on every rank.
+    """
+
+    _reduced_stop_epoch: int | None = None
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the budget asked to stop, on this process or (reduced) on any."""
+        return self.monitor.should_stop or self._reduced_stop_epoch is not None
+
+    @property
+    def stopped_epoch(self) -> int | None:
+        """The epoch (from 0) whose check stopped training, or ``None``."""
+        if self.monitor.stopped_epoch is not None:
+            return self.monitor.stopped_epoch
+        return self._reduced_stop_epoch
 
 
 class PrivacyMonitor:

@@ -23,8 +23,8 @@ from typing import Any, Literal
 from fesmia_hooks._validation import boolean, optional_path
 from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
-from fesmia_hooks.monitor import MonitorView
 from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
+from fesmia_hooks.monitor import RankedMonitorView
 from fesmia_hooks.probe import FeSMIA
 from fesmia_hooks.sinks import PREFIX, scalar_metrics
 
@@ -72,7 +72,7 @@ def _is_tensorboard_logger(logger: Any) -> bool:
     )
 
 
-class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
+class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
     """Lightning callback that watches privacy leakage while the model trains.
 
     A thin adapter over the core :class:`fesmia_hooks.PrivacyMonitor` (see there for the probe,
@@ -168,18 +168,6 @@ class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
         self._reduced_stop_epoch: int | None = None
 
     # ------------------------------------------------------------------ public state
-    @property
-    def should_stop(self) -> bool:
-        """Whether this monitor (on this rank or, reduced, on any rank) asked to stop."""
-        return self.monitor.should_stop or self._reduced_stop_epoch is not None
-
-    @property
-    def stopped_epoch(self) -> int | None:
-        """The epoch whose check stopped training, or ``None``."""
-        if self.monitor.stopped_epoch is not None:
-            return self.monitor.stopped_epoch
-        return self._reduced_stop_epoch
-
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint."""

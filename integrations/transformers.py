@@ -47,8 +47,8 @@ from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.guard import model_device
-from fesmia_hooks.monitor import MonitorView
 from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
+from fesmia_hooks.monitor import RankedMonitorView
 from fesmia_hooks.probe import FeSMIA
 from fesmia_hooks.sinks import scalar_metrics
 
@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover - exercised by a test that hides the pac
     _Callback = object
 
 
-class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
+class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
     """``TrainerCallback`` that watches privacy leakage while a ``Trainer`` trains.
 
     A thin adapter over the core :class:`fesmia_hooks.PrivacyMonitor` (see there for the
@@ -158,18 +158,6 @@ class PrivacyMonitor(MonitorView, _Callback):  # type: ignore[misc]
         self._reduced_stop_epoch: int | None = None
 
     # ------------------------------------------------------------------ public state
-    @property
-    def should_stop(self) -> bool:
-        """Whether this monitor (on this process or, reduced, on any) asked to stop."""
-        return self.monitor.should_stop or self._reduced_stop_epoch is not None
-
-    @property
-    def stopped_epoch(self) -> int | None:
-        """The epoch (counted from 0) whose check stopped training, or ``None``."""
-        if self.monitor.stopped_epoch is not None:
-            return self.monitor.stopped_epoch
-        return self._reduced_stop_epoch
-
     def state_dict(self) -> dict[str, Any]:
         """The core monitor's plain-value state (history, counters, run-level test, stop)."""
         return self.monitor.state_dict()
