@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import fesmia_hooks as fh
+from fesmia_hooks.canaries import wrong_labels as canary_wrong_labels
 from fesmia_hooks.demos.digits import digits_mlp, load_noisy_digits
 from fesmia_hooks.logmia import batched_log_mia
 
@@ -177,7 +178,7 @@ def _flip(y: torch.Tensor, rate: float, g: torch.Generator) -> torch.Tensor:
 
 def wrong_labels(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A label that is certainly wrong for every sample (crafted canaries)."""
-    return (y + torch.randint(1, NUM_CLASSES, (len(y),), generator=g)) % NUM_CLASSES
+    return canary_wrong_labels(y, NUM_CLASSES, g)
 
 
 def digits_workload(

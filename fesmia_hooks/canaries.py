@@ -22,7 +22,7 @@ from fesmia_hooks._validation import positive_int
 from fesmia_hooks.exceptions import CanaryError, ConfigurationError
 from fesmia_hooks.text import IGNORE_INDEX, zlib_lengths
 
-__all__ = ["CanarySet"]
+__all__ = ["CanarySet", "wrong_labels"]
 
 Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
 TokenSide = Union[torch.Tensor, np.ndarray, Sequence[Sequence[int]], Mapping[str, Any]]  # noqa: UP007
@@ -309,7 +309,7 @@ class CanarySet:
         idx = torch.randperm(n, generator=g)[: 2 * size].tolist()
         x, y = _select(data if isinstance(data, (tuple, list)) else _pairs(data), idx)
         y = y.long()
-        wrong = (y + torch.randint(1, num_classes, (len(y),), generator=g)) % num_classes
+        wrong = wrong_labels(y, num_classes, g)
         to_train = (x[:size], wrong[:size])
         canaries = cls(members=to_train, non_members=(x[size:], wrong[size:]),
                        num_classes=num_classes)
@@ -656,6 +656,18 @@ def _token_fingerprints(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
         hashlib.blake2b(row.numpy().astype(np.int64).tobytes(), digest_size=16).digest()
         for row in _valid_tokens(ids, mask)
     ]
+
+
+def wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """A label that is certainly wrong for every sample, drawn among the other classes.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 2, 2])
+        >>> bool((wrong_labels(y, 3, torch.Generator().manual_seed(0)) != y).all())
+        True
+    """
+    shift = torch.randint(1, num_classes, (len(y),), generator=generator)
+    return (y.long() + shift) % num_classes
 
 
 def _pairs(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
