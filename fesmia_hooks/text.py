@@ -8,8 +8,8 @@ sequence. The probe forwards the ids through the model -- with ``attention_mask=
 model's ``forward`` takes one, and ``use_cache=False`` when it takes that -- reads ``[B, T,
 V]`` logits (a tensor, or an output with ``.logits`` as Hugging Face causal LMs return) and
 reduces them to a few numbers per sequence. Every signal is computed from the logits in log
-space, never through softmax probabilities (SCIENCE.md, trap 3), and is oriented so that
-*higher means more member-like*:
+space, never through softmax probabilities (see ``docs/science.md#signals``), and is oriented
+so that *higher means more member-like*:
 
 * ``log_prob``: mean token log-probability over the scored tokens, i.e. minus the mean
   negative log-likelihood (the loss attack, Yeom et al. 2018).
@@ -22,7 +22,8 @@ space, never through softmax probabilities (SCIENCE.md, trap 3), and is oriented
   when the canary set is built.
 * ``phi``, ``margin``, ``neg_entropy``, ``max_logit_gap``: the classification signals of
   :func:`fesmia_hooks.classification_signals` for every token, averaged over the scored
-  tokens.
+  tokens (the same per-row functions, from the table :data:`fesmia_hooks.signals.SIGNALS`,
+  from which :data:`SEQUENCE_SIGNALS` derives too).
 * ``positions``: the mean token log-probability in each of ``bins`` equal parts of each
   sequence's scored tokens (``bins`` columns): a per-position profile for the few-shot
   learners.
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from fesmia_hooks.exceptions import ConfigurationError, ProbeError
-from fesmia_hooks.signals import extract_logits
+from fesmia_hooks.signals import SIGNALS, extract_logits, index_signals, row_signals
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -76,19 +77,13 @@ __all__ = [
     "zlib_lengths",
 ]
 
+_INDEX = index_signals(SIGNALS)
+
 #: Target value of a position whose next token is not scored.
 IGNORE_INDEX = -100
-#: Names of the built-in sequence signals, each "higher = more member-like".
-SEQUENCE_SIGNALS: tuple[str, ...] = (
-    "log_prob",
-    "min_k",
-    "zlib",
-    "phi",
-    "margin",
-    "neg_entropy",
-    "max_logit_gap",
-    "positions",
-)
+#: Names of the built-in sequence signals, each "higher = more member-like" (from
+#: :data:`fesmia_hooks.signals.SIGNALS`).
+SEQUENCE_SIGNALS: tuple[str, ...] = _INDEX.sequence
 #: The signals token-sequence canaries get unless told otherwise.
 DEFAULT_SEQUENCE_SIGNALS: tuple[str, ...] = ("log_prob", "min_k", "zlib")
 #: Most logits the probe asks the model for in one forward pass (unless one sequence is more).
@@ -96,18 +91,10 @@ DEFAULT_MAX_LOGIT_ELEMENTS = 2**24
 #: Most logits reduced at once (unless one position's vocabulary is more).
 DEFAULT_CHUNK_ELEMENTS = 2**21
 
-_TOKEN_STATS = ("log_prob", "phi", "margin", "neg_entropy", "max_logit_gap")
-# Which per-token statistic each sequence signal reads.
-_NEEDS = {
-    "log_prob": "log_prob",
-    "min_k": "log_prob",
-    "zlib": "log_prob",
-    "positions": "log_prob",
-    "phi": "phi",
-    "margin": "margin",
-    "neg_entropy": "neg_entropy",
-    "max_logit_gap": "max_logit_gap",
-}
+# The per-token statistics (the per-row signals of the table), and which one each sequence
+# signal reads. The functions below read them from _INDEX.
+_TOKEN_STATS: tuple[str, ...] = _INDEX.token_statistics
+_NEEDS: dict[str, str] = _INDEX.reads
 
 
 def zlib_length(data: bytes | str) -> int:
@@ -126,10 +113,10 @@ def _check_names(names: Sequence[str]) -> tuple[str, ...]:
         raise ConfigurationError(
             f"`names` must be a non-empty sequence of signal names, got {names!r}"
         )
-    unknown = [n for n in names if n not in SEQUENCE_SIGNALS]
+    unknown = [n for n in names if n not in _INDEX.sequence]
     if unknown:
         raise ConfigurationError(
-            f"unknown sequence signal(s) {unknown}; allowed: {', '.join(SEQUENCE_SIGNALS)}"
+            f"unknown sequence signal(s) {unknown}; allowed: {', '.join(_INDEX.sequence)}"
         )
     if len(set(names)) != len(names):
         raise ConfigurationError(f"`names` must not repeat a signal, got {list(names)}")
@@ -146,14 +133,17 @@ def token_statistics(
     """Per-token statistics ``[B, T]`` float32 of the scored positions (NaN elsewhere).
 
     Only the scored positions (``targets != -100``) are reduced, ``max(1, chunk_elements //
-    V)`` of them at a time, each in float32 whatever the logits' dtype.
+    V)`` of them at a time, each in float32 whatever the logits' dtype, by the same per-row
+    functions as :func:`~fesmia_hooks.classification_signals`
+    (:func:`fesmia_hooks.signals.row_signals`).
 
     Args:
         logits: ``[B, T, V]``.
         targets: ``[B, T]`` next-token targets aligned with ``logits``; ``-100`` is ignored.
-        stats: Any of ``log_prob`` (``log p_y``), ``phi`` (``z_y - logsumexp_{j != y}
-            z_j``), ``margin`` (``z_y - max_{j != y} z_j``), ``neg_entropy`` and
-            ``max_logit_gap`` (top logit minus the second).
+        stats: Any of the per-row signals of :data:`fesmia_hooks.signals.SIGNALS`:
+            ``log_prob`` (``log p_y``), ``phi`` (``z_y - logsumexp_{j != y} z_j``), ``margin``
+            (``z_y - max_{j != y} z_j``), ``neg_entropy`` and ``max_logit_gap`` (top logit
+            minus the second).
         chunk_elements: Logits reduced at once.
 
     Returns:
@@ -178,9 +168,11 @@ def token_statistics(
         )
     if v < 2:
         raise ProbeError(f"language-model logits need a vocabulary of at least 2, got {v}")
-    unknown = [s for s in stats if s not in _TOKEN_STATS]
+    unknown = [s for s in stats if s not in _INDEX.token_statistics]
     if unknown:
-        raise ConfigurationError(f"unknown token statistic(s) {unknown}; allowed: {_TOKEN_STATS}")
+        raise ConfigurationError(
+            f"unknown token statistic(s) {unknown}; allowed: {_INDEX.token_statistics}"
+        )
     flat_targets = targets.reshape(-1)
     where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     scored = flat_targets[where]
@@ -195,27 +187,9 @@ def token_statistics(
     step = max(1, int(chunk_elements) // v)
     for start in range(0, where.numel(), step):
         z = logits[rows[start : start + step], cols[start : start + step]].float()  # [c, V]
-        y = scored[start : start + step].long()[:, None]
-        z_y = z.gather(1, y).squeeze(1)
-        lse = torch.logsumexp(z, dim=1)
-        need_others = any(s in stats for s in ("phi", "margin"))
-        others = z.scatter(1, y, float("-inf")) if need_others else None
-        for s in stats:
-            out = values[s][start : start + step]
-            if s == "log_prob":
-                out.copy_(z_y - lse)
-            elif s == "phi":
-                assert others is not None
-                out.copy_(z_y - torch.logsumexp(others, dim=1))
-            elif s == "margin":
-                assert others is not None
-                out.copy_(z_y - others.amax(dim=1))
-            elif s == "neg_entropy":
-                log_p = z - lse[:, None]
-                out.copy_((log_p.exp() * log_p).sum(1))
-            else:  # max_logit_gap
-                top = z.topk(2, dim=1).values
-                out.copy_(top[:, 0] - top[:, 1])
+        per_row = row_signals(z, scored[start : start + step], stats)
+        for s, value in zip(stats, per_row, strict=True):
+            values[s][start : start + step].copy_(value)
     result = {}
     for s in stats:
         full = torch.full((b * t,), float("nan"), dtype=torch.float32, device=logits.device)
@@ -288,7 +262,7 @@ def sequence_signals(
     names = _check_names(names)
     k = _check_k(k)
     bins = _check_bins(bins)
-    needed = tuple(dict.fromkeys(_NEEDS[n] for n in names))
+    needed = tuple(dict.fromkeys(_INDEX.reads[n] for n in names))
     stats = token_statistics(logits, targets, needed, chunk_elements=chunk_elements)
     valid = targets != IGNORE_INDEX
     if not bool(valid.any(1).all()):
@@ -316,8 +290,10 @@ def sequence_signals(
         elif name == "positions":
             assert lp is not None
             columns.append(_position_bins(lp, valid, bins))
-        else:
-            columns.append(_masked_mean(stats[_NEEDS[name]], valid)[:, None])
+        elif name in stats:  # a per-row signal: its per-token mean
+            columns.append(_masked_mean(stats[name], valid)[:, None])
+        else:  # pragma: no cover - a sequence-only entry of SIGNALS needs its reduction here
+            raise ConfigurationError(f"sequence signal {name!r} has no reduction")
     return torch.cat(columns, dim=1)
 
 
