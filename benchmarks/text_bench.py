@@ -142,7 +142,7 @@ def _run(*, epochs: int, seed: int, repeats: int, population_episodes: int) -> d
     }
     monitors = {
         name: fh.PrivacyMonitor(task.canaries, probe=probe,
-                                budget=fh.LeakageBudget(action="alert", horizon=epochs))
+                                budget=fh.LeakageBudget(action="alert"), horizon=epochs)
         for name, probe in probes.items()
     }
     g = torch.Generator().manual_seed(seed)

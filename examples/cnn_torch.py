@@ -33,7 +33,7 @@ def main(epochs=40, log_dir="runs/example-cnn"):
         nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 16, 10),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    monitor = fh.PrivacyMonitor(canaries, budget=fh.LeakageBudget(horizon=epochs),
+    monitor = fh.PrivacyMonitor(canaries, budget=fh.LeakageBudget(), horizon=epochs,
                                 log_dir=log_dir)
     for epoch in range(epochs):
         model.train()

@@ -20,7 +20,8 @@ def main(epochs=60, log_dir="runs/example-torch"):
     monitor = fh.PrivacyMonitor(
         task.canaries,
         probe=fh.FeSMIA(method="simpleshot", shots=5, queries=15),
-        budget=fh.LeakageBudget(max_level="low", action="stop", horizon=epochs),
+        budget=fh.LeakageBudget(max_level="low", action="stop"),
+        horizon=epochs,  # checks expected: alpha is spent evenly over them
         log_dir=log_dir,
     )
     for epoch in range(epochs):

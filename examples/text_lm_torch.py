@@ -28,7 +28,8 @@ optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 monitor = fh.PrivacyMonitor(
     task.canaries,
     probe=fh.FeSMIA(signal_fn=SequenceSignals(("log_prob", "min_k", "zlib"))),
-    budget=fh.LeakageBudget(max_level="low", action="stop", horizon=EPOCHS),
+    budget=fh.LeakageBudget(max_level="low", action="stop"),
+    horizon=EPOCHS,
     log_dir="runs/example-text-torch",
 )
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
-from fesmia_hooks._validation import choice, optional_positive_int, positive_int, probability
+from fesmia_hooks._validation import choice, positive_int
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.report import LeakageReport, Level, budget_keys
 
@@ -48,10 +48,16 @@ class LeakageBudget:
     """A ceiling on leakage, and what to do when a check crosses it.
 
     A check *crosses* the budget when its reading is significantly above chance (at the
-    run-level calibrated threshold; see :mod:`fesmia_hooks.sequential`) **and** its level
+    run-level calibrated threshold; see ``docs/science.md#run-level-test``) **and** its level
     exceeds ``max_level`` or one of ``max_values`` is exceeded. The budget is *breached*
     once ``patience`` consecutive checks have crossed it, and never before ``min_checks``
     checks have run.
+
+    The budget owns its counters (checks seen, the current streak of crossing checks), as
+    Lightning's ``EarlyStopping`` owns its ``wait_count``: :meth:`update` counts a report
+    and returns the :class:`Decision`; :meth:`state_dict` saves the counters. The run's
+    false-alarm rate ``alpha`` and horizon belong to the monitor's
+    :class:`~fesmia_hooks.Calibration`, not to the budget.
 
     Args:
         max_level: Highest level tolerated; a check whose level is above it crosses.
@@ -62,14 +68,12 @@ class LeakageBudget:
         min_checks: Checks to run before any breach.
         action: ``"alert"`` (log and call ``on_breach``), ``"stop"`` (also stop training) or
             ``"raise"`` (also raise :class:`~fesmia_hooks.PrivacyBudgetExceeded`).
-        alpha: False-alarm rate allowed per training run when nothing leaks.
-        horizon: Expected number of checks, when known; spends ``alpha`` evenly over them.
         on_breach: Callables ``fn(report, decision)`` called once per breach.
 
     Example:
         >>> budget = LeakageBudget(max_level="moderate", action="stop")
         >>> budget
-        LeakageBudget(max_level='moderate', max_values={}, patience=1, min_checks=1, action='stop', alpha=0.05)
+        LeakageBudget(max_level='moderate', max_values={}, patience=1, min_checks=1, action='stop')
     """  # noqa: E501
 
     def __init__(
@@ -80,8 +84,6 @@ class LeakageBudget:
         patience: int = 1,
         min_checks: int = 1,
         action: Action = "stop",
-        alpha: float = 0.05,
-        horizon: int | None = None,
         on_breach: Sequence[Callable[[LeakageReport, Decision], Any]]
         | Callable[[LeakageReport, Decision], Any]
         | None = None,
@@ -102,8 +104,6 @@ class LeakageBudget:
         self.patience = positive_int("patience", patience)
         self.min_checks = positive_int("min_checks", min_checks)
         self.action: Action = choice("action", action, ("alert", "stop", "raise"))  # type: ignore
-        self.alpha = probability("alpha", alpha)
-        self.horizon = optional_positive_int("horizon", horizon)
         callbacks: Iterable[Any]
         if on_breach is None:
             callbacks = ()
@@ -117,13 +117,14 @@ class LeakageBudget:
                     f"`on_breach` must hold callables, got {type(fn).__name__}"
                 )
         self.on_breach = tuple(callbacks)
+        self.reset()
 
     def __repr__(self) -> str:
         level = None if self.max_level is None else self.max_level.value
         return (
             f"LeakageBudget(max_level={level!r}, max_values={self.max_values}, "
             f"patience={self.patience}, min_checks={self.min_checks}, "
-            f"action={self.action!r}, alpha={self.alpha})"
+            f"action={self.action!r})"
         )
 
     def crossing(self, report: LeakageReport) -> tuple[StopReason, str] | None:
@@ -144,14 +145,37 @@ class LeakageBudget:
         return None
 
     def decide(self, report: LeakageReport, *, checks: int, streak: int) -> Decision:
-        """Pure decision for the latest report.
+        """Pure decision for the latest report, given the counters (this check included).
 
         Args:
             report: The latest check.
             checks: Checks run so far, this one included.
             streak: Consecutive crossing checks, this one included (0 if it did not cross).
         """
+        return self._decision(report, self.crossing(report), checks=checks, streak=streak)
+
+    def update(self, report: LeakageReport) -> Decision:
+        """Count one check (its crossing tested once) and decide.
+
+        Example:
+            >>> from fesmia_hooks.report import _example_report
+            >>> budget = LeakageBudget(max_level="moderate", patience=2)
+            >>> [budget.update(_example_report()).breached for _ in range(2)], budget.streak
+            ([False, True], 2)
+        """
         crossed = self.crossing(report)
+        self.checks += 1
+        self.streak = self.streak + 1 if crossed is not None else 0
+        return self._decision(report, crossed, checks=self.checks, streak=self.streak)
+
+    def _decision(
+        self,
+        report: LeakageReport,
+        crossed: tuple[StopReason, str] | None,
+        *,
+        checks: int,
+        streak: int,
+    ) -> Decision:
         if crossed is None or streak < self.patience or checks < self.min_checks:
             return Decision(False, False, StopReason.NOT_STOPPED, "within budget")
         reason, why = crossed
@@ -162,6 +186,31 @@ class LeakageBudget:
             f"{report.p_threshold:.3g}). {report.summary()}"
         )
         return Decision(True, self.action != "alert", reason, message)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the counters: a new run starts."""
+        self.checks = 0
+        self.streak = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, as plain values."""
+        return {"checks": self.checks, "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (missing keys count as 0)."""
+        self.checks = int(state.get("checks", 0))
+        self.streak = int(state.get("streak", 0))
+
+    def settings(self) -> dict[str, Any]:
+        """The budget's configuration as plain values (written at the top of a history)."""
+        return {
+            "max_level": None if self.max_level is None else self.max_level.value,
+            "max_values": dict(self.max_values),
+            "patience": self.patience,
+            "min_checks": self.min_checks,
+            "action": self.action,
+        }
 
 
 def _check_values(values: Mapping[str, float]) -> Iterable[tuple[str, float]]:

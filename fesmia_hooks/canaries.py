@@ -1,31 +1,47 @@
 """The canary set: a few samples known to be trained on, and a few known never to be.
 
-Two kinds of canaries share one class: samples of a classifier (inputs and class labels,
-:class:`CanarySet` itself, :meth:`CanarySet.split`, :meth:`CanarySet.from_datasets`) and token
-sequences of a causal language model (:meth:`CanarySet.from_sequences`).
+Two kinds of canaries share the small base :class:`Canaries` (sizes, members-first order,
+the device cache, a fingerprint): samples of a classifier (:class:`CanarySet`, with
+:meth:`CanarySet.split`, :meth:`CanarySet.from_datasets` and :meth:`CanarySet.crafted`) and
+token sequences of a causal language model (:class:`~fesmia_hooks.sequences.SequenceCanarySet`,
+also built by :meth:`CanarySet.from_sequences`). Each kind owns its forward pass
+(:meth:`Canaries.features`), run through the one batching loop of
+:func:`fesmia_hooks.features.forward_in_batches`.
 
 Canary data is private. Nothing in this module, nor anywhere in fesmia-hooks, writes canary
-inputs or labels to a log, a report, a history file, an exception message or a state dict.
+inputs or labels to a log, a report, a history file, an exception message or a state dict;
+the :meth:`~Canaries.fingerprint` is a hash that identifies a set without revealing it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from fesmia_hooks._validation import positive_int
 from fesmia_hooks.exceptions import CanaryError, ConfigurationError
-from fesmia_hooks.text import IGNORE_INDEX, zlib_lengths
+from fesmia_hooks.features import (
+    Features,
+    FeatureSpec,
+    check_signal_block,
+    forward_in_batches,
+    select_rows,
+)
+from fesmia_hooks.guard import model_device
+from fesmia_hooks.signals import DEFAULT_SIGNALS, classification_signals, extract_logits
 
-__all__ = ["CanarySet", "wrong_labels"]
+if TYPE_CHECKING:  # pragma: no cover
+    from fesmia_hooks.sequences import SequenceCanarySet
+
+__all__ = ["Canaries", "CanarySet", "wrong_labels"]
 
 Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
-TokenSide = Union[torch.Tensor, np.ndarray, Sequence[Sequence[int]], Mapping[str, Any]]  # noqa: UP007
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
@@ -80,7 +96,104 @@ def _fingerprints(x: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 
-class CanarySet:
+class Canaries:
+    """What every kind of canary set shares: members first, then non-members.
+
+    Subclasses set :attr:`inputs`, :attr:`labels` (targets: class labels, or next-token
+    targets), :attr:`num_members` and :attr:`num_non_members` in their constructor, call
+    ``super().__init__()``, and implement :meth:`features`.
+
+    Attributes:
+        kind: ``"labelled"`` or ``"sequences"``.
+        inputs: ``[N, ...]`` inputs, members first.
+        labels: ``[N]`` class labels or ``[N, T]`` next-token targets, or ``None``.
+        num_members: Members in the set.
+        num_non_members: Non-members in the set.
+    """
+
+    kind: ClassVar[str] = "base"
+    is_sequence: ClassVar[bool] = False
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    num_members: int
+    num_non_members: int
+
+    def __init__(self) -> None:
+        self._device_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def require(self, per_side: int, *, who: str = "the probe") -> None:
+        """Raise :class:`CanaryError` unless each side holds at least ``per_side`` samples."""
+        small = min(self.num_members, self.num_non_members)
+        if small < per_side:
+            raise CanaryError(
+                f"{who} needs at least {per_side} members and {per_side} non-members "
+                f"(shots + queries), got {self.num_members} members and "
+                f"{self.num_non_members} non-members"
+            )
+
+    def __len__(self) -> int:
+        return self.num_members + self.num_non_members
+
+    @property
+    def is_member(self) -> torch.Tensor:
+        """Boolean ``[len(self)]``: members first, then non-members."""
+        flags = torch.zeros(len(self), dtype=torch.bool)
+        flags[: self.num_members] = True
+        return flags
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors :meth:`on` moves to a device, in order."""
+        return (self.inputs, self.labels)
+
+    def on(self, device: torch.device | str) -> tuple[Any, ...]:
+        """The set's tensors on ``device``; moved once, then served from a cache.
+
+        ``(inputs, labels)`` for labelled canaries; see the subclass for others.
+        """
+        key = str(torch.device(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = tuple(
+                None if t is None else t.to(device) for t in self._tensors()
+            )
+        return self._device_cache[key]
+
+    def fingerprint(self) -> str:
+        """A hash of the whole set (kind, sizes, every tensor): equal sets, equal prints.
+
+        It names a canary set in a run's history and in saved states without revealing
+        any of its data.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.ones(4, 2), torch.tensor([0, 1, 0, 1])
+            >>> a = CanarySet(members=(x[:2], y[:2]), non_members=(x[2:] * 2, y[2:]))
+            >>> b = CanarySet(members=(x[:2], y[:2]), non_members=(x[2:] * 2, y[2:]))
+            >>> a.fingerprint() == b.fingerprint(), len(a.fingerprint())
+            (True, 32)
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.kind}:{self.num_members}:{self.num_non_members}".encode())
+        for t in self._tensors():
+            if t is None:
+                h.update(b"none")
+                continue
+            c = t.detach().cpu().contiguous()
+            h.update(f"{c.dtype}:{tuple(c.shape)}".encode())
+            h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def features(
+        self, model: nn.Module, spec: FeatureSpec, *, rows: torch.Tensor | None = None
+    ) -> Features:
+        """Forward the set (or its ``rows``) through ``model`` without touching training.
+
+        Each kind of canary set implements it; see
+        :func:`fesmia_hooks.features.compute_features`.
+        """
+        raise NotImplementedError
+
+
+class CanarySet(Canaries):
     """Members (trained on) and non-members (never trained on) of one data distribution.
 
     Args:
@@ -105,6 +218,8 @@ class CanarySet:
         CanarySet(members=20, non_members=20, input_shape=(8,), labels=yes)
     """
 
+    kind: ClassVar[str] = "labelled"
+
     def __init__(
         self,
         members: Side,
@@ -112,6 +227,7 @@ class CanarySet:
         *,
         num_classes: int | None = None,
     ) -> None:
+        super().__init__()
         xm, ym = _unpack("members", members)
         xn, yn = _unpack("non_members", non_members)
         self._validate(xm, ym, xn, yn, num_classes)
@@ -120,13 +236,6 @@ class CanarySet:
         self.num_members = int(xm.shape[0])
         self.num_non_members = int(xn.shape[0])
         self.num_classes = num_classes
-        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        # Token sequences only (see from_sequences); None for classification canaries.
-        self.attention_mask: torch.Tensor | None = None
-        self.zlib_bytes: torch.Tensor | None = None
-        self.vocab_size: int | None = None
-        self.pad_token_id: int | None = None
-        self._sequence_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -188,26 +297,7 @@ class CanarySet:
                 "the two sides must be disjoint"
             )
 
-    def require(self, per_side: int, *, who: str = "the probe") -> None:
-        """Raise :class:`CanaryError` unless each side holds at least ``per_side`` samples."""
-        small = min(self.num_members, self.num_non_members)
-        if small < per_side:
-            raise CanaryError(
-                f"{who} needs at least {per_side} members and {per_side} non-members "
-                f"(shots + queries), got {self.num_members} members and "
-                f"{self.num_non_members} non-members"
-            )
-
-    # ------------------------------------------------------------------ access
-    def __len__(self) -> int:
-        return self.num_members + self.num_non_members
-
     def __repr__(self) -> str:
-        if self.is_sequence:
-            return (
-                f"CanarySet(members={self.num_members}, non_members={self.num_non_members}, "
-                f"sequence_length={self.inputs.shape[1]}, vocab_size={self.vocab_size})"
-            )
         shape = tuple(self.inputs.shape[1:])
         labels = "yes" if self.labels is not None else "no"
         return (
@@ -215,52 +305,43 @@ class CanarySet:
             f"input_shape={shape}, labels={labels})"
         )
 
-    @property
-    def is_member(self) -> torch.Tensor:
-        """Boolean ``[len(self)]``: members first, then non-members."""
-        flags = torch.zeros(len(self), dtype=torch.bool)
-        flags[: self.num_members] = True
-        return flags
+    def features(
+        self, model: nn.Module, spec: FeatureSpec, *, rows: torch.Tensor | None = None
+    ) -> Features:
+        """Forward the samples through the classifier ``model`` without touching training.
 
-    @property
-    def is_sequence(self) -> bool:
-        """Whether the canaries are token sequences (built by :meth:`from_sequences`)."""
-        return getattr(self, "attention_mask", None) is not None
-
-    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inputs and labels on ``device``; moved once, then served from a cache.
-
-        For token sequences these are the token ids ``[N, T]`` and the next-token targets
-        ``[N, T]`` (``targets[:, t]`` is scored against the logits at position ``t``;
-        ``-100`` where nothing is scored).
+        The model gets a batch of inputs and returns logits ``[B, C]`` (a tensor, or an
+        output holding them; see :func:`~fesmia_hooks.extract_logits`); the signals of
+        :func:`~fesmia_hooks.classification_signals` are read against the labels, unless
+        ``signal_fn(model, inputs, labels)`` replaces them. See
+        :func:`fesmia_hooks.features.compute_features` for the arguments.
         """
-        key = str(torch.device(device))
-        if key not in self._device_cache:
-            x = self.inputs.to(device)
-            y = None if self.labels is None else self.labels.to(device)
-            self._device_cache[key] = (x, y)
-        return self._device_cache[key]
-
-    def sequences_on(
-        self, device: torch.device | str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token ids, attention mask and zlib lengths on ``device`` (token sequences only).
-
-        Raises:
-            CanaryError: When the canaries are not token sequences.
-        """
-        if self.attention_mask is None or self.zlib_bytes is None:
-            raise CanaryError(
-                "these canaries are not token sequences; build them with "
-                "CanarySet.from_sequences"
+        names = DEFAULT_SIGNALS if spec.signals is None else tuple(spec.signals)
+        signal_fn, kind = spec.signal_fn, spec.kind
+        x, y = select_rows(self.on(model_device(model)), rows)
+        if signal_fn is None and kind != "embeddings" and y is None:
+            raise ConfigurationError(
+                "the built-in classification signals need canary labels; give (inputs, labels) "
+                "pairs or pass `signal_fn`"
             )
-        key = str(torch.device(device))
-        if key not in self._sequence_cache:
-            x, _ = self.on(device)
-            self._sequence_cache[key] = (
-                x, self.attention_mask.to(device), self.zlib_bytes.to(device)
-            )
-        return self._sequence_cache[key]
+
+        def signals_of(start: int, stop: int) -> torch.Tensor | None:
+            xb, yb = x[start:stop], None if y is None else y[start:stop]
+            if signal_fn is not None:
+                return check_signal_block(signal_fn(model, xb, yb), stop - start)
+            out = model(xb)
+            if kind == "embeddings":
+                return None
+            assert yb is not None
+            return classification_signals(extract_logits(out), yb, names)
+
+        return forward_in_batches(
+            model,
+            x.shape[0],
+            spec,
+            signals_of=signals_of,
+            forward=lambda start, stop: model(x[start:stop]),
+        )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -397,265 +478,28 @@ class CanarySet:
     @classmethod
     def from_sequences(
         cls,
-        members: TokenSide,
-        non_members: TokenSide,
+        members: Any,
+        non_members: Any,
         *,
         pad_token_id: int | None = None,
         vocab_size: int | None = None,
         decode: Callable[[list[int]], str | bytes] | None = None,
-    ) -> CanarySet:
-        """Canaries of a causal language model: token sequences known in and out of training.
+    ) -> SequenceCanarySet:
+        """Token-sequence canaries of a causal language model: a :class:`SequenceCanarySet`.
 
-        Each side is one of:
-
-        * a ``LongTensor`` or integer array ``[n, T]``: every position is a token, except
-          positions equal to ``pad_token_id`` when it is given;
-        * a list of 1-D token sequences of any lengths: padded on the right with
-          ``pad_token_id`` (0 when it is not given) and masked;
-        * a mapping with ``"input_ids"`` and optionally ``"attention_mask"`` and
-          ``"labels"``, as a Hugging Face tokenizer (``padding=True``) or data collator
-          returns. ``labels`` follow Hugging Face's convention: aligned with the inputs,
-          ``-100`` where a token is not scored (a prompt, say); the shift happens here.
-
-        The two sides are padded to one length ``T``. Next-token targets are the inputs
-        (or ``labels``) shifted by one: ``targets[:, t] = input_ids[:, t + 1]``, scored
-        only where positions ``t`` and ``t + 1`` are both unmasked (and the label is not
-        ``-100``); every other target is ``-100``. Masked positions of the token ids are
-        overwritten with ``pad_token_id`` when it is given.
-
-        The zlib-compressed length of each sequence (for the ``zlib`` signal of
-        :mod:`fesmia_hooks.text`) is computed here, once: of ``decode(tokens)`` encoded as
-        UTF-8 when ``decode`` is given (``tokenizer.decode``, as Carlini et al. 2021
-        compress the text), otherwise of the unmasked token ids packed in the fewest bytes
-        per id (for a byte- or character-level vocabulary that is the text itself).
-
-        Pass ``attention_mask`` explicitly (the mapping form) when the pad token also occurs
-        inside the text, as with GPT-2 whose pad token is its end-of-text token: with the
-        tensor form every occurrence of ``pad_token_id`` is masked.
-
-        Args:
-            members: Sequences that are, or will be, in the training data.
-            non_members: Sequences of the same distribution that are never trained on.
-            pad_token_id: Token id of padding (a non-negative int).
-            vocab_size: When given, token ids and labels are checked to lie in
-                ``[0, vocab_size)``.
-            decode: ``decode(list_of_token_ids) -> str | bytes``, used for the zlib lengths
-                only.
-
-        Returns:
-            A :class:`CanarySet` whose :attr:`inputs` are the token ids ``[N, T]``,
-            :attr:`labels` the next-token targets ``[N, T]``, plus :attr:`attention_mask`
-            ``[N, T]`` and :attr:`zlib_bytes` ``[N]``.
-
-        Raises:
-            CanaryError: On non-integer or out-of-range ids, a mask that is not 0/1 or does
-                not match, a sequence with fewer than two unmasked tokens or no scored
-                target, or a sequence present on both sides.
+        A shortcut for ``SequenceCanarySet(members, non_members, ...)``; see there.
 
         Example:
             >>> import torch
-            >>> g = torch.Generator().manual_seed(0)
-            >>> ids = torch.randint(1, 50, (40, 16), generator=g)
-            >>> canaries = CanarySet.from_sequences(ids[:20], ids[20:], vocab_size=50)
-            >>> canaries
-            CanarySet(members=20, non_members=20, sequence_length=16, vocab_size=50)
-            >>> bool((canaries.labels[:, :-1] == ids[:, 1:]).all()), canaries.labels[0, -1].item()
-            (True, -100)
-            >>> short = CanarySet.from_sequences([[5, 6, 7], [8, 9]], [[1, 2, 3, 4]],
-            ...                                  pad_token_id=0)
-            >>> short.inputs.tolist(), short.attention_mask.tolist()
-            ([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]], [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-            >>> short.labels.tolist()
-            [[6, 7, -100, -100], [9, -100, -100, -100], [2, 3, 4, -100]]
+            >>> ids = torch.randint(1, 50, (40, 16), generator=torch.Generator().manual_seed(0))
+            >>> CanarySet.from_sequences(ids[:20], ids[20:], vocab_size=50)
+            SequenceCanarySet(members=20, non_members=20, sequence_length=16, vocab_size=50)
         """
-        if vocab_size is not None:
-            positive_int("vocab_size", vocab_size)
-        if pad_token_id is not None:
-            if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or (
-                pad_token_id < 0
-            ):
-                raise CanaryError(
-                    f"`pad_token_id` must be a non-negative int, got {pad_token_id!r}"
-                )
-            if vocab_size is not None and pad_token_id >= vocab_size:
-                raise CanaryError(
-                    f"`pad_token_id` must lie in [0, {vocab_size}), got {pad_token_id}"
-                )
-        if decode is not None and not callable(decode):
-            raise CanaryError(f"`decode` must be callable, got {type(decode).__name__}")
-        sides = [
-            _token_side(name, side, pad_token_id)
-            for name, side in (("members", members), ("non_members", non_members))
-        ]
-        length = max(ids.shape[1] for ids, _, _ in sides)
-        fill = 0 if pad_token_id is None else pad_token_id
-        ids_parts, mask_parts, target_parts = [], [], []
-        for name, (ids, mask, labels) in zip(("members", "non_members"), sides, strict=True):
-            ids, mask, labels = (
-                _pad_right(t, length, v)
-                for t, v in ((ids, fill), (mask, 0), (labels, IGNORE_INDEX))
-            )
-            if pad_token_id is not None:
-                ids = ids.masked_fill(mask == 0, pad_token_id)
-            _check_tokens(name, ids, mask, labels, vocab_size)
-            ids_parts.append(ids)
-            mask_parts.append(mask)
-            target_parts.append(_shift_targets(labels, mask))
-        for name, targets in zip(("members", "non_members"), target_parts, strict=True):
-            empty = int(((targets != IGNORE_INDEX).sum(1) == 0).sum())
-            if empty:
-                raise CanaryError(
-                    f"every sequence needs at least one scored next-token target; {empty} "
-                    f"{name} sequence(s) have none (all labels -100)"
-                )
-        shared = set(_token_fingerprints(ids_parts[0], mask_parts[0])) & set(
-            _token_fingerprints(ids_parts[1], mask_parts[1])
+        from fesmia_hooks.sequences import SequenceCanarySet
+
+        return SequenceCanarySet(
+            members, non_members, pad_token_id=pad_token_id, vocab_size=vocab_size, decode=decode
         )
-        if shared:
-            raise CanaryError(
-                f"{len(shared)} sequence(s) appear among both members and non_members; "
-                "the two sides must be disjoint"
-            )
-        obj = cls.__new__(cls)
-        obj.inputs = torch.cat(ids_parts).contiguous()
-        obj.labels = torch.cat(target_parts).contiguous()
-        obj.num_members = int(ids_parts[0].shape[0])
-        obj.num_non_members = int(ids_parts[1].shape[0])
-        obj.num_classes = None
-        obj._device_cache = {}
-        obj.attention_mask = torch.cat(mask_parts).contiguous()
-        try:
-            obj.zlib_bytes = zlib_lengths(obj.inputs, obj.attention_mask, decode=decode)
-        except ConfigurationError as exc:
-            raise CanaryError(str(exc)) from exc
-        obj.vocab_size = vocab_size
-        obj.pad_token_id = pad_token_id
-        obj._sequence_cache = {}
-        return obj
-
-
-def _integer_tokens(name: str, value: Any) -> torch.Tensor:
-    t = _to_tensor(name, value)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise CanaryError(f"{name} must be integer token ids, got {t.dtype}")
-    return t.long()
-
-
-def _token_side(
-    name: str, side: Any, pad_token_id: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, mask, labels)`` of one side, each ``[n, T]`` long; labels unshifted."""
-    labels: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    if isinstance(side, Mapping):
-        if "input_ids" not in side:
-            raise CanaryError(
-                f"{name} as a mapping needs 'input_ids' (and optionally 'attention_mask', "
-                f"'labels'), got keys {sorted(map(str, side))}"
-            )
-        ids = _integer_tokens(f"{name} input_ids", side["input_ids"])
-        if side.get("attention_mask") is not None:
-            mask = _integer_tokens(f"{name} attention_mask", side["attention_mask"])
-        if side.get("labels") is not None:
-            labels = _integer_tokens(f"{name} labels", side["labels"])
-    elif isinstance(side, (torch.Tensor, np.ndarray)):
-        ids = _integer_tokens(f"{name} token ids", side)
-    elif isinstance(side, Sequence) and not isinstance(side, (str, bytes)):
-        rows = [_integer_tokens(f"{name} token ids", row) for row in side]
-        if not rows:
-            raise CanaryError(f"{name} must hold at least one sequence, got none")
-        bad = [tuple(r.shape) for r in rows if r.dim() != 1]
-        if bad:
-            raise CanaryError(
-                f"{name} as a list must hold 1-D token sequences, got a sample of shape {bad[0]}"
-            )
-        length = max(len(r) for r in rows)
-        fill = 0 if pad_token_id is None else pad_token_id
-        ids = torch.full((len(rows), length), fill, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-    else:
-        raise CanaryError(
-            f"{name} must be token ids [n, T], a list of token sequences or a mapping with "
-            f"'input_ids', got {type(side).__name__}"
-        )
-    if ids.dim() != 2 or ids.shape[0] == 0:
-        raise CanaryError(
-            f"{name} token ids must be [sequences, length] with at least one sequence, "
-            f"got shape {tuple(ids.shape)}"
-        )
-    if mask is None:
-        mask = torch.ones_like(ids) if pad_token_id is None else (ids != pad_token_id).long()
-    for what, t in (("attention_mask", mask), ("labels", labels)):
-        if t is not None and t.shape != ids.shape:
-            raise CanaryError(
-                f"{name} {what} must have the shape of its token ids {tuple(ids.shape)}, "
-                f"got {tuple(t.shape)}"
-            )
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise CanaryError(f"{name} attention_mask must hold only 0 and 1")
-    short = int((mask.sum(1) < 2).sum())
-    if short:
-        raise CanaryError(
-            f"every sequence needs at least 2 unmasked tokens (one next-token target); "
-            f"{short} {name} sequence(s) have fewer"
-        )
-    if labels is None:
-        labels = ids.clone()
-    return ids, mask, labels
-
-
-def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    if t.shape[1] == length:
-        return t
-    pad = torch.full((t.shape[0], length - t.shape[1]), value, dtype=t.dtype)
-    return torch.cat([t, pad], dim=1)
-
-
-def _check_tokens(
-    name: str,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int | None,
-) -> None:
-    # Messages give counts, never token values: canary text stays private.
-    allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab_size)"
-    bad = int(((ids < 0) | (ids >= vocab_size if vocab_size is not None else False)).sum())
-    if bad:
-        raise CanaryError(
-            f"{name} token ids must lie in {allowed}, got {bad} id(s) outside it; masked "
-            "positions are overwritten only when `pad_token_id` is given"
-        )
-    scored = labels[(mask == 1) & (labels != IGNORE_INDEX)]
-    if scored.numel():
-        bad = int(((scored < 0) | (scored >= vocab_size if vocab_size is not None else False))
-                  .sum())
-        if bad:
-            raise CanaryError(
-                f"{name} labels must be -100 or lie in {allowed}, got {bad} label(s) outside it"
-            )
-
-
-def _shift_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token targets aligned with the logits: ``-100`` where nothing is scored."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    scored = (mask[:, :-1] == 1) & (mask[:, 1:] == 1) & (labels[:, 1:] != IGNORE_INDEX)
-    targets[:, :-1] = torch.where(scored, labels[:, 1:], IGNORE_INDEX)
-    return targets
-
-
-def _valid_tokens(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    return [row[keep.bool()] for row, keep in zip(ids, mask, strict=True)]
-
-
-def _token_fingerprints(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
-    return [
-        hashlib.blake2b(row.numpy().astype(np.int64).tobytes(), digest_size=16).digest()
-        for row in _valid_tokens(ids, mask)
-    ]
 
 
 def wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:

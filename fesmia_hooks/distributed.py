@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree_on_failure", "gather_rows", "is_distributed", "shard"]
+__all__ = ["agree_on_failure", "any_rank", "gather_rows", "is_distributed", "shard"]
 
 
 def is_distributed() -> bool:
@@ -62,3 +62,19 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous())
     return torch.cat(parts)[:n]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-reduced over the processes of a distributed run (itself otherwise).
+
+    Example:
+        >>> any_rank(True, torch.device("cpu"))
+        True
+    """
+    if not is_distributed():
+        return flag
+    if dist.get_backend() == "nccl" and device.type != "cuda":  # pragma: no cover
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

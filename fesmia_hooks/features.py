@@ -1,27 +1,39 @@
-"""Turn a model and a canary set into the feature matrix the few-shot learners read."""
+"""Turn a model and a canary set into the feature matrix the few-shot learners read.
+
+Each kind of canary set owns its forward pass (``canaries.features(model, ...)``: labelled
+samples in :mod:`fesmia_hooks.canaries`, token sequences in :mod:`fesmia_hooks.sequences`);
+both run it through :func:`forward_in_batches`, the one batching loop: inside
+:func:`~fesmia_hooks.guard.untouched`, with an embedding layer read by a forward hook, and a
+batch that does not fit in memory retried at half its size.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError, ProbeError
-from fesmia_hooks.guard import model_device, untouched
-from fesmia_hooks.signals import DEFAULT_SIGNALS, SignalFn, classification_signals, extract_logits
-from fesmia_hooks.text import (
-    DEFAULT_SEQUENCE_SIGNALS,
-    SEQUENCE_SIGNALS,
-    SequenceSignals,
-    forward_logits,
-)
+from fesmia_hooks.guard import untouched
+from fesmia_hooks.signals import SignalFn, extract_logits
 
-__all__ = ["FeatureKind", "Features", "compute_features"]
+if TYPE_CHECKING:  # pragma: no cover
+    from fesmia_hooks.canaries import Canaries
+
+__all__ = [
+    "FeatureKind",
+    "FeatureSpec",
+    "Features",
+    "check_signal_block",
+    "compute_features",
+    "find_layer",
+    "forward_in_batches",
+    "select_rows",
+]
 
 FeatureKind = Literal["signals", "embeddings", "both"]
 
@@ -56,6 +68,27 @@ class Features:
         return torch.cat(parts, dim=1)
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the probe asks a canary set's forward pass for.
+
+    Attributes:
+        kind: Which features to return: ``"signals"``, ``"embeddings"`` or ``"both"``.
+        signals: Built-in signals to compute (ignored with ``signal_fn``); ``None`` picks
+            the canaries' kind's default.
+        embedding_layer: Name of the submodule whose output is the embedding.
+        signal_fn: ``signal_fn(model, inputs, targets) -> Tensor[B, F]`` replacing the
+            built-in signals; it is called inside the same guard.
+        batch_size: Canaries per forward pass (at most).
+    """
+
+    kind: FeatureKind = "signals"
+    signals: Sequence[str] | None = None
+    embedding_layer: str | None = None
+    signal_fn: SignalFn | None = None
+    batch_size: int = 256
+
+
 def _span_coordinates(x: torch.Tensor) -> torch.Tensor:
     """Coordinates of ``n`` rows in their own span: every pairwise distance is kept.
 
@@ -70,7 +103,8 @@ def _span_coordinates(x: torch.Tensor) -> torch.Tensor:
     return (u * s).to(x.dtype)
 
 
-def _find_layer(model: nn.Module, name: str) -> nn.Module:
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` in ``model.named_modules()``, or a clear error."""
     modules = dict(model.named_modules())
     if name not in modules:
         listed = ", ".join(repr(n) for n in list(modules)[1:12])
@@ -83,138 +117,118 @@ def _find_layer(model: nn.Module, name: str) -> nn.Module:
 
 def compute_features(
     model: nn.Module,
-    canaries: CanarySet,
+    canaries: Canaries,
+    spec: FeatureSpec | None = None,
     *,
-    kind: FeatureKind = "signals",
-    signals: Sequence[str] | None = None,
-    embedding_layer: str | None = None,
-    signal_fn: SignalFn | None = None,
-    batch_size: int = 256,
     rows: torch.Tensor | None = None,
 ) -> Features:
     """Forward the canary pool through ``model`` without touching training.
 
-    Runs under :func:`~fesmia_hooks.guard.untouched`, in batches of ``batch_size``, on the
-    model's own device (the canaries are moved there once and cached).
-
-    Token-sequence canaries (:meth:`CanarySet.from_sequences`) take the language-model path
-    of :mod:`fesmia_hooks.text`: the model gets the token ids (and ``attention_mask=`` when
-    its ``forward`` names it) and returns ``[B, T, V]`` logits; ``signals`` are then the
-    per-token signals averaged over the scored tokens, or whatever a
-    :class:`~fesmia_hooks.text.SequenceSignals` given as ``signal_fn`` asks for; batches
-    are cut so that at most ``max_logit_elements`` logits come back at once; and an
-    embedding layer whose output is ``[B, T, D]`` is averaged over the unmasked positions
-    (for the paper's text features, "logits averaged over positions", name the output
-    layer).
+    Runs under :func:`~fesmia_hooks.guard.untouched`, in batches of ``spec.batch_size``, on
+    the model's own device (the canaries are moved there once and cached). What a forward
+    pass is depends on the kind of canaries: see ``CanarySet.features`` (classifier
+    samples) and ``SequenceCanarySet.features`` (token sequences of a causal language
+    model).
 
     Args:
         model: The victim.
         canaries: The canary pool.
-        kind: Which features to return.
-        signals: Built-in signals to compute (ignored with ``signal_fn``); ``None`` picks
-            the canaries' kind's default, :data:`~fesmia_hooks.signals.DEFAULT_SIGNALS` for
-            a classifier and :data:`~fesmia_hooks.text.DEFAULT_SEQUENCE_SIGNALS` for token
-            sequences.
-        embedding_layer: Name of the submodule whose output is the embedding.
-        signal_fn: ``signal_fn(model, inputs, targets) -> Tensor[B, F]`` replacing the
-            built-in signals; it is called inside the same guard. For token sequences
-            ``inputs`` are the token ids and ``targets`` the next-token targets.
-        batch_size: Canaries per forward pass (at most).
+        spec: What to compute; ``FeatureSpec()`` (the default signals) when omitted.
         rows: Only these canaries (pool indices, members first), in this order; a rank's
             share under several processes (see :mod:`fesmia_hooks.distributed`).
 
     Returns:
         The :class:`Features` (raw, not yet normalised over the pool).
     """
-    if kind in ("embeddings", "both") and embedding_layer is None:
+    spec = spec if spec is not None else FeatureSpec()
+    if spec.kind in ("embeddings", "both") and spec.embedding_layer is None:
         raise ConfigurationError(
-            f"features={kind!r} needs `embedding_layer`, the name of the layer to read"
+            f"features={spec.kind!r} needs `embedding_layer`, the name of the layer to read"
         )
-    if canaries.is_sequence:
-        return _sequence_features(
-            model,
-            canaries,
-            kind=kind,
-            signals=signals,
-            embedding_layer=embedding_layer,
-            signal_fn=signal_fn,
-            batch_size=batch_size,
-            subset=rows,
-        )
-    signals = DEFAULT_SIGNALS if signals is None else tuple(signals)
-    device = model_device(model)
-    x, y = _select_rows(canaries.on(device), rows)
-    if signal_fn is None and kind != "embeddings" and y is None:
-        raise ConfigurationError(
-            "the built-in classification signals need canary labels; give (inputs, labels) "
-            "pairs or pass `signal_fn`"
-        )
-    captured: list[torch.Tensor] = []
-    handle = None
-    if kind in ("embeddings", "both"):
-        layer = _find_layer(model, str(embedding_layer))
-
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            tensor = extract_logits(output)
-            captured.append(tensor.reshape(tensor.shape[0], -1))
-
-        handle = layer.register_forward_hook(hook)
-    sig_parts: list[torch.Tensor] = []
-
-    def block(start: int, stop: int) -> None:
-        xb = x[start:stop]
-        yb = None if y is None else y[start:stop]
-        if signal_fn is not None:
-            seen = len(captured)
-            sig_parts.append(_check_signal_block(signal_fn(model, xb, yb), len(xb)))
-            if handle is not None and len(captured) == seen:
-                model(xb)
-            return
-        out = model(xb)
-        if kind != "embeddings":
-            assert yb is not None
-            sig_parts.append(classification_signals(extract_logits(out), yb, signals))
-
-    try:
-        with untouched(model):
-            _in_batches(x.shape[0], batch_size, block, [sig_parts, captured])
-    finally:
-        if handle is not None:
-            handle.remove()
-    return _finish(sig_parts, captured, kind)
+    return canaries.features(model, spec, rows=rows)
 
 
 _OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _in_batches(
+def forward_in_batches(
+    model: nn.Module,
     n: int,
-    batch_size: int,
-    block: Any,
-    outputs: list[list[torch.Tensor]],
-) -> None:
-    """Call ``block(start, stop)`` over ``range(n)`` in batches, halving them on out-of-memory.
+    spec: FeatureSpec,
+    *,
+    signals_of: Callable[[int, int], torch.Tensor | None],
+    forward: Callable[[int, int], object],
+    batch_size: int | None = None,
+    pool: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    preferred_size: Callable[[], int] | None = None,
+) -> Features:
+    """The one batching loop of every kind of canary set.
 
-    A batch that does not fit is dropped from ``outputs`` and retried at half the size, down
-    to one sample; the smaller size is kept for the rest of the pass.
+    Calls ``signals_of(start, stop)`` over ``range(n)`` in batches (of ``batch_size``, by
+    default ``spec.batch_size``) inside :func:`~fesmia_hooks.guard.untouched`. When
+    ``spec`` asks for embeddings, a forward hook on its ``embedding_layer`` captures the
+    layer's output for each batch (reduced by ``pool(output, start, stop)`` when given);
+    if ``signals_of`` did not run the model (a ``signal_fn`` that does not),
+    ``forward(start, stop)`` runs it. A batch that does not fit in memory is dropped and
+    retried at half the size, down to one sample; the smaller size is kept for the rest of
+    the pass. ``preferred_size()``, asked after each batch, may change the size of the next
+    ones (never above the size memory allowed).
+
+    Returns:
+        The :class:`Features` of the ``n`` canaries.
+
+    Raises:
+        ProbeError: When one canary does not fit in memory, or the features are not finite.
     """
-    start, size = 0, batch_size
-    while start < n:
-        stop = min(start + size, n)
-        lengths = [len(out) for out in outputs]
-        try:
-            block(start, stop)
-        except _OutOfMemory as exc:
-            for out, length in zip(outputs, lengths, strict=True):
-                del out[length:]
-            if size == 1:
-                raise ProbeError("one canary does not fit in the device's memory") from exc
-            size = max(1, size // 2)
-            _warn_once(f"the canary batch did not fit in memory; retrying with {size} per batch")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        start = stop
+    kind = spec.kind
+    captured: list[torch.Tensor] = []
+    sig_parts: list[torch.Tensor] = []
+    handle = None
+    if kind in ("embeddings", "both"):
+        layer = find_layer(model, str(spec.embedding_layer))
+        where: list[tuple[int, int]] = []
+
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            tensor = extract_logits(output)
+            if pool is not None and where:
+                tensor = pool(tensor, *where[-1])
+            captured.append(tensor.reshape(tensor.shape[0], -1).float())
+
+        handle = layer.register_forward_hook(hook)
+    start, size = 0, spec.batch_size if batch_size is None else batch_size
+    cap: int | None = None  # the most a batch may hold, once memory has said so
+    try:
+        with untouched(model):
+            while start < n:
+                stop = min(start + size, n)
+                lengths = (len(sig_parts), len(captured))
+                if handle is not None:
+                    where.append((start, stop))
+                try:
+                    block = signals_of(start, stop)
+                    if handle is not None and len(captured) == lengths[1]:
+                        forward(start, stop)
+                except _OutOfMemory as exc:
+                    del sig_parts[lengths[0]:], captured[lengths[1]:]
+                    if size == 1:
+                        raise ProbeError("one canary does not fit in the device's memory") from exc
+                    size = cap = max(1, size // 2)
+                    _warn_once(
+                        f"the canary batch did not fit in memory; retrying with {size} per batch"
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                if block is not None and kind != "embeddings":
+                    sig_parts.append(block)
+                start = stop
+                if preferred_size is not None:
+                    wanted = preferred_size()
+                    size = max(1, wanted if cap is None else min(cap, wanted))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _finish(sig_parts, captured, kind)
 
 
 _WARNED: set[str] = set()
@@ -226,7 +240,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(f"fesmia-hooks: {message}", stacklevel=4)
 
 
-def _select_rows(tensors: tuple[Any, ...], rows: torch.Tensor | None) -> tuple[Any, ...]:
+def select_rows(tensors: tuple[Any, ...], rows: torch.Tensor | None) -> tuple[Any, ...]:
     """The given rows of each tensor (``None`` entries stay ``None``)."""
     if rows is None:
         return tensors
@@ -244,88 +258,8 @@ def _finish(sig_parts: list[torch.Tensor], captured: list[torch.Tensor], kind: s
     return Features(signals=sig, embeddings=emb)
 
 
-def _sequence_features(
-    model: nn.Module,
-    canaries: CanarySet,
-    *,
-    kind: FeatureKind,
-    signals: Sequence[str] | None,
-    embedding_layer: str | None,
-    signal_fn: SignalFn | None,
-    batch_size: int,
-    subset: torch.Tensor | None,
-) -> Features:
-    """:func:`compute_features` for token-sequence canaries (see :mod:`fesmia_hooks.text`)."""
-    signals = DEFAULT_SEQUENCE_SIGNALS if signals is None else tuple(signals)
-    device = model_device(model)
-    ids, targets = _select_rows(canaries.on(device), subset)
-    _, mask, zlib_bytes = _select_rows(canaries.sequences_on(device), subset)
-    assert targets is not None
-    spec: SequenceSignals | None = None
-    if isinstance(signal_fn, SequenceSignals):
-        spec = signal_fn
-    elif signal_fn is None:
-        unknown = [n for n in signals if n not in SEQUENCE_SIGNALS]
-        if unknown:
-            raise ConfigurationError(
-                f"signal(s) {unknown} have no sequence form; allowed for token sequences: "
-                f"{', '.join(SEQUENCE_SIGNALS)}"
-            )
-        spec = SequenceSignals(tuple(signals))
-    length = ids.shape[1]
-    captured: list[torch.Tensor] = []
-    current_mask: list[torch.Tensor] = []
-    handle = None
-    if kind in ("embeddings", "both"):
-        layer = _find_layer(model, str(embedding_layer))
-
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            tensor = extract_logits(output)
-            block_mask = current_mask[-1]
-            if tensor.dim() == 3 and tuple(tensor.shape[:2]) == tuple(block_mask.shape):
-                weight = block_mask.to(tensor.dtype)[..., None]
-                tensor = (tensor * weight).sum(1) / weight.sum(1).clamp_min(1)
-            captured.append(tensor.reshape(tensor.shape[0], -1).float())
-
-        handle = layer.register_forward_hook(hook)
-    pass_mask = None if spec is None else spec.pass_attention_mask
-    vocab = canaries.vocab_size
-    if spec is None:
-        rows = batch_size
-    elif vocab is not None:
-        rows = spec.rows_per_forward(length, vocab, batch_size)
-    else:
-        rows = 1  # learn the vocabulary's size from one sequence first
-    sig_parts: list[torch.Tensor] = []
-    try:
-        with untouched(model):
-            start = 0
-            while start < ids.shape[0]:
-                block = slice(start, start + rows)
-                xb, yb, mb = ids[block], targets[block], mask[block]
-                current_mask.append(mb)
-                if spec is None:
-                    assert signal_fn is not None
-                    seen = len(captured)
-                    sig_parts.append(_check_signal_block(signal_fn(model, xb, yb), len(xb)))
-                    if handle is not None and len(captured) == seen:
-                        forward_logits(model, xb, mb)
-                else:
-                    logits = forward_logits(model, xb, mb, pass_attention_mask=pass_mask)
-                    if vocab is None:
-                        vocab = int(logits.shape[-1])
-                        rows = spec.rows_per_forward(length, vocab, batch_size)
-                    if kind != "embeddings":
-                        sig_parts.append(spec.reduce(logits, yb, zlib_bytes=zlib_bytes[block]))
-                    del logits
-                start = block.stop
-    finally:
-        if handle is not None:
-            handle.remove()
-    return _finish(sig_parts, captured, kind)
-
-
-def _check_signal_block(block: object, rows: int) -> torch.Tensor:
+def check_signal_block(block: object, rows: int) -> torch.Tensor:
+    """A ``signal_fn``'s output as ``[rows, F]`` float32, or a clear error."""
     if not isinstance(block, torch.Tensor):
         raise ProbeError(f"`signal_fn` must return a tensor, got {type(block).__name__}")
     if block.dim() == 1:

@@ -10,6 +10,10 @@ shape ``[G, 2 * queries]``, higher meaning "more likely a member". ``G`` counts 
 label permutations): all of them are solved at once with tensor operations on the features'
 device, with no Python loop over episodes. Scores are log-odds or distance ratios rather than
 probabilities so that they do not saturate into ties.
+
+Add your own learner with :func:`register_learner` (then ``FeSMIA(method="name")``), or pass
+the function itself as ``FeSMIA(method=fn)``; it receives the same arguments, and the
+keyword-only parameters of its signature are the options ``learner_options`` may set.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ import torch
 
 from fesmia_hooks.exceptions import ConfigurationError
 
-__all__ = ["LEARNERS", "finetune", "laplacianshot", "simpleshot", "threshold"]
+__all__ = [
+    "LEARNERS",
+    "Learner",
+    "finetune",
+    "get_learner",
+    "laplacianshot",
+    "learner_name",
+    "register_learner",
+    "simpleshot",
+    "threshold",
+]
 
 Learner = Callable[..., torch.Tensor]
 
@@ -162,17 +176,70 @@ LEARNERS: dict[str, Learner] = {
 }
 
 
-def get_learner(name: str, options: dict[str, Any] | None = None) -> Callable[..., torch.Tensor]:
-    """The learner called ``name`` with ``options`` bound, checked against its signature."""
-    if name not in LEARNERS:
+def register_learner(name: str, fn: Learner, *, replace: bool = False) -> None:
+    """Make ``fn`` available as ``FeSMIA(method=name)``.
+
+    Args:
+        name: The name to register.
+        fn: ``fn(support, query, shots, **options) -> scores`` (see the module docstring).
+        replace: Allow replacing a learner already registered under ``name``.
+
+    Raises:
+        ConfigurationError: On a name that is taken (without ``replace``) or not a string,
+            or an ``fn`` that is not callable.
+
+    Example:
+        >>> def farthest(support, query, shots):
+        ...     return query.norm(dim=-1)
+        >>> register_learner("farthest", farthest)
+        >>> "farthest" in LEARNERS
+        True
+        >>> del LEARNERS["farthest"]
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"a learner's name must be a non-empty str, got {name!r}")
+    if not callable(fn):
+        raise ConfigurationError(f"a learner must be callable, got {type(fn).__name__}")
+    if name in LEARNERS and not replace:
+        raise ConfigurationError(
+            f"a learner named {name!r} is already registered; pass replace=True to replace it"
+        )
+    LEARNERS[name] = fn
+
+
+def learner_name(method: str | Learner) -> str:
+    """The name a learner is reported under: its registered name, or the function's name."""
+    if isinstance(method, str):
+        return method
+    return str(getattr(method, "__name__", type(method).__name__))
+
+
+def get_learner(
+    method: str | Learner, options: dict[str, Any] | None = None
+) -> Callable[..., torch.Tensor]:
+    """The learner ``method`` (a registered name or a function) with ``options`` bound.
+
+    Raises:
+        ConfigurationError: On an unknown name, or options the learner does not take.
+    """
+    if callable(method):
+        fn, name = method, learner_name(method)
+    elif method in LEARNERS:
+        fn, name = LEARNERS[method], method
+    else:
         allowed = ", ".join(repr(n) for n in LEARNERS)
-        raise ConfigurationError(f"`method` must be one of {allowed}, got {name!r}")
-    fn = LEARNERS[name]
+        raise ConfigurationError(
+            f"`method` must be one of {allowed} or a learner function, got {method!r}"
+        )
     opts = dict(options or {})
-    params = inspect.signature(fn).parameters
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - callables without a signature
+        return functools.partial(fn, **opts)
+    takes_any = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
     allowed_opts = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(opts) - set(allowed_opts))
-    if unknown:
+    if unknown and not takes_any:
         raise ConfigurationError(
             f"`learner_options` {unknown} are not options of {name!r}; allowed: {allowed_opts}"
         )

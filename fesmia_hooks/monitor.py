@@ -1,11 +1,21 @@
-"""PrivacyMonitor: periodic FeS-MIA checks, a run-level calibrated budget, and its sinks."""
+"""PrivacyMonitor: periodic privacy checks, read for the run, logged, and held to a budget.
+
+One check goes one way, touching each object once: the probe *measures*
+(:class:`~fesmia_hooks.measurement.Measurement`), the run's
+:class:`~fesmia_hooks.Calibration` *reads* it into a :class:`~fesmia_hooks.LeakageReport`
+(p-value against the run-level threshold, level), the :class:`~fesmia_hooks.LeakageBudget`
+*decides* (:class:`~fesmia_hooks.Decision`, counting its own streak), the sinks *record*,
+and the monitor *acts* (stop flag, safe weights, ``on_breach``, raise).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,98 +24,40 @@ from torch import nn
 
 from fesmia_hooks._validation import boolean, choice, optional_path, optional_positive_int
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
-from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.calibration import Calibration
+from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.exceptions import ConfigurationError, FesmiaError, PrivacyBudgetExceeded
-from fesmia_hooks.probe import FeSMIA
-from fesmia_hooks.report import LeakageReport
-from fesmia_hooks.sequential import SequentialTest
-from fesmia_hooks.sinks import HISTORY_FILE, JsonlSink, Sink, TensorBoardSink
+from fesmia_hooks.probe import FeSMIA, Probe
+from fesmia_hooks.report import LeakageReport, LevelBands
+from fesmia_hooks.sinks import Sink, sinks_for
 
-__all__ = ["MonitorView", "PrivacyMonitor", "RankedMonitorView"]
+__all__ = ["PrivacyMonitor"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-
-
-class MonitorView:
-    """Read-only stop state and history of a core monitor, for the objects that drive one.
-
-    The framework integrations (and the plain-torch ``attach`` handle) mix this in and keep
-    the core :class:`PrivacyMonitor` in ``self.monitor``.
-    """
-
-    monitor: PrivacyMonitor
-
-    @property
-    def history(self) -> list[LeakageReport]:
-        """Every check's report, oldest first."""
-        return self.monitor.history
-
-    @property
-    def last_report(self) -> LeakageReport | None:
-        """The latest check's report, if any."""
-        return self.monitor.last_report
-
-    @property
-    def should_stop(self) -> bool:
-        """Whether the budget asked training to stop."""
-        return self.monitor.should_stop
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Which budget rule asked to stop (``StopReason.NOT_STOPPED`` if none did)."""
-        return self.monitor.stop_reason
-
-    @property
-    def stop_message(self) -> str:
-        """The budget's sentence about the stop, with the numbers; empty if none."""
-        return self.monitor.stop_message
-
-    @property
-    def stopped_epoch(self) -> int | None:
-        """The epoch (from 0) whose check asked to stop; ``None`` if none did."""
-        return self.monitor.stopped_epoch
-
-
-class RankedMonitorView(MonitorView):
-    """A :class:`MonitorView` that also knows a stop decided, after reduction, on any rank.
-
-    Integrations that reduce the stop decision across processes record the epoch of a
-    reduced stop in ``_reduced_stop_epoch``; a stop is then reported on every rank.
-    """
-
-    _reduced_stop_epoch: int | None = None
-
-    @property
-    def should_stop(self) -> bool:
-        """Whether the budget asked to stop, on this process or (reduced) on any."""
-        return self.monitor.should_stop or self._reduced_stop_epoch is not None
-
-    @property
-    def stopped_epoch(self) -> int | None:
-        """The epoch (from 0) whose check stopped training, or ``None``."""
-        if self.monitor.stopped_epoch is not None:
-            return self.monitor.stopped_epoch
-        return self._reduced_stop_epoch
+STATE_VERSION = 2
+_NO_BUDGET = Decision(False, False, StopReason.NOT_STOPPED, "no budget")
 
 
 class PrivacyMonitor:
     """Run the probe on a cadence, log every check, and decide when leakage is too much.
 
     The monitor is framework-neutral: call :meth:`step` after each epoch (or optimizer step)
-    of any training loop; the Lightning, Keras and plain-torch integrations do this for you.
-    It never stops training itself: it sets :attr:`should_stop` (and raises with
-    ``action="raise"``) and the loop acts on it.
+    of any training loop; the Lightning, Keras, Hugging Face and plain-torch integrations do
+    this for you. It never stops training itself: it sets :attr:`should_stop` (and raises
+    with ``action="raise"``) and the loop acts on it.
 
     Significance is calibrated per *run*: the probe's label permutations are the same at
-    every check, and :class:`~fesmia_hooks.sequential.SequentialTest` spends the budget's
-    ``alpha`` over the checks, so a model that leaks nothing raises a false alarm in at most
-    ``alpha`` of its training runs however many checks it makes.
+    every check, and the :class:`~fesmia_hooks.Calibration` spends ``alpha`` over the checks,
+    so a model that leaks nothing raises a false alarm in at most ``alpha`` of its training
+    runs however many checks it makes (``docs/science.md#run-level-test``).
 
     Args:
-        canaries: The canary set.
-        probe: The probe; ``FeSMIA()`` when omitted.
+        canaries: The canary set (:class:`~fesmia_hooks.CanarySet` or
+            :class:`~fesmia_hooks.SequenceCanarySet`). ``None`` defers it to
+            :meth:`set_canaries` (an integration may take it from the trainer).
+        probe: The probe; ``FeSMIA()`` when omitted. Anything with the methods of
+            :class:`~fesmia_hooks.probe.Probe` will do.
         budget: The leakage budget; ``None`` only measures and logs.
         log_dir: Folder for TensorBoard events and the ``privacy_history.jsonl`` history;
             ``None`` writes nothing.
@@ -118,9 +70,15 @@ class PrivacyMonitor:
             They are kept as one copy of the model's ``state_dict`` on its own device, so
             this costs the model's size in device memory.
         on_error: ``"warn"`` records a failed check and carries on; ``"raise"`` re-raises.
+        alpha: False-alarm rate allowed per training run when nothing leaks.
+        horizon: Expected number of checks; spends ``alpha`` evenly over them. ``None``
+            lets an integration set it from the run's limits (or spends ``alpha`` as
+            ``alpha * c / (c + 10)``).
+        bands: Where the qualitative levels start.
 
     Example:
         >>> import torch
+        >>> from fesmia_hooks import CanarySet, FeSMIA, LeakageBudget
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
@@ -135,9 +93,9 @@ class PrivacyMonitor:
 
     def __init__(
         self,
-        canaries: CanarySet,
+        canaries: Canaries | None,
         *,
-        probe: FeSMIA | None = None,
+        probe: Probe | None = None,
         budget: LeakageBudget | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         every_n_epochs: int | None = 1,
@@ -146,13 +104,15 @@ class PrivacyMonitor:
         tensorboard: bool = True,
         restore_safe_weights: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
+        alpha: float = 0.05,
+        horizon: int | None = None,
+        bands: LevelBands | None = None,
     ) -> None:
-        if not isinstance(canaries, CanarySet):
+        if probe is not None and not isinstance(probe, Probe):
             raise ConfigurationError(
-                f"`canaries` must be a CanarySet, got {type(canaries).__name__}"
+                "`probe` must be a FeSMIA (or have check_canaries, measure and settings), "
+                f"got {type(probe).__name__}"
             )
-        if probe is not None and not isinstance(probe, FeSMIA):
-            raise ConfigurationError(f"`probe` must be a FeSMIA, got {type(probe).__name__}")
         if budget is not None and not isinstance(budget, LeakageBudget):
             raise ConfigurationError(
                 f"`budget` must be a LeakageBudget or None, got {type(budget).__name__}"
@@ -168,25 +128,43 @@ class PrivacyMonitor:
             )
         self.on_error = choice("on_error", on_error, ("warn", "raise"))
         optional_path("log_dir", log_dir)
+        boolean("tensorboard", tensorboard)
         boolean("restore_safe_weights", restore_safe_weights)
+        if isinstance(sinks, Sink) or isinstance(sinks, (str, bytes)):
+            raise ConfigurationError(
+                f"`sinks` must be a sequence of sinks, got a single {type(sinks).__name__}"
+            )
         for sink in sinks:
             if not isinstance(sink, Sink):
                 raise ConfigurationError(
                     f"each sink needs log(report, step) and close(), got {type(sink).__name__}"
                 )
-        self.canaries = canaries
-        self.probe = probe if probe is not None else FeSMIA()
-        self.probe.check_canaries(canaries)
+        self.probe: Probe = probe if probe is not None else FeSMIA()
+        self.calibration = Calibration(alpha, horizon=horizon, bands=bands)
         self.budget = budget
+        self.canaries: Canaries | None = None
+        if canaries is not None:
+            self.set_canaries(canaries)
         self.sinks: list[Sink] = list(sinks)
+        #: Whether this process writes to the sinks (integrations turn it off off rank zero).
+        self.writes = True
         self.log_dir: Path | None = None
-        self._history_sink: JsonlSink | None = None
         self._dir_sinks: list[Sink] = []
         self.set_log_dir(log_dir, tensorboard=tensorboard)
         self.restore_safe_weights = bool(restore_safe_weights)
-        self._safe_state: dict[str, torch.Tensor] | None = None
-        self._horizon: int | None = None
+        self._safe_state: dict[str, Any] | None = None
         self._reset_state()
+
+    # ------------------------------------------------------------------ configuration
+    def set_canaries(self, canaries: Canaries) -> None:
+        """Give the monitor its canary set (checked against the probe's needs)."""
+        if not isinstance(canaries, Canaries):
+            raise ConfigurationError(
+                "`canaries` must be a CanarySet or SequenceCanarySet, "
+                f"got {type(canaries).__name__}"
+            )
+        self.probe.check_canaries(canaries)
+        self.canaries = canaries
 
     def set_log_dir(
         self,
@@ -200,7 +178,8 @@ class PrivacyMonitor:
 
         Integrations call this once they know where the framework writes (and, under
         several processes, only on rank zero). Sinks opened for an earlier ``log_dir`` are
-        closed; sinks given to the constructor stay.
+        closed; sinks given to the constructor stay. The sinks come from
+        :func:`~fesmia_hooks.sinks.sinks_for`.
 
         Args:
             log_dir: Folder of ``privacy_history.jsonl`` (and of the event files when no
@@ -213,30 +192,21 @@ class PrivacyMonitor:
         for sink in self._dir_sinks:
             self.sinks.remove(sink)
             sink.close()
-        self._dir_sinks = []
-        self._history_sink = None
         self.log_dir = None if log_dir is None else Path(log_dir)
-        if self.log_dir is None:
-            return
-        self._history_sink = JsonlSink(self.log_dir / HISTORY_FILE)
-        self._dir_sinks.append(self._history_sink)
-        if tensorboard:
-            self._dir_sinks.append(
-                TensorBoardSink(None if writer is not None else self.log_dir, writer=writer,
-                                scalars=scalars)
-            )
+        self._dir_sinks = sinks_for(self.log_dir, tensorboard=tensorboard, writer=writer,
+                                    scalars=scalars)
         self.sinks.extend(self._dir_sinks)
+        if getattr(self, "_resumed", False):
+            self._resume(self._dir_sinks)
+        elif getattr(self, "_header_sent", False):
+            self._call(self._dir_sinks, "start_run", self.header())
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
-        alpha = self.budget.alpha if self.budget is not None else self.probe.alpha
-        horizon = self.budget.horizon if self.budget is not None else None
-        horizon = horizon if horizon is not None else self._horizon
-        self._test = SequentialTest(alpha=alpha, horizon=horizon)
+        self.run_id = uuid.uuid4().hex[:16]
         self.history: list[LeakageReport] = []
         self.errors: list[dict[str, Any]] = []
         self.checks = 0
-        self.streak = 0
         self.should_stop = False
         self.stop_reason = StopReason.NOT_STOPPED
         self.stop_message = ""
@@ -244,22 +214,56 @@ class PrivacyMonitor:
         self.stopped_step: int | None = None
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
+        self._header_sent = False
+        self._resumed = False
+        #: A state was loaded and no run has begun since: the next run continues it.
+        self.restored = False
+        if self.budget is not None:
+            self.budget.reset()
 
     def reset(self, *, horizon: int | None = None) -> None:
         """Forget every check: a new training run starts (keeps configuration and sinks).
 
         Args:
             horizon: Checks expected in the new run (for example ``max_epochs //
-                every_n_epochs``), when the budget did not fix it; spends ``alpha`` evenly.
+                every_n_epochs``), unless a horizon was fixed at construction.
         """
-        self._horizon = optional_positive_int("horizon", horizon)
+        self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
+
+    @property
+    def streak(self) -> int:
+        """Consecutive checks that crossed the budget (0 without a budget)."""
+        return 0 if self.budget is None else self.budget.streak
 
     @property
     def last_report(self) -> LeakageReport | None:
         """The latest report, if any."""
         return self.history[-1] if self.history else None
+
+    def header(self) -> dict[str, Any]:
+        """The run's id and the settings that interpret it (the history's first line)."""
+        canaries = None
+        if self.canaries is not None:
+            canaries = {
+                "kind": self.canaries.kind,
+                "members": self.canaries.num_members,
+                "non_members": self.canaries.num_non_members,
+                "fingerprint": self.canaries.fingerprint(),
+            }
+        return {
+            "run_id": self.run_id,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": {
+                "probe": self.probe.settings(),
+                "calibration": self.calibration.settings(),
+                "budget": None if self.budget is None else self.budget.settings(),
+                "canaries": canaries,
+                "cadence": {"every_n_epochs": self.every_n_epochs,
+                            "every_n_steps": self.every_n_steps},
+            },
+        }
 
     # ------------------------------------------------------------------ cadence
     def is_due(self, *, epoch: int | None = None, step: int | None = None) -> bool:
@@ -290,64 +294,63 @@ class PrivacyMonitor:
     def check(
         self, model: nn.Module, *, epoch: int | None = None, step: int | None = None
     ) -> LeakageReport | None:
-        """Run one check now, log it, and apply the budget.
+        """Run one check now: measure, calibrate, decide, record, act.
 
         Raises:
+            ConfigurationError: When the monitor has no canaries yet.
             PrivacyBudgetExceeded: When the budget is breached with ``action="raise"``.
         """
+        if self.canaries is None:
+            raise ConfigurationError(
+                "the monitor has no canaries: pass `canaries` or call set_canaries() first"
+            )
         if self.every_n_steps is not None and step is not None:
             self._checked.add(("step", step))
         elif epoch is not None:
             self._checked.add(("epoch", epoch))
         index = self.checks + 1
         try:
-            raw = self.probe.evaluate(model, self.canaries, step=step, epoch=epoch, check=index)
+            measured = self.probe.measure(model, self.canaries)
         except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
             self._record_error(exc, epoch=epoch, step=step, index=index)
             return None
         self.checks = index
-        report = self._calibrate(raw)
-        decision = self._decide(report)
-        report = report.with_updates(
-            breached=decision.breached,
-            action=(self.budget.action if decision.breached and self.budget else "none"),
-        )
+        report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
+        decision = self.budget.update(report) if self.budget is not None else _NO_BUDGET
+        self.last_decision = decision
+        if decision.breached:
+            assert self.budget is not None
+            report = report.with_updates(breached=True, action=self.budget.action)
         self.history.append(report)
         log.info("fesmia-hooks check %d: %s", index, report.summary())
         global_step = step if step is not None else (epoch if epoch is not None else index)
-        for sink in self.sinks:
+        self._start_run()
+        for sink in self._writing():
             sink.log(report, global_step)
         self._act(model, report, decision)
         return report
 
-    def _calibrate(self, report: LeakageReport) -> LeakageReport:
-        p_value, threshold, significant = self._test.update(
-            report.relaxed, report.null_statistics
-        )
-        reading = report.strict if self.probe.bands.on == "strict" else report.relaxed
-        return report.with_updates(
-            p_value=p_value,
-            p_threshold=threshold,
-            significant=significant,
-            level=self.probe.bands.classify(reading, significant=significant),
-        )
+    def _writing(self) -> list[Sink]:
+        return self.sinks if self.writes else []
 
-    def _decide(self, report: LeakageReport) -> Decision:
-        if self.budget is None:
-            self.streak = 0
-            decision = Decision(False, False, StopReason.NOT_STOPPED, "no budget")
-        else:
-            crossed = self.budget.crossing(report) is not None
-            self.streak = self.streak + 1 if crossed else 0
-            decision = self.budget.decide(report, checks=self.checks, streak=self.streak)
-        self.last_decision = decision
-        return decision
+    def _start_run(self) -> None:
+        if not self._header_sent:
+            self._header_sent = True
+            self._call(self._writing(), "start_run", self.header())
+
+    @staticmethod
+    def _call(sinks: Sequence[Sink], hook: str, *args: Any) -> None:
+        for sink in sinks:
+            method = getattr(sink, hook, None)
+            if callable(method):
+                method(*args)
 
     def _act(self, model: nn.Module, report: LeakageReport, decision: Decision) -> None:
         if not decision.breached:
             if self.restore_safe_weights and self.streak == 0:
                 self._safe_state = {
-                    k: v.detach().clone() for k, v in model.state_dict().items()
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in model.state_dict().items()
                 }
             return
         assert self.budget is not None
@@ -387,20 +390,21 @@ class PrivacyMonitor:
         text = str(exc) if isinstance(exc, FesmiaError) else "(message withheld)"
         record = {"check": index, "epoch": epoch, "step": step, "error": f"{kind}: {text}"}
         self.errors.append(record)
-        if self._history_sink is not None:
-            self._history_sink.write(record)
+        self._start_run()
+        self._call(self._writing(), "log_failure", record)
         warnings.warn(f"fesmia-hooks check failed and was skipped: {kind}: {text}", stacklevel=3)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain-value state: history, counters, the run-level test and the stop state."""
+        """Plain-value state: the run, its history, counters, calibration and stop state."""
         return {
             "version": STATE_VERSION,
+            "run_id": self.run_id,
             "history": [r.as_dict() for r in self.history],
             "errors": list(self.errors),
             "checks": self.checks,
-            "streak": self.streak,
-            "sequential": self._test.state_dict(),
+            "calibration": self.calibration.state_dict(),
+            "budget": None if self.budget is None else self.budget.state_dict(),
             "should_stop": self.should_stop,
             "stop_reason": self.stop_reason.value,
             "stop_message": self.stop_message,
@@ -410,22 +414,41 @@ class PrivacyMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; keys missing from older states get defaults."""
+        """Restore :meth:`state_dict` output and continue that run.
+
+        Keys missing from older states get defaults. The history file keeps every line of
+        other runs, and of this run up to the saved check (see
+        :meth:`~fesmia_hooks.JsonlSink.resume`).
+        """
         self._reset_state()
+        self.run_id = str(state.get("run_id") or self.run_id)
         self.history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
         self.errors = list(state.get("errors", []))
         self.checks = int(state.get("checks", len(self.history)))
-        self.streak = int(state.get("streak", 0))
-        self._test.load_state_dict(state.get("sequential", {}))
+        calibration = state.get("calibration")
+        if calibration is None:  # version 1 kept the run-level test at the top level
+            calibration = {"horizon": self.calibration.horizon,
+                           "sequential": state.get("sequential", {})}
+        self.calibration.load_state_dict(calibration)
+        if self.budget is not None:
+            counters = state.get("budget") or {"checks": self.checks,
+                                               "streak": state.get("streak", 0)}
+            self.budget.load_state_dict(counters)
         self.should_stop = bool(state.get("should_stop", False))
         self.stop_reason = StopReason(state.get("stop_reason", StopReason.NOT_STOPPED.value))
         self.stop_message = str(state.get("stop_message", ""))
         self.stopped_epoch = state.get("stopped_epoch")
         self.stopped_step = state.get("stopped_step")
         self._checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
-        if self._history_sink is not None:
-            # Checks made after this state was saved will be made again: drop their lines.
-            self._history_sink.truncate_after(self.checks)
+        self._resumed = True
+        self._header_sent = True
+        self.restored = True
+        self._resume(self.sinks)
+
+    def _resume(self, sinks: Sequence[Sink]) -> None:
+        if not self.writes:
+            return
+        self._call(sinks, "resume", self.run_id, self.checks, list(self.errors), self.header())
 
     def close(self) -> None:
         """Flush and close every sink."""

@@ -1,32 +1,39 @@
-"""FeS-MIA: membership inference as a few-shot task on a canary set, read as Log-MIA."""
+"""FeS-MIA: membership inference as a few-shot task on a canary set, read as Log-MIA.
+
+The probe *measures*: :meth:`FeSMIA.measure` returns a
+:class:`~fesmia_hooks.measurement.Measurement` (readings, intervals, pooled scores and the
+permutation null). Significance and levels are the run's
+:class:`~fesmia_hooks.Calibration`'s business. Anything with the three methods of
+:class:`Probe` can stand in for :class:`FeSMIA` in a monitor. See ``docs/science.md#fes-mia``.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fesmia_hooks._validation import choice, positive_int, probability
-from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks._validation import choice, positive_int
+from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distributed, shard
 from fesmia_hooks.episodes import EpisodePlan
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.features import FeatureKind, Features, compute_features
+from fesmia_hooks.features import FeatureKind, Features, FeatureSpec, compute_features
 from fesmia_hooks.guard import model_device
-from fesmia_hooks.learners import LEARNERS, get_learner
+from fesmia_hooks.learners import Learner, get_learner, learner_name
 from fesmia_hooks.logmia import batched_auc, batched_log_mia, chance_log_mia
-from fesmia_hooks.report import TPR_FPRS, LeakageReport, LevelBands, mean_interval
-from fesmia_hooks.sequential import permutation_p_values
+from fesmia_hooks.measurement import Measurement, mean_interval, tpr_at_fpr
+from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.signals import CLASSIFICATION_SIGNALS, SignalFn
 from fesmia_hooks.text import SEQUENCE_SIGNALS
 
-__all__ = ["FeSMIA"]
+__all__ = ["FeSMIA", "Probe"]
 
 Method = Literal["simpleshot", "laplacianshot", "finetune", "threshold"]
 
@@ -34,6 +41,27 @@ Method = Literal["simpleshot", "laplacianshot", "finetune", "threshold"]
 SIGNAL_NAMES: tuple[str, ...] = CLASSIFICATION_SIGNALS + tuple(
     s for s in SEQUENCE_SIGNALS if s not in CLASSIFICATION_SIGNALS
 )
+
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """What a monitor needs of a probe; :class:`FeSMIA` is one.
+
+    ``measure`` must be side-effect free on the model (see ``docs/science.md#side-effects``)
+    and return the statistic of the run-level test with its values under permutations that
+    are the same at every check of a run.
+    """
+
+    def check_canaries(self, canaries: Canaries) -> None:
+        """Raise a :class:`~fesmia_hooks.CanaryError` if the canaries cannot be probed."""
+
+    def measure(self, model: nn.Module, canaries: Canaries) -> Measurement:
+        """Measure ``model``'s leakage on ``canaries``."""
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's configuration as plain values (written to a run's history)."""
+
 
 # Elements of one gathered feature block; keeps the probe's extra memory near 8 MB.
 _BLOCK_ELEMENTS = 2_000_000
@@ -49,8 +77,9 @@ class FeSMIA:
     scale. The mean over episodes is tested against ``permutations`` relabelings of the pool.
 
     Args:
-        method: The few-shot learner: ``"simpleshot"``, ``"laplacianshot"``, ``"finetune"``
-            or ``"threshold"`` (one signal, no learning; a baseline).
+        method: The few-shot learner: ``"simpleshot"``, ``"laplacianshot"``, ``"finetune"``,
+            ``"threshold"`` (one signal, no learning; a baseline), a name registered with
+            :func:`~fesmia_hooks.learners.register_learner`, or a learner function.
         shots: Members (and non-members) in each support set.
         queries: Members (and non-members) in each query set (``N`` of Log-MIA).
         episodes: Episodes per check.
@@ -68,8 +97,6 @@ class FeSMIA:
         threshold_signal: For ``method="threshold"``: which signal ranks the canaries.
         learner_options: Extra keyword options of the learner (see
             :mod:`fesmia_hooks.learners`).
-        alpha: Significance level of a single check (a monitor recalibrates it per run).
-        bands: Where the qualitative levels start.
         batch_size: Canaries per forward pass.
         seed: Seed of the episode draws and permutations; same seed, same device, same
             inputs give the same report.
@@ -79,20 +106,24 @@ class FeSMIA:
 
     Example:
         >>> import torch
+        >>> from fesmia_hooks import CanarySet
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(8, 3)
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
         >>> probe = FeSMIA(shots=5, queries=15, episodes=50, permutations=99, seed=0)
-        >>> report = probe.evaluate(model, canaries)
-        >>> report.level.value, round(report.chance_strict, 3)
-        ('none', 0.178)
+        >>> m = probe.measure(model, canaries)
+        >>> round(m.chance_strict, 3), m.null.shape
+        (0.178, torch.Size([99]))
+        >>> probe.evaluate(model, canaries).level.value  # one check read on its own
+        'none'
+
     """
 
     def __init__(
         self,
-        method: Method = "simpleshot",
+        method: Method | str | Learner = "simpleshot",
         *,
         shots: int = 5,
         queries: int = 15,
@@ -104,12 +135,11 @@ class FeSMIA:
         signal_fn: SignalFn | None = None,
         threshold_signal: str = "phi",
         learner_options: Mapping[str, Any] | None = None,
-        alpha: float = 0.05,
-        bands: LevelBands | None = None,
         batch_size: int = 256,
         seed: int = 0,
     ) -> None:
-        self.method = choice("method", method, LEARNERS)
+        self._learner_fn = method
+        self.method = learner_name(method)
         self.shots = positive_int("shots", shots)
         self.queries = positive_int("queries", queries)
         self.episodes = positive_int("episodes", episodes, minimum=2)
@@ -145,10 +175,8 @@ class FeSMIA:
                     f"got {features!r}"
                 )
         self.threshold_signal = threshold_signal
-        self._learner = get_learner(self.method, options)
+        self._learner = get_learner(method, options)
         self.learner_options = options
-        self.alpha = probability("alpha", alpha)
-        self.bands = bands if bands is not None else LevelBands()
         self.batch_size = positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"`seed` must be an int, got {seed!r}")
@@ -164,33 +192,53 @@ class FeSMIA:
             f"features={self.features!r}, seed={self.seed})"
         )
 
+    def settings(self) -> dict[str, Any]:
+        """The probe's configuration as plain values (written at the top of a history).
+
+        Example:
+            >>> FeSMIA().settings()["permutations"]
+            499
+        """
+        return {
+            "method": self.method,
+            "shots": self.shots,
+            "queries": self.queries,
+            "episodes": self.episodes,
+            "permutations": self.permutations,
+            "features": self.features,
+            "signals": list(self.signals),
+            "embedding_layer": self.embedding_layer,
+            "custom_signal_fn": self.signal_fn is not None,
+            "seed": self.seed,
+        }
+
     # ------------------------------------------------------------------ public
-    def check_canaries(self, canaries: CanarySet) -> None:
+    def check_canaries(self, canaries: Canaries) -> None:
         """Raise :class:`~fesmia_hooks.CanaryError` if ``canaries`` is too small for this probe."""
         canaries.require(self.shots + self.queries, who=f"FeSMIA(shots={self.shots}, "
                          f"queries={self.queries})")
 
-    def features_of(self, model: nn.Module, canaries: CanarySet) -> Features:
+    def features_of(self, model: nn.Module, canaries: Canaries) -> Features:
         """Forward the canary pool and return its features (side-effect free).
 
         Inside a ``torch.distributed`` process group of several processes, each rank
         forwards its share of the pool and the features are gathered, so every rank holds
         them all (see :mod:`fesmia_hooks.distributed`).
         """
-        options: dict[str, Any] = {
-            "kind": self.features,
-            "signals": self.signals,
-            "embedding_layer": self.embedding_layer,
-            "signal_fn": self.signal_fn,
-            "batch_size": self.batch_size,
-        }
+        spec = FeatureSpec(
+            kind=self.features,
+            signals=self.signals,
+            embedding_layer=self.embedding_layer,
+            signal_fn=self.signal_fn,
+            batch_size=self.batch_size,
+        )
         if not is_distributed():
-            return compute_features(model, canaries, **options)
+            return compute_features(model, canaries, spec)
         n = len(canaries)
         rows = shard(n, dist.get_rank(), dist.get_world_size())
         local, error = None, None
         try:
-            local = compute_features(model, canaries, rows=rows, **options)
+            local = compute_features(model, canaries, spec, rows=rows)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it before gathering
             error = exc
         agree_on_failure(error, model_device(model))
@@ -200,38 +248,40 @@ class FeSMIA:
             embeddings=None if local.embeddings is None else gather_rows(local.embeddings, n),
         )
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        canaries: CanarySet,
-        *,
-        step: int | None = None,
-        epoch: int | None = None,
-        check: int = 0,
-    ) -> LeakageReport:
-        """Run one privacy check of ``model`` on ``canaries``.
+    def measure(self, model: nn.Module, canaries: Canaries) -> Measurement:
+        """Run one privacy check of ``model`` on ``canaries``: what the attack finds.
 
         Returns:
-            The :class:`~fesmia_hooks.LeakageReport`; ``significant`` uses ``alpha``.
+            The :class:`~fesmia_hooks.measurement.Measurement`; a monitor's
+            :class:`~fesmia_hooks.Calibration` reads it into a report.
         """
         self.check_canaries(canaries)
         start = time.perf_counter()
-        feats = self.features_of(model, canaries)
-        matrix = feats.matrix()
+        matrix = self.features_of(model, canaries).matrix()
         _sync(matrix)
         forward = time.perf_counter() - start
-        report = self.attack(matrix, canaries.num_members, step=step, epoch=epoch, check=check)
-        return report.with_updates(seconds_forward=forward)
+        measured = self.attack(matrix, canaries.num_members)
+        return replace(measured, seconds_forward=forward)
 
-    def attack(
+    def evaluate(
         self,
-        features: torch.Tensor,
-        num_members: int,
+        model: nn.Module,
+        canaries: Canaries,
         *,
-        step: int | None = None,
-        epoch: int | None = None,
-        check: int = 0,
+        alpha: float = 0.05,
+        bands: LevelBands | None = None,
     ) -> LeakageReport:
+        """One check read on its own: significant when its p-value is at most ``alpha``.
+
+        For a check that is one of many in a training run, use a
+        :class:`~fesmia_hooks.PrivacyMonitor`: it keeps the false-alarm rate per *run*.
+        """
+        from fesmia_hooks.calibration import Calibration
+
+        measured = self.measure(model, canaries)
+        return Calibration(alpha, bands=bands).single_check(measured)
+
+    def attack(self, features: torch.Tensor, num_members: int) -> Measurement:
         """The attack alone, on a ready ``[n, F]`` feature matrix (members first).
 
         Useful to test learners on synthetic features, or to attack features computed
@@ -252,31 +302,23 @@ class FeSMIA:
 
         strict_np, relaxed_np, auc_np = (t.double().cpu().numpy() for t in (strict, relaxed, auc))
         pooled_np = pooled.double().cpu().numpy()
-        stat = float(relaxed_np.mean())
-        obs_rank, _ = permutation_p_values(stat, null)
-        p_value = obs_rank / (self.permutations + 1)
-        significant = p_value <= self.alpha
         s_mean, s_lo, s_hi = mean_interval(strict_np)
         r_mean, r_lo, r_hi = mean_interval(relaxed_np)
         a_mean, a_lo, a_hi = mean_interval(auc_np)
-        reading = s_mean if self.bands.on == "strict" else r_mean
         members = pooled_np[:num_members]
         non_members = pooled_np[num_members:]
-        return LeakageReport(
+        return Measurement(
             strict=s_mean, strict_low=s_lo, strict_high=s_hi,
             relaxed=r_mean, relaxed_low=r_lo, relaxed_high=r_hi,
             chance_strict=self.chance_strict, chance_relaxed=self.chance_relaxed,
             auc=a_mean, auc_low=a_lo, auc_high=a_hi,
-            tpr_at_fpr=_tpr_at_fpr(members, non_members),
-            p_value=p_value, p_threshold=self.alpha, significant=significant,
-            level=self.bands.classify(reading, significant=significant),
+            tpr_at_fpr=tpr_at_fpr(members, non_members),
+            statistic=float(relaxed_np.mean()), null=null.cpu(),
             method=self.method, shots=self.shots, queries=self.queries,
             episodes=self.episodes, permutations=self.permutations,
-            seconds_forward=0.0, seconds_attack=time.perf_counter() - start,
-            check=check, step=step, epoch=epoch,
+            seconds_attack=time.perf_counter() - start,
             member_scores=members[np.isfinite(members)],
             non_member_scores=non_members[np.isfinite(non_members)],
-            null_statistics=null.cpu(),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ internals
@@ -329,22 +371,6 @@ def _pooled_scores(scores: torch.Tensor, query_slots: torch.Tensor, n: int) -> t
     total.index_add_(0, flat, scores.reshape(-1).double())
     count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
     return total / count.where(count > 0, torch.full_like(count, float("nan")))
-
-
-def _tpr_at_fpr(members: np.ndarray, non_members: np.ndarray) -> dict[float, float]:
-    """TPR of the pooled scores at each of :data:`TPR_FPRS` (ties resolved as sklearn does)."""
-    m = members[np.isfinite(members)]
-    nm = non_members[np.isfinite(non_members)]
-    if len(m) == 0 or len(nm) == 0:
-        return {f: math.nan for f in TPR_FPRS}
-    thresholds = np.unique(np.concatenate([m, nm]))[::-1]
-    tpr = np.array([(m >= t).mean() for t in thresholds])
-    fpr = np.array([(nm >= t).mean() for t in thresholds])
-    out = {}
-    for f in TPR_FPRS:
-        ok = fpr <= f + 1e-12
-        out[f] = float(tpr[ok].max()) if ok.any() else 0.0
-    return out
 
 
 def _sync(t: torch.Tensor) -> None:

@@ -1,9 +1,18 @@
-"""What one privacy check found: :class:`LeakageReport`, its :class:`Level` and the bands."""
+"""What one privacy check found: the report, its level, the bands, and the metric keys.
+
+:class:`LeakageReport` holds one check; :class:`Level` and :class:`LevelBands` read it; and
+:data:`METRICS` is the one vocabulary of metric keys.
+
+Every list of keys in the project derives from :data:`METRICS`: the report's
+:meth:`~LeakageReport.as_dict` and :meth:`~LeakageReport.from_dict`, the keys a budget may
+put a ceiling on (:func:`budget_keys`), the scalars written to TensorBoard and to the
+frameworks' loggers (:func:`scalar_keys`), and the fields a history reader requires
+(:func:`required_keys`). Adding a reading is one entry there.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal
 
@@ -12,7 +21,18 @@ import numpy as np
 from fesmia_hooks._validation import choice
 from fesmia_hooks.exceptions import ConfigurationError
 
-__all__ = ["TPR_FPRS", "LeakageReport", "Level", "LevelBands", "budget_keys"]
+__all__ = [
+    "METRICS",
+    "TPR_FPRS",
+    "LeakageReport",
+    "Level",
+    "LevelBands",
+    "Metric",
+    "Readings",
+    "budget_keys",
+    "required_keys",
+    "scalar_keys",
+]
 
 #: False-positive rates at which the pooled TPR is reported.
 TPR_FPRS: tuple[float, ...] = (0.01, 0.05, 0.1)
@@ -101,15 +121,115 @@ class LevelBands:
         return Level.LOW
 
 
-@dataclass(frozen=True)
-class LeakageReport:
-    """The result of one privacy check.
+Role = Literal["position", "leakage", "chance", "test", "level", "probe", "timing", "outcome"]
 
-    Log-MIA values are means over episodes with 95 % intervals (mean ± 1.96 sd/√episodes,
-    as in the paper's code) and always travel with their chance level. ``p_value`` tests "no
-    leakage" by permuting the membership labels of the canary pool; ``significant`` compares
-    it with ``p_threshold``, which a :class:`~fesmia_hooks.PrivacyMonitor` lowers to keep the
-    false-alarm rate per training run (see :mod:`fesmia_hooks.sequential`).
+
+@dataclass(frozen=True)
+class Metric:
+    """One key of the shared metric vocabulary.
+
+    Attributes:
+        key: The key in :meth:`LeakageReport.as_dict` (``privacy/<key>`` in loggers).
+        field: The :class:`LeakageReport` attribute it reads (``None`` for derived keys).
+        role: What it is: ``"leakage"`` readings (higher = more leakage, budgetable),
+            ``"chance"`` levels, ``"test"`` statistics, the ``"level"``, ``"probe"``
+            settings, ``"timing"``, the budget's ``"outcome"`` or the check's ``"position"``.
+        scalar: Logged as a number (TensorBoard, framework loggers).
+        required: A history line of a check must hold it.
+    """
+
+    key: str
+    field: str | None
+    role: Role
+    scalar: bool
+    required: bool = False
+
+
+def _readings(name: str, field: str, required: bool) -> tuple[Metric, ...]:
+    return (
+        Metric(name, field, "leakage", True, required),
+        Metric(name + "_low", field + "_low", "leakage", True),
+        Metric(name + "_high", field + "_high", "leakage", True),
+    )
+
+
+#: The shared vocabulary, in the order of :meth:`LeakageReport.as_dict`. ``tpr_at_fpr``
+#: stands for one key per false-positive rate of :data:`TPR_FPRS` (``tpr_at_fpr_0.01`` ...).
+METRICS: tuple[Metric, ...] = (
+    Metric("check", "check", "position", False, True),
+    Metric("step", "step", "position", False),
+    Metric("epoch", "epoch", "position", False),
+    *_readings("log_mia_strict", "strict", True),
+    *_readings("log_mia_relaxed", "relaxed", True),
+    Metric("chance_strict", "chance_strict", "chance", True, True),
+    Metric("chance_relaxed", "chance_relaxed", "chance", True, True),
+    *_readings("auc", "auc", False),
+    Metric("tpr_at_fpr", "tpr_at_fpr", "leakage", True),
+    Metric("p_value", "p_value", "test", True, True),
+    Metric("p_threshold", "p_threshold", "test", True, True),
+    Metric("significant", "significant", "test", True),
+    Metric("level", "level", "level", False, True),
+    Metric("level_index", None, "level", True),
+    Metric("members_named", None, "leakage", True),
+    Metric("method", "method", "probe", False),
+    Metric("shots", "shots", "probe", False),
+    Metric("queries", "queries", "probe", False),
+    Metric("episodes", "episodes", "probe", False),
+    Metric("permutations", "permutations", "probe", False),
+    Metric("seconds_forward", "seconds_forward", "timing", True),
+    Metric("seconds_attack", "seconds_attack", "timing", True),
+    Metric("breached", "breached", "outcome", True),
+    Metric("action", "action", "outcome", False),
+)
+
+
+def _expand(metric: Metric) -> list[str]:
+    if metric.key == "tpr_at_fpr":
+        return [f"tpr_at_fpr_{fpr:g}" for fpr in TPR_FPRS]
+    return [metric.key]
+
+
+def budget_keys() -> list[str]:
+    """Keys of :meth:`LeakageReport.as_dict` that read leakage (usable in ``max_values``).
+
+    The Log-MIA readings and their interval bounds, AUC and its bounds, TPR at each FPR, and
+    ``members_named``: higher always means more leakage. Chance levels, p-values, sizes and
+    timings are not leakage and cannot be budgeted.
+
+    Example:
+        >>> "log_mia_strict" in budget_keys() and "p_value" not in budget_keys()
+        True
+    """
+    return [key for m in METRICS if m.role == "leakage" for key in _expand(m)]
+
+
+def scalar_keys() -> list[str]:
+    """Keys of :meth:`LeakageReport.as_dict` that are logged as numbers.
+
+    Example:
+        >>> "level_index" in scalar_keys() and "level" not in scalar_keys()
+        True
+    """
+    return [key for m in METRICS if m.scalar for key in _expand(m)]
+
+
+def required_keys() -> list[str]:
+    """Keys every history line of a successful check holds.
+
+    Example:
+        >>> required_keys()[:3]
+        ['check', 'log_mia_strict', 'log_mia_relaxed']
+    """
+    return [key for m in METRICS if m.required for key in _expand(m)]
+
+
+@dataclass(frozen=True)
+class Readings:
+    """What a check reads, before anyone interprets it: shared by a measurement and a report.
+
+    Each Log-MIA value is the mean over episodes with its 95 % interval (``_low``,
+    ``_high``) and travels with its chance level; ``tpr_at_fpr`` maps false-positive rates
+    to the pooled scores' true-positive rate.
     """
 
     strict: float
@@ -124,6 +244,20 @@ class LeakageReport:
     auc_low: float
     auc_high: float
     tpr_at_fpr: dict[float, float]
+
+
+@dataclass(frozen=True)
+class LeakageReport(Readings):
+    """The result of one privacy check: the probe's readings, calibrated for the run.
+
+    Log-MIA values are means over episodes with 95 % intervals (mean ± 1.96 sd/√episodes,
+    as in the paper's code; see ``docs/science.md#intervals`` for what they cover) and
+    always travel with their chance level. ``p_value`` tests "no leakage" by permuting the
+    membership labels of the canary pool; ``significant`` compares it with
+    ``p_threshold``, which the run's :class:`~fesmia_hooks.Calibration` lowers to keep the
+    false-alarm rate per training run (see ``docs/science.md#run-level-test``).
+    """
+
     p_value: float
     p_threshold: float
     significant: bool
@@ -146,7 +280,6 @@ class LeakageReport:
     non_member_scores: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
-    null_statistics: Any = field(default=None, repr=False, compare=False)
 
     @property
     def seconds_total(self) -> float:
@@ -183,7 +316,7 @@ class LeakageReport:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat ``{key: number or string}`` for loggers and history files.
+        """Flat ``{key: number or string}`` for loggers and history files (see :data:`METRICS`).
 
         The keys are the metric names shared by every integration (prefix them with
         ``privacy/``). Per-canary scores are left out.
@@ -193,99 +326,40 @@ class LeakageReport:
             >>> d["log_mia_strict"], d["level"], d["tpr_at_fpr_0.05"]
             (0.5, 'high', 0.4)
         """
-        out: dict[str, Any] = {
-            "check": self.check,
-            "step": self.step,
-            "epoch": self.epoch,
-            "log_mia_strict": self.strict,
-            "log_mia_strict_low": self.strict_low,
-            "log_mia_strict_high": self.strict_high,
-            "log_mia_relaxed": self.relaxed,
-            "log_mia_relaxed_low": self.relaxed_low,
-            "log_mia_relaxed_high": self.relaxed_high,
-            "chance_strict": self.chance_strict,
-            "chance_relaxed": self.chance_relaxed,
-            "auc": self.auc,
-            "auc_low": self.auc_low,
-            "auc_high": self.auc_high,
-        }
-        for fpr, tpr in sorted(self.tpr_at_fpr.items()):
-            out[f"tpr_at_fpr_{fpr:g}"] = tpr
-        out.update(
-            {
-                "p_value": self.p_value,
-                "p_threshold": self.p_threshold,
-                "significant": bool(self.significant),
-                "level": self.level.value,
-                "level_index": self.level.rank,
-                "members_named": self.members_named,
-                "method": self.method,
-                "shots": self.shots,
-                "queries": self.queries,
-                "episodes": self.episodes,
-                "permutations": self.permutations,
-                "seconds_forward": self.seconds_forward,
-                "seconds_attack": self.seconds_attack,
-                "breached": bool(self.breached),
-                "action": self.action,
-            }
-        )
+        out: dict[str, Any] = {}
+        for metric in METRICS:
+            if metric.key == "tpr_at_fpr":
+                for fpr, tpr in sorted(self.tpr_at_fpr.items()):
+                    out[f"tpr_at_fpr_{fpr:g}"] = tpr
+            elif metric.key == "level":
+                out["level"] = self.level.value
+            elif metric.key == "level_index":
+                out["level_index"] = self.level.rank
+            elif metric.key == "members_named":
+                out["members_named"] = self.members_named
+            elif metric.key in ("significant", "breached"):
+                out[metric.key] = bool(getattr(self, str(metric.field)))
+            else:
+                out[metric.key] = getattr(self, str(metric.field))
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LeakageReport:
         """Rebuild a report (without per-canary scores) from :meth:`as_dict` output."""
-        tpr = {
-            float(k[len("tpr_at_fpr_") :]): float(v)
-            for k, v in data.items()
-            if k.startswith("tpr_at_fpr_")
-        }
-        names = {f.name for f in fields(cls)}
-        renamed = {
-            "strict": "log_mia_strict",
-            "strict_low": "log_mia_strict_low",
-            "strict_high": "log_mia_strict_high",
-            "relaxed": "log_mia_relaxed",
-            "relaxed_low": "log_mia_relaxed_low",
-            "relaxed_high": "log_mia_relaxed_high",
-        }
         kwargs: dict[str, Any] = {}
-        for name in names - {"member_scores", "non_member_scores", "null_statistics"}:
-            key = renamed.get(name, name)
-            if name == "tpr_at_fpr":
-                kwargs[name] = tpr
-            elif key in data:
-                kwargs[name] = data[key]
+        for metric in METRICS:
+            if metric.field is None:
+                continue
+            if metric.key == "tpr_at_fpr":
+                kwargs["tpr_at_fpr"] = {
+                    float(k[len("tpr_at_fpr_") :]): float(v)
+                    for k, v in data.items()
+                    if k.startswith("tpr_at_fpr_")
+                }
+            elif metric.key in data:
+                kwargs[metric.field] = data[metric.key]
         kwargs["level"] = Level(data.get("level", "none"))
         return cls(**kwargs)
-
-
-def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95 % interval ``mean ± 1.96 sd / sqrt(n)`` of per-episode values.
-
-    Example:
-        >>> mean_interval(np.array([0.0, 1.0]))
-        (0.5, -0.48, 1.48)
-    """
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else 0.0
-    return round(m, 12), round(m - half, 12), round(m + half, 12)
-
-
-def budget_keys() -> list[str]:
-    """Keys of :meth:`LeakageReport.as_dict` that read leakage (usable in ``max_values``).
-
-    The Log-MIA readings and their interval bounds, AUC and its bounds, TPR at each FPR, and
-    ``members_named``: higher always means more leakage. Chance levels, p-values, sizes and
-    timings are not leakage and cannot be budgeted.
-
-    Example:
-        >>> "log_mia_strict" in budget_keys() and "p_value" not in budget_keys()
-        True
-    """
-    leakage = ("log_mia_", "auc", "tpr_at_fpr_", "members_named")
-    return [k for k in _example_report().as_dict() if k.startswith(leakage)]
 
 
 def _example_report() -> LeakageReport:

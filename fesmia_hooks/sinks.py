@@ -1,5 +1,12 @@
 """Where reports go: one small contract, ``log(report, step)`` and ``close()``.
 
+Three optional hooks complete it; a sink that has them is told about the run around the
+checks: ``start_run(header)`` before the first check of a run (the header holds the run's
+id and the settings that interpret it), ``log_failure(record)`` for a check that failed,
+and ``resume(run_id, check, errors)`` when a run continues from a saved state at check
+``check``. :func:`sinks_for` builds the sinks of a folder, so a monitor never needs to know
+which sinks those are.
+
 * :class:`TensorBoardSink` writes scalars under ``privacy/``, a custom-scalars layout that
   draws each Log-MIA with its interval and its chance level, histograms of member and
   non-member scores, a PR curve and a text summary. Its writer opens lazily, on first use.
@@ -12,6 +19,7 @@ Only aggregates are written: never a canary input or label.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,25 +27,29 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fesmia_hooks.report import LeakageReport
+from fesmia_hooks.report import LeakageReport, scalar_keys
 
 __all__ = [
     "HISTORY_FILE",
+    "HISTORY_FORMAT",
     "JsonlSink",
     "NullSink",
     "PREFIX",
     "Sink",
     "TensorBoardSink",
     "scalar_metrics",
+    "sinks_for",
 ]
 
 #: Prefix of every metric key and TensorBoard tag.
 PREFIX = "privacy/"
 #: Name of the JSON-lines history inside a run's ``log_dir``.
 HISTORY_FILE = "privacy_history.jsonl"
+#: Format of the history's lines: a ``{"record": "run", ...}`` header opens each run and
+#: every line carries the run's ``run_id``.
+HISTORY_FORMAT = 2
 
-_NOT_SCALARS = {"check", "step", "epoch", "method", "level", "shots", "queries", "episodes",
-                "permutations", "action"}
+log = logging.getLogger(__name__)
 
 
 def scalar_metrics(report: LeakageReport) -> dict[str, float]:
@@ -49,12 +61,12 @@ def scalar_metrics(report: LeakageReport) -> dict[str, float]:
         >>> m["privacy/log_mia_strict"], m["privacy/level_index"], m["privacy/significant"]
         (0.5, 3.0, 1.0)
     """
-    out = {}
-    for key, value in report.as_dict().items():
-        if key in _NOT_SCALARS or value is None or isinstance(value, str):
-            continue
-        out[PREFIX + key] = float(value)
-    return out
+    values = report.as_dict()
+    return {
+        PREFIX + key: float(values[key])
+        for key in scalar_keys()
+        if isinstance(values.get(key), (int, float))
+    }
 
 
 @runtime_checkable
@@ -89,6 +101,10 @@ def _json_value(value: Any) -> Any:
 class JsonlSink:
     """Append one JSON line per check to ``path``, flushed and synced to disk.
 
+    Each run opens with a header line (``{"record": "run", "run_id": ..., "settings":
+    ...}``, see :meth:`start_run`) and every line carries its run's ``run_id``, so runs that
+    share a file are told apart and a resumed run rewrites only its own lines.
+
     Args:
         path: The history file; its folder is created on first write.
 
@@ -97,44 +113,97 @@ class JsonlSink:
         >>> from fesmia_hooks.report import _example_report
         >>> folder = tempfile.mkdtemp()
         >>> sink = JsonlSink(os.path.join(folder, "h.jsonl"))
+        >>> sink.start_run({"run_id": "a1", "settings": {}})
         >>> sink.log(_example_report(), step=3)
         >>> sink.close()
-        >>> json.loads(open(os.path.join(folder, "h.jsonl")).readline())["log_mia_strict"]
-        0.5
+        >>> [json.loads(line).get("log_mia_strict") for line in open(sink.path)]
+        [None, 0.5]
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.run_id: str | None = None
+
+    def start_run(self, header: dict[str, Any]) -> None:
+        """Write the header line of a new run and tag the following lines with its id."""
+        self.run_id = header.get("run_id")
+        self.write({"record": "run", "format": HISTORY_FORMAT, **header})
 
     def log(self, report: LeakageReport, step: int) -> None:
         """Append the report's :meth:`~LeakageReport.as_dict` with ``global_step``."""
         self.write({**report.as_dict(), "global_step": step})
 
+    def log_failure(self, record: dict[str, Any]) -> None:
+        """Append the record of a check that failed (it has an ``"error"`` key)."""
+        self.write(record)
+
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (a check, or a failed check) as a JSON line."""
+        """Append one record as a JSON line (tagged with the run id when there is one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.run_id is not None and "run_id" not in record:
+            record = {**record, "run_id": self.run_id}
         line = json.dumps({k: _json_value(v) for k, v in record.items()}, sort_keys=False)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def truncate_after(self, check: int) -> None:
-        """Drop the records of checks after ``check`` (a run resumed from an earlier state).
+    def resume(
+        self,
+        run_id: str,
+        check: int,
+        errors: list[dict[str, Any]] | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> None:
+        """Continue run ``run_id`` from a state saved after its check ``check``.
 
-        The file is rewritten to a temporary file and renamed over the old one, so a crash
-        leaves either the old file or the new one, never half of one.
+        Lines of that run written after the saved state (checks numbered above ``check``,
+        failed checks the state does not know) are dropped, since they will be made again;
+        lines of every other run are kept as they are. Lines that cannot be read are moved
+        to ``<file>.unreadable`` with a warning, never deleted. The header is written when
+        the file does not hold the run's yet (a run resumed into a new folder). The file is
+        rewritten to a temporary file and renamed over the old one, so a crash leaves either
+        the old file or the new one.
         """
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        self.run_id = run_id
+        known = {_failure_key(e) for e in errors or ()}
+        kept: list[str] = []
+        unreadable: list[str] = []
+        has_header = False
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines() if (
+            self.path.is_file()
+        ) else []
+        for line in lines:
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict) and int(record.get("check", 0) or 0) <= check:
+                unreadable.append(line)
+                continue
+            if not isinstance(record, dict) or record.get("run_id") != run_id:
                 kept.append(line)
+                continue
+            if record.get("record") == "run":
+                has_header = True
+                kept.append(line)
+            elif "error" in record:
+                if _failure_key(record) in known or _int(record.get("check")) <= check:
+                    kept.append(line)
+            elif _int(record.get("check")) <= check:
+                kept.append(line)
+        if unreadable:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            with open(aside, "a", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in unreadable))
+            log.warning("%s: %d unreadable line(s) moved to %s", self.path, len(unreadable),
+                        aside)
+        if not has_header and header is not None:
+            kept.insert(0, json.dumps({"record": "run", "format": HISTORY_FORMAT, **header,
+                                       "run_id": run_id}))
+        if not kept and not self.path.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("".join(line + "\n" for line in kept))
@@ -144,6 +213,46 @@ class JsonlSink:
 
     def close(self) -> None:
         """Nothing stays open between writes."""
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _failure_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record.get("check"), record.get("epoch"), record.get("step"))
+
+
+def sinks_for(
+    log_dir: str | os.PathLike[str] | None,
+    *,
+    tensorboard: bool = True,
+    writer: Any = None,
+    scalars: bool = True,
+) -> list[Sink]:
+    """The sinks of a run folder: the JSON-lines history and (optionally) TensorBoard.
+
+    Args:
+        log_dir: The folder; ``None`` gives no sinks.
+        tensorboard: Write TensorBoard content too.
+        writer: An existing ``SummaryWriter`` to write TensorBoard content through (for
+            example a Lightning ``TensorBoardLogger``'s ``experiment``).
+        scalars: Write scalars to TensorBoard (off when a framework logger writes them).
+
+    Example:
+        >>> [type(s).__name__ for s in sinks_for("runs/x")]
+        ['JsonlSink', 'TensorBoardSink']
+        >>> sinks_for(None)
+        []
+    """
+    if log_dir is None:
+        return []
+    folder = Path(log_dir)
+    out: list[Sink] = [JsonlSink(folder / HISTORY_FILE)]
+    if tensorboard:
+        out.append(TensorBoardSink(None if writer is not None else folder, writer=writer,
+                                   scalars=scalars))
+    return out
 
 
 def custom_scalar_layout() -> dict[str, Any]:

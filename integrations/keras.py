@@ -8,10 +8,11 @@ before Keras is first imported::
 
     KERAS_BACKEND=torch python train.py
 
-The adapter computes nothing itself. At each epoch end it hands the model to the core
-monitor, copies the report's scalars (:func:`fesmia_hooks.sinks.scalar_metrics`, keys such
-as ``privacy/log_mia_strict``) into Keras's ``logs`` and sets ``model.stop_training`` when
-the budget says stop.
+The adapter is Keras's hooks only (what every adapter shares is
+:class:`fesmia_hooks.integrations.driver.MonitorDriver`). At each epoch end (or every n-th
+batch) it hands the model to the core monitor, copies the report's scalars
+(:func:`fesmia_hooks.sinks.scalar_metrics`, keys such as ``privacy/log_mia_strict``) into
+Keras's ``logs`` and sets ``model.stop_training`` when the budget says stop.
 
 The probe's forward pass is in inference mode twice over: the core's
 :func:`~fesmia_hooks.guard.untouched` puts every torch module in eval mode, forks the torch
@@ -30,18 +31,12 @@ epochs in between), and ``History.history["privacy/..."]`` holds one value per c
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
-from fesmia_hooks._validation import positive_int
-from fesmia_hooks.budget import LeakageBudget
-from fesmia_hooks.canaries import CanarySet
 from fesmia_hooks.exceptions import ConfigurationError, PrivacyBudgetExceeded
-from fesmia_hooks.monitor import MonitorView
-from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
-from fesmia_hooks.probe import FeSMIA
+from fesmia_hooks.integrations.driver import MonitorDriver
 from fesmia_hooks.sinks import scalar_metrics
 
 try:
@@ -102,33 +97,35 @@ class _InferenceForward(nn.Module):
         return self.keras_model.load_state_dict(*args, **kwargs)
 
 
-class PrivacyMonitor(MonitorView, keras.callbacks.Callback):
+class PrivacyMonitor(MonitorDriver, keras.callbacks.Callback):
     """Watch a Keras model's privacy leakage during ``fit``; stop it when over budget.
 
     A thin Keras callback over the core :class:`fesmia_hooks.PrivacyMonitor` (available as
-    :attr:`monitor`). After every ``every_n_epochs``-th epoch it runs the FeS-MIA probe on
-    the canaries, writes the report to ``log_dir`` (TensorBoard events through
-    ``torch.utils.tensorboard`` and ``privacy_history.jsonl``; TensorFlow is not needed),
-    adds the report's ``privacy/*`` scalars to the epoch's ``logs`` (so ``History``,
-    ``CSVLogger`` and ``EarlyStopping`` placed after it see them) and sets
-    ``model.stop_training`` when the budget is breached with ``action="stop"``. With
-    ``action="raise"``, :class:`~fesmia_hooks.PrivacyBudgetExceeded` propagates out of
+    :attr:`monitor`). After every ``every_n_epochs``-th epoch (or every ``every_n_steps``
+    batches) it runs the FeS-MIA probe on the canaries, writes the report to ``log_dir``
+    (TensorBoard events through ``torch.utils.tensorboard`` and ``privacy_history.jsonl``;
+    TensorFlow is not needed), adds the report's ``privacy/*`` scalars to the epoch's
+    ``logs`` (so ``History``, ``CSVLogger`` and ``EarlyStopping`` placed after it see them)
+    and sets ``model.stop_training`` when the budget is breached with ``action="stop"``.
+    With ``action="raise"``, :class:`~fesmia_hooks.PrivacyBudgetExceeded` propagates out of
     ``fit``; with ``action="alert"`` training goes on.
 
-    Every ``fit`` is one training run: :meth:`on_train_begin` forgets the previous run's
-    checks, and spends the budget's ``alpha`` over ``epochs // every_n_epochs`` checks when
-    the budget gives no ``horizon``. The TensorBoard step of a check is its epoch (counted
-    from 0), as in Keras's own ``TensorBoard`` callback; give each ``fit`` its own
-    ``log_dir`` to keep runs apart.
+    Every ``fit`` is one training run unless a state was loaded with
+    :meth:`load_state_dict` before it: the previous run's checks are forgotten, and the
+    budget's ``alpha`` is spent over ``epochs // every_n_epochs`` checks (or the steps'
+    equivalent) unless ``horizon`` fixes it. The TensorBoard step of a check is its epoch
+    (counted from 0), as in Keras's own ``TensorBoard`` callback; runs that share a
+    ``log_dir`` are told apart in the history by their run id.
 
     Args:
-        canaries: The canary set; its members must be in the training data.
-        probe: The probe; ``FeSMIA()`` when omitted.
-        budget: The leakage budget; ``None`` only measures and logs.
+        canaries: The canary set (its members must be in the training data), or an
+            importable factory ``"package.module:function"``.
+        monitor: A ready core :class:`fesmia_hooks.PrivacyMonitor` instead of the options.
         log_dir: Folder for TensorBoard events and the history file; ``None`` writes nothing.
-        every_n_epochs: Check after every n-th epoch (the first after epoch ``n - 1``).
-        restore_safe_weights: On a stop, load back the last weights that were within budget.
-        on_error: ``"warn"`` skips a failed check with a warning; ``"raise"`` re-raises.
+        tensorboard: Write TensorBoard events into ``log_dir``.
+        **options: Options of the core :class:`fesmia_hooks.PrivacyMonitor` (``probe``,
+            ``budget``, ``every_n_epochs``, ``every_n_steps``, ``sinks``,
+            ``restore_safe_weights``, ``on_error``, ``alpha``, ``horizon``, ``bands``).
 
     Raises:
         ConfigurationError: If Keras does not run on the torch backend, or an argument is
@@ -148,35 +145,16 @@ class PrivacyMonitor(MonitorView, keras.callbacks.Callback):
             privacy.stop_reason, privacy.history[-1].summary()
     """
 
-    def __init__(
-        self,
-        canaries: CanarySet,
-        *,
-        probe: FeSMIA | None = None,
-        budget: LeakageBudget | None = None,
-        log_dir: str | os.PathLike[str] | None = None,
-        every_n_epochs: int = 1,
-        restore_safe_weights: bool = False,
-        on_error: Literal["warn", "raise"] = "warn",
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         _check_backend()
-        super().__init__()
-        positive_int("every_n_epochs", every_n_epochs)
-        self.monitor = CoreMonitor(
-            canaries,
-            probe=probe,
-            budget=budget,
-            log_dir=log_dir,
-            every_n_epochs=every_n_epochs,
-            restore_safe_weights=restore_safe_weights,
-            on_error=on_error,
-        )
+        super().__init__(*args, **kwargs)
         self._forward: _InferenceForward | None = None
+        self._steps = 0
+        self._epoch = 0
 
-    # ------------------------------------------------------------------ state
     # ------------------------------------------------------------------ Keras hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        """Start a new run: forget previous checks and wrap the model for the probe."""
+        """Start a new run (or continue a loaded one) and wrap the model for the probe."""
         model = self.model
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
@@ -184,30 +162,56 @@ class PrivacyMonitor(MonitorView, keras.callbacks.Callback):
                 f"{REQUIRED_BACKEND!r} backend), got {type(model).__name__}"
             )
         self._forward = _InferenceForward(model)
-        budget = self.monitor.budget
-        horizon = None
-        if budget is None or budget.horizon is None:
-            epochs = (self.params or {}).get("epochs")
-            every = self.monitor.every_n_epochs or 1
-            if isinstance(epochs, int) and epochs >= every:
-                horizon = epochs // every
-        self.monitor.reset(horizon=horizon)
+        params = self.params or {}
+        continuing = self.monitor.restored
+        self.begin_run(
+            max_epochs=params.get("epochs"),
+            steps_per_epoch=params.get("steps"),
+            canary_sources=(model,),
+        )
+        if not continuing:
+            self._steps = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Remember the epoch, for checks made by steps."""
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Count an optimizer step; check every ``every_n_steps`` of them."""
+        self._steps += 1
+        if self.monitor.every_n_steps is not None:
+            self._check(epoch=self._epoch, step=self._steps, logs=None)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Check if due, add the report's scalars to ``logs``, stop if over budget."""
-        if self._forward is None or self._forward.keras_model is not self.model:
-            self._forward = _InferenceForward(self.model)
-        try:
-            report = self.monitor.step(self._forward, epoch=epoch)
-        except PrivacyBudgetExceeded:
-            self.model.stop_training = True
-            self.monitor.close()
-            raise
-        if report is not None and logs is not None:
-            logs.update(scalar_metrics(report))
-        if self.monitor.should_stop:
+        if self.monitor.every_n_epochs is not None:
+            self._check(epoch=epoch, step=None, logs=logs)
+        if self.should_stop:
             self.model.stop_training = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         """Flush and close the sinks (a later ``fit`` reopens them)."""
-        self.monitor.close()
+        self.end_run()
+
+    def _check(self, *, epoch: int, step: int | None, logs: dict[str, Any] | None) -> None:
+        if self._forward is None or self._forward.keras_model is not self.model:
+            self._forward = _InferenceForward(self.model)
+        try:
+            report = self.run_check(self._forward, epoch=epoch, step=step)
+        except PrivacyBudgetExceeded:
+            self.model.stop_training = True
+            self.end_run()
+            raise
+        if report is not None and logs is not None:
+            logs.update(scalar_metrics(report))
+        if self.should_stop:
+            self.model.stop_training = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The core monitor's state, with the callback's step count."""
+        return {**super().state_dict(), "keras_steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output: the next ``fit`` continues that run."""
+        super().load_state_dict(state_dict)
+        self._steps = int(state_dict.get("keras_steps", 0))

@@ -20,10 +20,17 @@ read :attr:`AttachedMonitor.should_stop` if it wants to stop (with ``action="rai
 :class:`~fesmia_hooks.PrivacyBudgetExceeded` comes out of ``optimizer.step()`` itself).
 Steps skipped by a ``GradScaler`` never reach the hook and are not counted.
 
+Attaching starts a run, as ``fit`` does in the other integrations: the monitor's history,
+run id, budget counters and run-level test start afresh (with the horizon
+``total_steps // every_n_steps`` when ``total_steps`` is given), unless a state was loaded
+with ``monitor.load_state_dict(...)`` since its last run, which the attached run continues
+(pass ``start_step`` too). Only rank zero of a ``torch.distributed`` run writes outputs.
+
 The check runs on the model as it is right after the update, in eval mode, without
 gradients and with the global RNG forked (see :func:`fesmia_hooks.untouched`): the loop
 trains exactly as it would without the hook. This module computes nothing itself; it
-translates the optimizer's hook into a call of the core monitor.
+translates the optimizer's hook into a call of the core monitor through the shared driver
+(:class:`fesmia_hooks.integrations.driver.MonitorDriver`).
 
 In a ``DistributedDataParallel`` loop every rank runs its own hook and check on its replica;
 attach it on one rank only, or give every rank the same canaries and probe seed.
@@ -56,19 +63,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from fesmia_hooks._validation import optional_positive_int, positive_int
+from fesmia_hooks.distributed import is_distributed
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.monitor import MonitorView, PrivacyMonitor
+from fesmia_hooks.integrations.driver import MonitorDriver
+from fesmia_hooks.monitor import PrivacyMonitor
 
 __all__ = ["AttachedMonitor", "PrivacyMonitor", "attach"]
 
 log = logging.getLogger(__name__)
 
 
-class AttachedMonitor(MonitorView):
+class AttachedMonitor(MonitorDriver):
     """A monitor attached to an optimizer; returned by :func:`attach`.
 
     Use it as a context manager to remove the hook on exit (the monitor and its sinks stay
@@ -82,17 +92,25 @@ class AttachedMonitor(MonitorView):
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: Optimizer, monitor: PrivacyMonitor, *, start_step: int
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        monitor: PrivacyMonitor,
+        *,
+        start_step: int,
+        total_steps: int | None = None,
     ) -> None:
+        MonitorDriver.__init__(self, monitor=monitor)
         self.model = model
         self.optimizer = optimizer
-        self.monitor = monitor
         self.steps = start_step
+        rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
+        self.begin_run(rank_zero=rank_zero, max_steps=total_steps)
         self._handle: Any = optimizer.register_step_post_hook(self._on_step)
 
     def _on_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
-        self.monitor.step(self.model, step=self.steps)
+        self.run_check(self.model, step=self.steps)
 
     @property
     def attached(self) -> bool:
@@ -129,14 +147,15 @@ def attach(
     *,
     every_n_steps: int | None = None,
     start_step: int = 0,
+    total_steps: int | None = None,
 ) -> AttachedMonitor:
     """Check ``model`` every n-th ``optimizer.step()`` of a hand-written loop.
 
     The cadence is the monitor's own ``every_n_steps``. A monitor built on the epoch
     cadence (the default, ``every_n_epochs=1``) that has not checked anything yet is switched
     to the step cadence when ``every_n_steps`` is given here; after that, ``monitor.step(model,
-    epoch=e)`` no longer triggers checks. Give the budget a ``horizon`` (the expected number
-    of checks, ``total_steps // every_n_steps``) to spend its ``alpha`` evenly.
+    epoch=e)`` no longer triggers checks. Attaching starts a new run of the monitor unless a
+    state was loaded into it since its last run (see the module docstring).
 
     Args:
         model: The model being trained (the one whose parameters ``optimizer`` updates).
@@ -146,6 +165,8 @@ def attach(
             cadence; must equal the monitor's when it has one.
         start_step: Optimizer steps already taken (when resuming); the next step counts as
             ``start_step + 1``.
+        total_steps: Optimizer steps the run will take, when known: the run-level test then
+            spends ``alpha`` evenly over ``total_steps // every_n_steps`` checks.
 
     Returns:
         The :class:`AttachedMonitor` handle (``remove()``, ``should_stop``, context manager).
@@ -166,6 +187,7 @@ def attach(
         )
     every_n_steps = optional_positive_int("every_n_steps", every_n_steps)
     start_step = positive_int("start_step", start_step, minimum=0)
+    total_steps = optional_positive_int("total_steps", total_steps)
     current = monitor.every_n_steps
     if every_n_steps is None and current is None:
         raise ConfigurationError(
@@ -189,4 +211,6 @@ def attach(
                  every_n_steps)
         monitor.every_n_steps = every_n_steps
         monitor.every_n_epochs = None
-    return AttachedMonitor(model, optimizer, monitor, start_step=start_step)
+    return AttachedMonitor(
+        model, optimizer, monitor, start_step=start_step, total_steps=total_steps
+    )

@@ -1,17 +1,22 @@
-"""Hugging Face ``Trainer`` adapter: a ``TrainerCallback`` over the core :class:`PrivacyMonitor`.
+"""Hugging Face ``Trainer`` adapter: a ``TrainerCallback`` over the shared driver.
 
-The callback computes no measure. At the end of every n-th training epoch (or every n
-optimizer steps) it hands the model the ``Trainer`` is training to the core monitor, which
-forwards the canaries through it on its own device without touching training (eval mode,
-no gradients, forked RNG; see :func:`fesmia_hooks.untouched`). For a causal language model
-give :meth:`CanarySet.from_sequences <fesmia_hooks.CanarySet.from_sequences>` canaries: the
-probe passes ``attention_mask=`` and ``use_cache=False`` and reads ``outputs.logits``.
+The callback is the ``Trainer``'s hooks only (what every adapter shares is
+:class:`fesmia_hooks.integrations.driver.MonitorDriver`). At the end of every n-th training
+epoch (or every n optimizer steps) it hands the model the ``Trainer`` is training to the
+core monitor, which forwards the canaries through it on its own device without touching
+training (eval mode, no gradients, forked RNG; see :func:`fesmia_hooks.untouched`). For a
+causal language model give :class:`~fesmia_hooks.SequenceCanarySet` canaries: the probe
+passes ``attention_mask=`` and ``use_cache=False`` and reads ``outputs.logits``.
 
 With the report it:
 
-* appends ``{"privacy/<key>": value, ..., "epoch", "step"}`` -- the keys of
-  :func:`fesmia_hooks.sinks.scalar_metrics`, the vocabulary every adapter shares -- to
-  ``trainer.state.log_history`` (so they are in ``trainer_state.json`` too);
+* logs ``{"privacy/<key>": value, ...}`` -- the keys of
+  :func:`fesmia_hooks.sinks.scalar_metrics`, the vocabulary every adapter shares -- through
+  ``Trainer.log``, so every ``report_to`` integration (the ``Trainer``'s TensorBoard run,
+  W&B, MLflow, ...) receives them, and ``trainer.state.log_history`` (and
+  ``trainer_state.json``) holds them. The callback finds its ``Trainer`` when training
+  starts; if it cannot (a trainer that is not a ``transformers.Trainer``), the values go to
+  ``log_history`` only;
 * on the main process, writes TensorBoard events (scalars, score histograms, PR curve,
   summary text, custom-scalars layout) and the ``privacy_history.jsonl`` history into
   ``log_dir`` (by default ``<output_dir>/privacy``; ``tensorboard --logdir <output_dir>``
@@ -20,11 +25,11 @@ With the report it:
   run (any process that wants to stop stops them all) and sets
   ``control.should_training_stop``, never clearing it.
 
-A callback cannot write through the ``Trainer``'s own reporters (its ``TensorBoardCallback``,
-W&B, ...): they receive only what ``Trainer.log`` sends. The monitor's state is not restored
-by ``Trainer`` from a checkpoint (it rebuilds callbacks from plain arguments, and canaries are
-not plain); the callback saves it as ``fesmia_monitor_state.json`` in each checkpoint folder,
-and ``callback.load_state_dict(json.load(open(path)))`` resumes it.
+Resuming: the callback saves the monitor's state as ``fesmia_monitor_state.json`` in each
+checkpoint folder, and ``trainer.train(resume_from_checkpoint=...)`` continues the same run
+from it (same history, run id and run-level thresholds). Loading a state yourself with
+``callback.load_state_dict(...)`` before ``train`` does the same. Any other ``train`` call is
+a new run.
 
 Needs ``transformers`` (tested with 5.x): ``pip install 'fesmia-hooks[transformers]'``. The
 module imports without it (so that documentation tools can read it); building the callback
@@ -33,23 +38,19 @@ then raises an ``ImportError`` naming that extra.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch import nn
 
-from fesmia_hooks.budget import LeakageBudget
-from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.distributed import any_rank
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.guard import model_device
-from fesmia_hooks.monitor import PrivacyMonitor as CoreMonitor
-from fesmia_hooks.monitor import RankedMonitorView
-from fesmia_hooks.probe import FeSMIA
+from fesmia_hooks.integrations.driver import MonitorDriver
 from fesmia_hooks.sinks import scalar_metrics
 
 __all__ = ["STATE_FILE", "PrivacyMonitor"]
@@ -69,28 +70,25 @@ except ImportError:  # pragma: no cover - exercised by a test that hides the pac
     _Callback = object
 
 
-class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
+class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
     """``TrainerCallback`` that watches privacy leakage while a ``Trainer`` trains.
 
     A thin adapter over the core :class:`fesmia_hooks.PrivacyMonitor` (see there for the
-    probe, the run-level calibrated significance and the budget).
-
-    When the budget fixes no ``horizon``, the horizon of the run-level test is set in
-    :meth:`on_train_begin` from the run's epochs (``state.num_train_epochs //
-    every_n_epochs``) or steps (``state.max_steps // every_n_steps``).
+    probe, the run-level calibrated significance and the budget). Every ``train`` call is a
+    new run unless it resumes from a checkpoint holding the monitor's state (or a state was
+    loaded with :meth:`load_state_dict`); the horizon of the run-level test comes from the
+    run's epochs and steps, unless ``horizon`` fixes it.
 
     Args:
-        canaries: The canary set: members inside the training data, non-members outside.
-        probe: The probe; ``FeSMIA()`` when omitted.
-        budget: The leakage budget; ``None`` only measures and logs.
+        canaries: The canary set (:class:`~fesmia_hooks.SequenceCanarySet` for a causal
+            language model), or an importable factory ``"package.module:function"``.
+        monitor: A ready core :class:`fesmia_hooks.PrivacyMonitor` instead of the options.
         log_dir: Folder of the TensorBoard events and the history; ``None`` uses
             ``<args.output_dir>/privacy``.
-        every_n_epochs: Check after every n-th training epoch (counted from 0, so the first
-            check follows epoch ``n - 1``).
-        every_n_steps: Check every n optimizer steps (``state.global_step``) instead.
         tensorboard: Write TensorBoard events (the history file is always written).
-        restore_safe_weights: On a stop, load back the last weights that were within budget.
-        on_error: ``"warn"`` records a failed check and carries on; ``"raise"`` re-raises.
+        **options: Options of the core :class:`fesmia_hooks.PrivacyMonitor` (``probe``,
+            ``budget``, ``every_n_epochs``, ``every_n_steps``, ``sinks``,
+            ``restore_safe_weights``, ``on_error``, ``alpha``, ``horizon``, ``bands``).
 
     Raises:
         ImportError: When ``transformers`` is not installed.
@@ -101,9 +99,9 @@ class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
         the member/non-member token ids are yours):
 
         >>> from transformers import Trainer, TrainingArguments  # doctest: +SKIP
-        >>> from fesmia_hooks import CanarySet, LeakageBudget  # doctest: +SKIP
+        >>> from fesmia_hooks import LeakageBudget, SequenceCanarySet  # doctest: +SKIP
         >>> from fesmia_hooks.integrations.transformers import PrivacyMonitor  # doctest: +SKIP
-        >>> canaries = CanarySet.from_sequences(  # doctest: +SKIP
+        >>> canaries = SequenceCanarySet(  # doctest: +SKIP
         ...     tokenizer(member_texts, padding=True, return_tensors="pt"),
         ...     tokenizer(non_member_texts, padding=True, return_tensors="pt"),
         ...     vocab_size=len(tokenizer), decode=tokenizer.decode)
@@ -115,79 +113,37 @@ class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
         (7, <StopReason.LEVEL_EXCEEDED: 'level_exceeded'>)
     """
 
-    def __init__(
-        self,
-        canaries: CanarySet,
-        *,
-        probe: FeSMIA | None = None,
-        budget: LeakageBudget | None = None,
-        log_dir: str | os.PathLike[str] | None = None,
-        every_n_epochs: int | None = 1,
-        every_n_steps: int | None = None,
-        tensorboard: bool = True,
-        restore_safe_weights: bool = False,
-        on_error: Literal["warn", "raise"] = "warn",
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if _transformers is None:
             raise ImportError(
                 f"fesmia_hooks.integrations.transformers needs transformers: {_INSTALL}"
             )
-        super().__init__()
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise ConfigurationError(
-                f"`log_dir` must be a path (str or os.PathLike) or None, "
-                f"got {type(log_dir).__name__}"
-            )
-        for name, flag in (("tensorboard", tensorboard),
-                           ("restore_safe_weights", restore_safe_weights)):
-            if not isinstance(flag, bool):
-                raise ConfigurationError(f"`{name}` must be a bool, got {flag!r}")
-        self.monitor = CoreMonitor(
-            canaries,
-            probe=probe,
-            budget=budget,
-            log_dir=None,
-            every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps,
-            restore_safe_weights=restore_safe_weights,
-            on_error=on_error,
-        )
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self.tensorboard = tensorboard
+        super().__init__(*args, **kwargs)
         self._model: nn.Module | None = None
-        self._reduced_stop_epoch: int | None = None
-
-    # ------------------------------------------------------------------ public state
-    def state_dict(self) -> dict[str, Any]:
-        """The core monitor's plain-value state (history, counters, run-level test, stop)."""
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (e.g. a checkpoint's ``STATE_FILE``)."""
-        self.monitor.load_state_dict(state)
-        self._reduced_stop_epoch = None
+        self._trainer: Any = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Decide the sinks (main process only) and the horizon of the run-level test."""
+        """Start the run (or continue the checkpoint's), find the Trainer, set the horizon."""
         self._model = kwargs.get("model")
-        core = self.monitor
-        if state.is_world_process_zero:
-            folder = self.log_dir if self.log_dir is not None else (
-                Path(args.output_dir) / "privacy"
-            )
-            core.set_log_dir(folder, tensorboard=self.tensorboard)
-        else:
-            core.set_log_dir(None)
-        if core.checks or (core.budget is not None and core.budget.horizon is not None):
-            return
-        if core.every_n_epochs is not None:
-            epochs = getattr(state, "num_train_epochs", None) or args.num_train_epochs
-            most, every = int(math.ceil(float(epochs))), core.every_n_epochs
-        else:
-            most, every = int(state.max_steps or 0), int(core.every_n_steps or 1)
-        if most > 0:
-            core.reset(horizon=max(1, most // every))
+        self._trainer = _calling_trainer()
+        if state.global_step > 0 and not self.monitor.restored:
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            if saved.is_file():
+                with open(saved, encoding="utf-8") as fh:
+                    self.load_state_dict(json.load(fh))
+        epochs = getattr(state, "num_train_epochs", None) or args.num_train_epochs
+        max_steps = int(state.max_steps or 0) or None
+        max_epochs = int(math.ceil(float(epochs))) if epochs else None
+        per_epoch = -(-max_steps // max_epochs) if max_steps and max_epochs else None
+        self.begin_run(
+            rank_zero=bool(state.is_world_process_zero),
+            log_dir=Path(args.output_dir) / "privacy",
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            steps_per_epoch=per_epoch,
+            canary_sources=(self._model,),
+        )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check after every ``every_n_epochs``-th epoch."""
@@ -210,49 +166,57 @@ class PrivacyMonitor(RankedMonitorView, _Callback):  # type: ignore[misc]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             with open(folder / STATE_FILE, "w", encoding="utf-8") as fh:
-                json.dump(self.monitor.state_dict(), fh, default=_plain)
+                json.dump(self.state_dict(), fh, default=_plain)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Flush and close the sinks."""
-        self.monitor.close()
+        self.end_run()
 
     # ------------------------------------------------------------------ internals
     def _check(self, state: Any, control: Any, model: nn.Module | None, *, epoch: int) -> None:
-        core = self.monitor
         step = int(state.global_step)
-        if not core.is_due(epoch=epoch, step=step):
+        if not self.is_due(epoch=epoch, step=step):
             return
         model = model if model is not None else self._model
         if model is None:
             raise ConfigurationError(
                 "the Trainer passed no model to the callback; use it with transformers.Trainer"
             )
-        # Raises PrivacyBudgetExceeded on a breach with action="raise" (on every process alike).
-        report = core.check(model, epoch=epoch, step=step)
+        report = self.run_check(model, epoch=epoch, step=step)
         if report is not None:
-            state.log_history.append(
-                {**scalar_metrics(report), "epoch": state.epoch, "step": step}
-            )
-        if _any_process(core.should_stop, model):
-            if self._reduced_stop_epoch is None and core.stopped_epoch is None:
-                self._reduced_stop_epoch = epoch
+            metrics = scalar_metrics(report)
+            if self._trainer is not None:
+                self._trainer.log(metrics)
+            else:
+                state.log_history.append({**metrics, "epoch": state.epoch, "step": step})
+        device = model_device(model)
+        if self.reduce_stop(lambda flag: any_rank(flag, device), epoch=epoch):
             if not control.should_training_stop:
                 log.info("fesmia-hooks: stopping training after epoch %d (%s)", epoch,
-                         core.stop_reason.value)
+                         self.stop_reason.value)
             control.should_training_stop = True
 
 
-def _any_process(flag: bool, model: nn.Module) -> bool:
-    """``flag`` OR-reduced over the processes of a distributed run (itself otherwise)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = model_device(model)
-    if dist.get_backend() == "nccl" and device.type != "cuda":  # pragma: no cover
-        device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose training loop called this hook, if any.
+
+    Callbacks are not given their trainer; the one running the loop is found on the call
+    stack (a few frames up, as ``self`` of its training loop).
+    """
+    if _transformers is None:  # pragma: no cover
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(12):
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, _transformers.Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
 
 
 def _plain(value: Any) -> Any:

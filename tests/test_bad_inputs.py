@@ -92,7 +92,7 @@ CASES = {
     "probe-one-episode": (lambda out: fh.FeSMIA(episodes=1), fh.ConfigurationError, "`episodes` must be an int >= 2, got 1"),
     "probe-unknown-signal": (lambda out: fh.FeSMIA(signals=("phi", "loss")), fh.ConfigurationError, "`signals` must be one of .*got 'loss'"),
     "probe-embeddings-without-layer": (lambda out: fh.FeSMIA(features="both"), fh.ConfigurationError, "needs `embedding_layer`"),
-    "probe-alpha-out-of-range": (lambda out: fh.FeSMIA(alpha=1.0), fh.ConfigurationError, r"`alpha` must be a number in \(0, 1\), got 1.0"),
+    "calibration-alpha-out-of-range": (lambda out: fh.Calibration(alpha=1.0), fh.ConfigurationError, r"`alpha` must be a number in \(0, 1\), got 1.0"),
     "probe-bad-learner-option": (lambda out: fh.FeSMIA("finetune", learner_options={"lam": 1}), fh.ConfigurationError, r"\['lam'\] are not options of 'finetune'"),
     "probe-bands-out-of-order": (lambda out: fh.LevelBands(moderate=0.6, high=0.5), fh.ConfigurationError, "0 <= moderate <= high <= critical <= 1"),
     # LeakageBudget
@@ -101,11 +101,11 @@ CASES = {
     "budget-threshold-not-a-number": (lambda out: fh.LeakageBudget(max_values={"auc": "0.7"}), fh.ConfigurationError, "must map report keys to numbers, got 'auc': '0.7'"),
     "budget-negative-patience": (lambda out: fh.LeakageBudget(patience=-1), fh.ConfigurationError, "`patience` must be a positive int, got -1"),
     "budget-unknown-action": (lambda out: fh.LeakageBudget(action="email"), fh.ConfigurationError, "`action` must be one of 'alert', 'stop', 'raise', got 'email'"),
-    "budget-alpha-out-of-range": (lambda out: fh.LeakageBudget(alpha=-0.1), fh.ConfigurationError, r"`alpha` must be a number in \(0, 1\), got -0.1"),
+    "monitor-alpha-out-of-range": (lambda out: fh.PrivacyMonitor(canaries(), alpha=-0.1), fh.ConfigurationError, r"`alpha` must be a number in \(0, 1\), got -0.1"),
     # PrivacyMonitor
     "monitor-negative-cadence": (lambda out: monitor(out, every_n_epochs=-1), fh.ConfigurationError, "`every_n_epochs` must be a positive int, got -1"),
     "monitor-zero-steps": (lambda out: monitor(out, every_n_steps=0), fh.ConfigurationError, "`every_n_steps` must be a positive int, got 0"),
-    "monitor-not-canaries": (lambda out: fh.PrivacyMonitor((x, y), log_dir=out), fh.ConfigurationError, "`canaries` must be a CanarySet, got tuple"),
+    "monitor-not-canaries": (lambda out: fh.PrivacyMonitor((x, y), log_dir=out), fh.ConfigurationError, "`canaries` must be a CanarySet or SequenceCanarySet, got tuple"),
     "monitor-bad-on-error": (lambda out: monitor(out, on_error="ignore"), fh.ConfigurationError, "`on_error` must be one of 'warn', 'raise', got 'ignore'"),
     # Adapters
     "keras-wrong-backend": (wrong_keras_backend, fh.ConfigurationError, "needs the 'torch' backend, got 'jax'"),

@@ -1,6 +1,7 @@
 """The digits demo: its leaky setting is flagged, and the command prints what it promises."""
 
-import json
+
+from _history import checks_in  # noqa: E402
 
 import fesmia_hooks as fh
 from fesmia_hooks.cli import main
@@ -17,7 +18,7 @@ def test_leaky_demo_rises_above_none_and_stops(tmp_path):
     assert last.breached and last.significant and last.strict > last.chance_strict
     assert monitor.stopped_epoch == last.epoch < 39
     assert any(line.startswith("stopped at epoch") for line in lines)
-    history = [json.loads(s) for s in (tmp_path / "privacy_history.jsonl").read_text().splitlines()]
+    history = checks_in(tmp_path / "privacy_history.jsonl")
     assert len(history) == monitor.checks and history[-1]["action"] == "stop"
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _history import checks_in  # noqa: E402
 from torch import nn
 
 import fesmia_hooks as fh
@@ -33,7 +34,7 @@ def worker(rank, world, folder):
         model.module.register_forward_hook(
             lambda m, inputs, out: None if m.training else probed.append(inputs[0].shape[0]))
         monitor = fh.PrivacyMonitor(
-            task.canaries, probe=probe(), budget=fh.LeakageBudget(horizon=EPOCHS),
+            task.canaries, probe=probe(), budget=fh.LeakageBudget(), horizon=EPOCHS,
             log_dir=os.path.join(folder, "run") if rank == 0 else None,  # rank zero writes
         )
         mine = torch.arange(rank, len(x), world)
@@ -76,8 +77,7 @@ def test_two_ranks_stop_together_and_match_the_single_process_report(tmp_path):
     # Only rank zero wrote files.
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())[-1] == (
         "privacy_history.jsonl")
-    lines = (tmp_path / "run" / "privacy_history.jsonl").read_text().splitlines()
-    assert len(lines) == len(ranks[0]["reports"])
+    assert len(checks_in(tmp_path / "run" / "privacy_history.jsonl")) == len(ranks[0]["reports"])
     # The gathered report equals the single-process one on the same weights and seed.
     model = digits_mlp(hidden=256)
     model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys
@@ -18,6 +17,8 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("sklearn")
 if keras.backend.backend() != "torch":  # pragma: no cover - depends on the environment
     pytest.skip("the Keras adapter runs on KERAS_BACKEND=torch", allow_module_level=True)
+
+from _history import checks_in  # noqa: E402
 
 from fesmia_hooks import (  # noqa: E402
     CanarySet,
@@ -38,8 +39,11 @@ LEAKY = {"label_noise": 0.5, "hidden": 512, "lr": 1e-2, "epochs": 15, "seed": 0}
 
 
 def leaky_budget(action="stop"):
-    # horizon fixed, so that runs of any length spend alpha alike and can be compared
-    return LeakageBudget(max_level="low", action=action, horizon=LEAKY["epochs"])
+    return LeakageBudget(max_level="low", action=action)
+
+
+# horizon fixed, so that runs of any length spend alpha alike and can be compared
+LEAKY_HORIZON = LEAKY["epochs"]
 
 
 def small_probe() -> FeSMIA:
@@ -108,6 +112,7 @@ def stop_run(leaky_task):
         leaky_task.canaries,
         probe=small_probe(),
         budget=leaky_budget(),
+        horizon=LEAKY_HORIZON,
         restore_safe_weights=True,
     )
     history = fit(model, leaky_task, [recorder, privacy], LEAKY["epochs"])
@@ -134,7 +139,7 @@ def test_history_and_csv_logger_hold_the_privacy_keys(task, tmp_path):
     history = fit(mlp(), task, [privacy, keras.callbacks.CSVLogger(str(path))], epochs=3)
 
     assert [r.epoch for r in privacy.history] == [0, 1, 2]
-    assert privacy.monitor._test.horizon == 3
+    assert privacy.monitor.calibration.horizon == 3
     keys = scalar_metrics(privacy.history[0])
     assert STRICT in keys and "privacy/log_mia_relaxed" in keys and "privacy/auc" in keys
     for key in keys:
@@ -160,7 +165,7 @@ def test_only_checked_epochs_carry_the_keys(task):
     assert seen == [False, True, False, True]
     assert [r.epoch for r in privacy.history] == [1, 3]
     assert history.history[STRICT] == pytest.approx([r.strict for r in privacy.history])
-    assert privacy.monitor._test.horizon == 2  # alpha spent over epochs // every_n_epochs
+    assert privacy.monitor.calibration.horizon == 2  # alpha spent over epochs // every_n_epochs
 
 
 # ---------------------------------------------------------------------- 2. TensorBoard
@@ -186,8 +191,8 @@ def test_tensorboard_events_hold_the_documented_tags(task, tmp_path):
     assert {"privacy/scores/members", "privacy/scores/non_members"} <= set(tags["histograms"])
     assert any(t.startswith("privacy/summary") for t in tags["tensors"])
 
-    lines = (log_dir / HISTORY_FILE).read_text().splitlines()
-    assert [json.loads(line)["log_mia_strict"] for line in lines] == pytest.approx(
+    lines = checks_in(log_dir / HISTORY_FILE)
+    assert [line["log_mia_strict"] for line in lines] == pytest.approx(
         [r.strict for r in privacy.history]
     )
     assert "tensorflow" not in sys.modules
@@ -223,6 +228,7 @@ def test_alert_does_not_stop(leaky_task, stop_run):
         leaky_task.canaries,
         probe=small_probe(),
         budget=leaky_budget("alert"),
+        horizon=LEAKY_HORIZON,
     )
     epochs = stop_run["stopped_epoch"] + 3
     history = fit(leaky_model(), leaky_task, [privacy], epochs)
@@ -240,6 +246,7 @@ def test_raise_propagates_out_of_fit(leaky_task, stop_run):
         leaky_task.canaries,
         probe=small_probe(),
         budget=leaky_budget("raise"),
+        horizon=LEAKY_HORIZON,
     )
     model = leaky_model()
     with pytest.raises(PrivacyBudgetExceeded, match="privacy budget exceeded") as info:
@@ -283,7 +290,7 @@ def test_a_second_fit_starts_clean(leaky_task, stop_run):
     ran = len(history.history["loss"])
     assert [r.epoch for r in privacy.history] == list(range(ran))
     assert [r.check for r in privacy.history] == list(range(1, ran + 1))
-    assert privacy.monitor._test.horizon == LEAKY["epochs"]  # the budget's own horizon
+    assert privacy.monitor.calibration.horizon == LEAKY["epochs"]  # the monitor's fixed horizon
 
 
 # ---------------------------------------------------------------------- 6. no side effects
@@ -376,12 +383,13 @@ def test_refuses_another_backend(task, monkeypatch):
     ("kwargs", "message"),
     [
         ({"every_n_epochs": 0}, r"`every_n_epochs` must be a positive int, got 0"),
-        ({"every_n_epochs": None}, r"`every_n_epochs` must be a positive int, got None"),
+        ({"every_n_epochs": None}, r"give a cadence: `every_n_epochs` or `every_n_steps`"),
         ({"every_n_epochs": 1.0}, r"`every_n_epochs` must be a positive int, got 1.0"),
         ({"restore_safe_weights": "yes"}, r"`restore_safe_weights` must be a bool, got 'yes'"),
         ({"log_dir": 3}, r"`log_dir` must be a path \(str or os.PathLike\) or None, got int"),
         ({"on_error": "ignore"}, r"`on_error` must be one of 'warn', 'raise', got 'ignore'"),
-        ({"probe": "fesmia"}, r"`probe` must be a FeSMIA, got str"),
+        ({"probe": "fesmia"}, r"`probe` must be a FeSMIA \(or have check_canaries, measure and "
+                              r"settings\), got str"),
         ({"budget": 0.5}, r"`budget` must be a LeakageBudget or None, got float"),
     ],
 )
@@ -391,7 +399,7 @@ def test_bad_arguments_are_refused(task, kwargs, message):
 
 
 def test_bad_canaries_are_refused():
-    with pytest.raises(ConfigurationError, match=r"`canaries` must be a CanarySet, got tuple"):
+    with pytest.raises(ConfigurationError, match=r"`canaries` must be a CanarySet, a SequenceCanarySet, a factory"):
         PrivacyMonitor((np.zeros((4, 64)), np.zeros(4)))
 
 
@@ -422,7 +430,7 @@ def test_keras_demo_runs_and_prints_one_row_per_check(tmp_path):
     assert lines[0].startswith("fesmia-hooks demo (Keras ")
     assert lines[-2].startswith(("stopped at epoch", "finished 2 epochs within budget"))
     assert f"{monitor.checks} checks in " in lines[-1]
-    assert monitor.budget is not None and monitor.budget.horizon == 2
+    assert monitor.budget is not None and monitor.calibration.horizon == 2
     assert (tmp_path / "demo" / HISTORY_FILE).exists()
 
 

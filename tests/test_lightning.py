@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
 
+from _history import checks_in  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
@@ -193,8 +194,7 @@ def test_metrics_reach_callback_metrics_and_tensorboard_once(tmp_path):
     assert len(layout) == 1 and b"privacy/log_mia_strict" in layout[0].tensor_proto.string_val[0]
 
     # the JSON-lines history sits next to the event file, one line per check
-    lines = (log_dir / HISTORY_FILE).read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [line["epoch"] for line in checks_in(log_dir / HISTORY_FILE)] == [0, 1]
 
 
 def test_every_n_steps_logs_each_check_once_at_its_step(tmp_path):
@@ -214,16 +214,16 @@ def test_without_tensorboard_logger_writes_into_log_dir(tmp_path):
     assert [e.value for e in acc.Scalars("privacy/log_mia_strict")] == pytest.approx(
         [monitor.history[0].strict], abs=1e-6
     )
-    assert len((tmp_path / "privacy" / HISTORY_FILE).read_text().splitlines()) == 1
+    assert len(checks_in(tmp_path / "privacy" / HISTORY_FILE)) == 1
 
 
-def test_log_rich_false_leaves_tensorboard_to_the_scalars(tmp_path):
-    monitor = _monitor(log_rich=False)
+def test_tensorboard_false_leaves_tensorboard_to_the_scalars(tmp_path):
+    monitor = _monitor(tensorboard=False)
     trainer, _ = _fit(tmp_path, monitor, max_epochs=1)
     acc = _events(trainer.logger.log_dir)
     assert len(acc.Scalars("privacy/log_mia_strict")) == 1
     assert acc.Tags()["histograms"] == [] and acc.Tags()["tensors"] == []
-    assert len((Path(trainer.logger.log_dir) / HISTORY_FILE).read_text().splitlines()) == 1
+    assert len(checks_in(Path(trainer.logger.log_dir) / HISTORY_FILE)) == 1
 
 
 # ---------------------------------------------------------------------------- 3
@@ -232,8 +232,8 @@ def _first_breach(history) -> int:
 
 
 def test_budget_stops_at_the_breach_and_alert_does_not(tmp_path):
-    budget = dict(max_level="none", horizon=6)
-    stopper = _monitor(budget=LeakageBudget(**budget, action="stop"))
+    budget = dict(max_level="none")
+    stopper = _monitor(budget=LeakageBudget(**budget, action="stop"), horizon=6)
     trainer, _ = _fit(tmp_path / "stop", stopper, max_epochs=6)
     breach = _first_breach(stopper.history)
     assert breach < 5  # it did stop early
@@ -245,7 +245,7 @@ def test_budget_stops_at_the_breach_and_alert_does_not(tmp_path):
 
     # same seed, same training (the probe leaves it alone): alert logs the same breach and
     # training runs on
-    alerter = _monitor(budget=LeakageBudget(**budget, action="alert"))
+    alerter = _monitor(budget=LeakageBudget(**budget, action="alert"), horizon=6)
     trainer, _ = _fit(tmp_path / "alert", alerter, max_epochs=breach + 2)
     assert trainer.current_epoch == breach + 2 and not trainer.should_stop
     assert _first_breach(alerter.history) == breach
@@ -253,7 +253,7 @@ def test_budget_stops_at_the_breach_and_alert_does_not(tmp_path):
     assert not alerter.should_stop and alerter.stopped_epoch is None
     assert alerter.stop_reason is StopReason.NOT_STOPPED
 
-    raiser = _monitor(budget=LeakageBudget(**budget, action="raise"))
+    raiser = _monitor(budget=LeakageBudget(**budget, action="raise"), horizon=6)
     with pytest.raises(PrivacyBudgetExceeded, match="privacy budget exceeded") as info:
         _fit(tmp_path / "raise", raiser, max_epochs=6)
     assert info.value.report.epoch == breach
@@ -304,7 +304,7 @@ def test_resume_from_checkpoint_continues_the_history(tmp_path):
 def test_ddp_spawn_ranks_stop_together_and_only_rank_zero_writes(tmp_path):
     ranks = tmp_path / "ranks"
     ranks.mkdir()
-    monitor = _monitor(budget=LeakageBudget(max_level="none", horizon=5))
+    monitor = _monitor(budget=LeakageBudget(max_level="none"), horizon=5)
     trainer = pl.Trainer(
         max_epochs=5,
         accelerator="cpu",
@@ -330,7 +330,7 @@ def test_ddp_spawn_ranks_stop_together_and_only_rank_zero_writes(tmp_path):
 
     histories = list(tmp_path.rglob(HISTORY_FILE))
     assert len(histories) == 1
-    epochs = [json.loads(line)["epoch"] for line in histories[0].read_text().splitlines()]
+    epochs = [line["epoch"] for line in checks_in(histories[0])]
     assert epochs == list(range(seen[0]["checks"]))
     events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
     assert len(events) == 1
@@ -363,7 +363,7 @@ def _seeded(cls, **kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"log_rich": "yes"}, r"`log_rich` must be a bool, got 'yes'"),
+        ({"tensorboard": "yes"}, r"`tensorboard` must be a bool, got 'yes'"),
         ({"restore_safe_weights": 1}, r"`restore_safe_weights` must be a bool, got 1"),
         ({"log_dir": 3}, r"`log_dir` must be a path \(str or os.PathLike\) or None, got int"),
         ({"every_n_epochs": 0}, r"`every_n_epochs` must be a positive int, got 0"),
@@ -376,7 +376,7 @@ def test_validation_messages(kwargs, message):
 
 
 def test_canaries_must_be_a_canary_set():
-    with pytest.raises(ConfigurationError, match="`canaries` must be a CanarySet, got tuple"):
+    with pytest.raises(ConfigurationError, match="`canaries` must be a CanarySet, a SequenceCanarySet, a factory"):
         PrivacyMonitor(_task().train)
 
 
@@ -408,7 +408,7 @@ def test_core_import_leaves_lightning_out():
 
 
 def test_a_second_fit_is_a_new_run(tmp_path):
-    stopper = _monitor(budget=LeakageBudget(max_level="none", horizon=6, action="stop"))
+    stopper = _monitor(budget=LeakageBudget(max_level="none", action="stop"), horizon=6)
     _fit(tmp_path / "first", stopper, max_epochs=6)
     assert stopper.should_stop
     stopped_at = stopper.stopped_epoch

@@ -10,24 +10,30 @@ import fesmia_hooks as fh
 from fesmia_hooks.report import _example_report
 
 
-def report_with(strict, leaking):
-    """A report whose permutation null makes it clearly significant (or clearly not)."""
+def measured(strict, leaking):
+    """A measurement whose permutation null makes it clearly significant (or clearly not)."""
     null = torch.zeros(499) if leaking else torch.linspace(0, 2, 499)
-    return _example_report().with_updates(
-        strict=strict, relaxed=1.0 if leaking else 0.5, null_statistics=null
+    readings = _example_report().as_dict()
+    return fh.Measurement(
+        strict=strict, strict_low=strict - 0.05, strict_high=strict + 0.05,
+        relaxed=1.0 if leaking else 0.5, relaxed_low=0.45, relaxed_high=1.0,
+        chance_strict=readings["chance_strict"], chance_relaxed=readings["chance_relaxed"],
+        auc=0.8, auc_low=0.75, auc_high=0.85, tpr_at_fpr={0.01: 0.2, 0.05: 0.4, 0.1: 0.5},
+        statistic=1.0 if leaking else 0.5, null=null, method="simpleshot", shots=5,
+        queries=15, episodes=5, permutations=499,
     )
 
 
 class ScriptedProbe(fh.FeSMIA):
-    """A FeSMIA whose checks return prepared reports, in order."""
+    """A FeSMIA whose checks return prepared measurements, in order."""
 
     def __init__(self, script):
         super().__init__(episodes=5, permutations=499)
         self.script = list(script)
 
-    def evaluate(self, model, canaries, *, step=None, epoch=None, check=0):
+    def measure(self, model, canaries):
         strict, leaking = self.script.pop(0)
-        return report_with(strict, leaking).with_updates(step=step, epoch=epoch, check=check)
+        return measured(strict, leaking)
 
 
 def canaries():
@@ -157,7 +163,8 @@ def test_a_failing_check_warns_and_is_recorded(tmp_path):
     with pytest.warns(UserWarning, match="check failed and was skipped: ProbeError"):
         assert monitor.step(Broken(), epoch=0) is None
     assert monitor.errors[0]["error"].startswith("ProbeError: the model's output holds no logits")
-    line = json.loads((tmp_path / "privacy_history.jsonl").read_text())
+    header, line = map(json.loads, (tmp_path / "privacy_history.jsonl").read_text().splitlines())
+    assert header["record"] == "run" and header["run_id"] == line["run_id"] == monitor.run_id
     assert line["error"].startswith("ProbeError") and line["epoch"] == 0
     strict = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9),
                                on_error="raise")
@@ -178,8 +185,6 @@ def test_a_failing_check_warns_and_is_recorded(tmp_path):
         ({"patience": 0}, "`patience` must be a positive int, got 0"),
         ({"min_checks": -2}, "`min_checks` must be a positive int, got -2"),
         ({"action": "pause"}, "`action` must be one of 'alert', 'stop', 'raise', got 'pause'"),
-        ({"alpha": 0.0}, r"`alpha` must be a number in \(0, 1\), got 0.0"),
-        ({"horizon": 0}, "`horizon` must be a positive int, got 0"),
         ({"on_breach": [print, 3]}, "`on_breach` must hold callables, got int"),
     ],
 )
@@ -195,7 +200,12 @@ def test_budget_argument_errors(kwargs, message):
         ({"every_n_epochs": None}, "give a cadence"),
         ({"every_n_steps": -5}, "`every_n_steps` must be a positive int, got -5"),
         ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise', got 'ignore'"),
-        ({"probe": "simpleshot"}, "`probe` must be a FeSMIA, got str"),
+        ({"probe": "simpleshot"}, r"`probe` must be a FeSMIA \(or have check_canaries, "
+                                  r"measure and settings\), got str"),
+        ({"alpha": 0.0}, r"`alpha` must be a number in \(0, 1\), got 0.0"),
+        ({"horizon": 0}, "`horizon` must be a positive int, got 0"),
+        ({"bands": (0.2, 0.4)}, "`bands` must be a LevelBands or None, got tuple"),
+        ({"sinks": fh.NullSink()}, "`sinks` must be a sequence of sinks, got a single NullSink"),
         ({"budget": "moderate"}, "`budget` must be a LeakageBudget or None, got str"),
         ({"sinks": [object()]}, r"each sink needs log\(report, step\) and close\(\), got object"),
     ],
@@ -206,7 +216,8 @@ def test_monitor_argument_errors(kwargs, message):
 
 
 def test_monitor_needs_a_canary_set():
-    with pytest.raises(fh.ConfigurationError, match="`canaries` must be a CanarySet, got tuple"):
+    with pytest.raises(fh.ConfigurationError,
+                       match="`canaries` must be a CanarySet or SequenceCanarySet, got tuple"):
         fh.PrivacyMonitor((torch.zeros(3), torch.zeros(3)))
 
 
@@ -227,7 +238,12 @@ def test_history_file_after_a_crash_and_resume_has_no_duplicates_or_gaps(tmp_pat
     for epoch in range(2, 5):
         resumed.step(model, epoch=epoch)
     lines = [json.loads(s) for s in (tmp_path / "privacy_history.jsonl").read_text().splitlines()]
+    assert lines[0]["record"] == "run" and lines[0]["run_id"] == first.run_id
+    lines = lines[1:]
     assert [d["check"] for d in lines] == [1, 2, 3, 4, 5]
+    assert {d["run_id"] for d in lines} == {first.run_id}
+    aside = tmp_path / "privacy_history.jsonl.unreadable"
+    assert aside.read_text() == '{"check": 4, "epo\n'  # moved aside, not deleted
     assert [d["epoch"] for d in lines] == [0, 1, 2, 3, 4]
 
 

@@ -29,7 +29,7 @@ def separable_features(n=32, shift=3.0, seed=0):
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_every_learner_finds_planted_leakage(method, device):
     probe = fh.FeSMIA(method, episodes=20, permutations=99, seed=0)
-    report = probe.attack(separable_features().to(device), 32)
+    report = fh.Calibration().single_check(probe.attack(separable_features().to(device), 32))
     assert report.strict > 0.9 and report.relaxed > 0.9 and report.auc > 0.95
     assert report.p_value == pytest.approx(1 / 100)
     assert report.significant and report.level == fh.Level.CRITICAL
@@ -38,19 +38,21 @@ def test_every_learner_finds_planted_leakage(method, device):
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_every_learner_stays_near_chance_without_leakage(method):
     probe = fh.FeSMIA(method, episodes=40, permutations=49, seed=0)
-    report = probe.attack(separable_features(shift=0.0, seed=3), 32)
+    report = fh.Calibration().single_check(probe.attack(separable_features(shift=0.0, seed=3), 32))
     assert abs(report.relaxed - report.chance_relaxed) < 0.15
     assert report.p_value > 0.05 and report.level == fh.Level.NONE
 
 
 def test_report_fields_and_interval():
-    report = fh.FeSMIA(episodes=40, permutations=49).evaluate(nn.Linear(6, 3), canaries())
+    measured = fh.FeSMIA(episodes=40, permutations=49).measure(nn.Linear(6, 3), canaries())
+    assert measured.null.shape == (49,)
+    report = fh.Calibration().single_check(measured)
+    assert not hasattr(report, "null_statistics")  # the null stays with the measurement
     assert report.strict_low <= report.strict <= report.strict_high
     assert report.relaxed_low <= report.relaxed <= report.relaxed_high
     assert report.chance_strict == pytest.approx(fh.chance_log_mia(15).strict)
     assert set(report.tpr_at_fpr) == {0.01, 0.05, 0.1}
     assert len(report.member_scores) + len(report.non_member_scores) <= 64
-    assert report.null_statistics.shape == (49,)
     assert report.seconds_forward >= 0 and report.seconds_attack > 0
     flat = report.as_dict()
     assert flat["log_mia_strict"] == report.strict and flat["level"] == report.level.value
@@ -59,13 +61,14 @@ def test_report_fields_and_interval():
 
 def test_same_seed_same_report_bit_for_bit():
     model, c = nn.Linear(6, 3), canaries()
-    a = fh.FeSMIA(seed=7, episodes=30, permutations=49).evaluate(model, c)
-    b = fh.FeSMIA(seed=7, episodes=30, permutations=49).evaluate(model, c)
+    ma = fh.FeSMIA(seed=7, episodes=30, permutations=49).measure(model, c)
+    mb = fh.FeSMIA(seed=7, episodes=30, permutations=49).measure(model, c)
+    a, b = fh.Calibration().single_check(ma), fh.Calibration().single_check(mb)
     da, db = a.as_dict(), b.as_dict()
     for key in ("seconds_forward", "seconds_attack"):
         da.pop(key), db.pop(key)
     assert da == db
-    assert torch.equal(a.null_statistics, b.null_statistics)
+    assert torch.equal(ma.null, mb.null)
 
 
 class DictModel(nn.Module):
@@ -167,7 +170,7 @@ def test_saturated_model_still_ranks_members_in_log_space():
     "kwargs, message",
     [
         ({"method": "knn"}, "`method` must be one of 'simpleshot', 'laplacianshot', 'finetune', "
-                            "'threshold', got 'knn'"),
+                            "'threshold' or a learner function, got 'knn'"),
         ({"shots": 0}, "`shots` must be a positive int, got 0"),
         ({"queries": -1}, "`queries` must be a positive int, got -1"),
         ({"episodes": 1}, "`episodes` must be an int >= 2, got 1"),
@@ -177,7 +180,6 @@ def test_saturated_model_still_ranks_members_in_log_space():
         ({"features": "embeddings"}, "needs `embedding_layer`"),
         ({"signals": ("phi", "loss")}, "`signals` must be one of .*got 'loss'"),
         ({"signals": "phi"}, "non-empty sequence of signal names, got 'phi'"),
-        ({"alpha": 1.5}, r"`alpha` must be a number in \(0, 1\), got 1.5"),
         ({"batch_size": 0}, "`batch_size` must be a positive int, got 0"),
         ({"seed": "x"}, "`seed` must be an int, got 'x'"),
         ({"signal_fn": 3}, "`signal_fn` must be callable, got int"),
@@ -204,3 +206,40 @@ def test_chance_level_is_reported_for_the_queries_used():
     report = fh.FeSMIA(queries=10, episodes=10, permutations=9).attack(separable_features(), 32)
     assert report.chance_relaxed == pytest.approx(fh.chance_log_mia(10).relaxed)
     assert report.queries == 10 and math.isfinite(report.auc)
+
+
+def test_a_registered_or_passed_learner_is_used_by_name():
+    def farthest(support, query, shots, *, scale=1.0):
+        return scale * query[..., 0]
+
+    f = separable_features()
+    by_function = fh.FeSMIA(farthest, learner_options={"scale": 2.0}, episodes=10,
+                            permutations=9)
+    assert by_function.method == "farthest"
+    fh.register_learner("first_feature", farthest)
+    try:
+        with pytest.raises(fh.ConfigurationError, match="already registered"):
+            fh.register_learner("first_feature", farthest)
+        by_name = fh.FeSMIA("first_feature", episodes=10, permutations=9)
+        assert by_name.attack(f, 32).strict == by_function.attack(f, 32).strict
+    finally:
+        del LEARNERS["first_feature"]
+    with pytest.raises(fh.ConfigurationError, match=r"\['depth'\] are not options of 'farthest'"):
+        fh.FeSMIA(farthest, learner_options={"depth": 3})
+
+
+def test_any_object_with_the_probe_methods_can_be_a_monitors_probe():
+    class Constant:
+        def check_canaries(self, canaries):
+            pass
+
+        def measure(self, model, canaries):
+            return fh.FeSMIA(episodes=5, permutations=9).attack(separable_features(), 32)
+
+        def settings(self):
+            return {"method": "constant"}
+
+    assert isinstance(Constant(), fh.Probe)
+    monitor = fh.PrivacyMonitor(canaries(), probe=Constant())
+    assert monitor.step(nn.Linear(6, 3), epoch=0).strict > 0.9
+    assert monitor.header()["settings"]["probe"] == {"method": "constant"}

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from _history import checks_in  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -71,7 +72,7 @@ def test_histograms_pr_curve_text_and_layout(run):
 
 def test_history_file_has_one_flushed_line_per_check(run):
     log_dir, monitor, _ = run
-    lines = [json.loads(s) for s in (log_dir / "privacy_history.jsonl").read_text().splitlines()]
+    lines = checks_in(log_dir / "privacy_history.jsonl")
     assert [d["check"] for d in lines] == [1, 2, 3]
     for line, report in zip(lines, monitor.history, strict=True):
         assert line["log_mia_strict"] == report.strict and line["level"] == report.level.value

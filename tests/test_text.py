@@ -142,7 +142,8 @@ def test_from_sequences_pads_masks_and_shifts():
     assert c.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert c.labels.tolist() == [[6, 7, -100, -100, -100], [9, -100, -100, -100, -100],
                                  [2, 3, 4, 5, -100]]
-    assert repr(c) == "CanarySet(members=2, non_members=1, sequence_length=5, vocab_size=10)"
+    assert isinstance(c, fh.SequenceCanarySet) and isinstance(c, fh.Canaries)
+    assert repr(c) == "SequenceCanarySet(members=2, non_members=1, sequence_length=5, vocab_size=10)"
     assert not fh.CanarySet(members=torch.randn(3, 2), non_members=torch.randn(3, 2)).is_sequence
 
 
@@ -335,10 +336,10 @@ def test_embeddings_of_token_outputs_are_averaged_over_real_positions():
 
 
 def test_text_canaries_reject_signals_without_a_sequence_form():
-    from fesmia_hooks.features import compute_features
+    from fesmia_hooks.features import FeatureSpec, compute_features
 
     with pytest.raises(fh.ConfigurationError, match=r"\['loss'\] have no sequence form"):
-        compute_features(TinyLM(), variable_canaries(), signals=["loss"])
+        compute_features(TinyLM(), variable_canaries(), FeatureSpec(signals=["loss"]))
 
 
 def train_lm(model, data, epochs, monitors=(), seed=0):
@@ -368,7 +369,7 @@ def test_a_memorising_lm_is_flagged_and_a_placebo_set_is_not():
         return fh.PrivacyMonitor(
             c,
             probe=fh.FeSMIA(signal_fn=SequenceSignals(), episodes=20, permutations=99),
-            budget=fh.LeakageBudget(action="alert", horizon=12),
+            budget=fh.LeakageBudget(action="alert"), horizon=12,
         )
 
     watched, control = monitor(canaries), monitor(placebo)

@@ -1,10 +1,10 @@
 """The language-model demo: its data split, and a short run with TensorBoard decoded."""
 
-import json
 import zlib
 
 import pytest
 import torch
+from _history import checks_in  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fesmia_hooks.demos.text_demo import load_pydoc_passages, make_text_task, run_text_demo
@@ -45,5 +45,5 @@ def test_a_short_run_logs_every_check_and_restores_the_thread_count(tmp_path):
     strict = events.Scalars("privacy/log_mia_strict")
     assert [e.step for e in strict] == [0, 1]
     assert [e.value for e in strict] == pytest.approx([r.strict for r in monitor.history])
-    history = [json.loads(x) for x in (tmp_path / HISTORY_FILE).read_text().splitlines()]
+    history = checks_in(tmp_path / HISTORY_FILE)
     assert [h["epoch"] for h in history] == [0, 1]

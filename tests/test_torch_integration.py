@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import doctest
-import json
 
 import pytest
 import torch
+from _history import checks_in  # noqa: E402
 from torch import nn
 
 import fesmia_hooks
@@ -78,7 +78,7 @@ def test_history_and_tensorboard_use_the_optimizer_step(task, tmp_path):
         task.canaries, probe=small_probe(), every_n_steps=4, log_dir=tmp_path
     ) as monitor, attach(model, optimizer, monitor):
         train(model, optimizer, task.train, 12)
-    lines = [json.loads(line) for line in (tmp_path / HISTORY_FILE).read_text().splitlines()]
+    lines = checks_in(tmp_path / HISTORY_FILE)
     assert [(d["check"], d["step"], d["global_step"]) for d in lines] == [
         (1, 4, 4), (2, 8, 8), (3, 12, 12)
     ]
@@ -156,9 +156,10 @@ def leaky_task():
 
 def leaky_run(leaky_task, action: str):
     model, optimizer = setup(leaky_task, hidden=256)
-    budget = LeakageBudget(max_level="low", action=action, horizon=1)
+    budget = LeakageBudget(max_level="low", action=action)
     monitor = PrivacyMonitor(
-        leaky_task.canaries, probe=small_probe(), budget=budget, every_n_steps=LEAKY_STEPS
+        leaky_task.canaries, probe=small_probe(), budget=budget, every_n_steps=LEAKY_STEPS,
+        horizon=1,
     )
     return model, optimizer, monitor
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from _history import checks_in  # noqa: E402
 
 import fesmia_hooks as fh
 from fesmia_hooks.sinks import HISTORY_FILE, scalar_metrics
@@ -82,8 +83,7 @@ def test_the_callback_logs_the_shared_vocabulary_and_the_budget_stops_training(h
     assert [e.step for e in strict] == [r.step for r in callback.history]
     assert [e.value for e in strict] == pytest.approx([r.strict for r in callback.history])
     assert {"privacy/scores/members", "privacy/scores/non_members"} <= set(events.Tags()["histograms"])
-    lines = (folder / HISTORY_FILE).read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == list(range(stopped + 1))
+    assert [line["epoch"] for line in checks_in(folder / HISTORY_FILE)] == list(range(stopped + 1))
 
 
 def test_a_run_with_the_callback_ends_with_the_same_weights(hf, tmp_path):
@@ -99,7 +99,7 @@ def test_step_cadence_horizon_and_checkpointed_state(hf, tmp_path):
     callback = monitor(every_n_steps=3)
     train(hf, tmp_path, [callback], epochs=2, save_strategy="steps", save_steps=4)
     assert [r.step for r in callback.history] == [3, 6]
-    assert callback.monitor._test.horizon == 8 // 3
+    assert callback.monitor.calibration.horizon == 8 // 3
     saved = json.loads((tmp_path / "checkpoint-4" / "fesmia_monitor_state.json").read_text())
     assert saved["checks"] == 1 and saved["history"][0]["step"] == 3
     resumed = monitor(every_n_steps=3)

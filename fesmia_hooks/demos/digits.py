@@ -143,7 +143,8 @@ def run_torch_demo(
     monitor = PrivacyMonitor(
         task.canaries,
         probe=FeSMIA(seed=seed),
-        budget=LeakageBudget(horizon=epochs),
+        budget=LeakageBudget(),
+        horizon=epochs,
         log_dir=log_dir,
     )
     out(f"fesmia-hooks demo: digits MLP, {len(x)} training samples with 20% label noise, "

@@ -93,7 +93,7 @@ def run_keras_demo(
     privacy = KerasPrivacyMonitor(
         task.canaries,
         probe=FeSMIA(seed=seed),
-        budget=LeakageBudget(horizon=epochs),
+        budget=LeakageBudget(),
         log_dir=log_dir,
     )
     monitor = privacy.monitor

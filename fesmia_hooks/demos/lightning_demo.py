@@ -43,7 +43,7 @@ def run_lightning_demo(
 
     Args:
         log_dir: Root folder of the TensorBoard logger.
-        epochs: Most epochs to train (also the budget's horizon).
+        epochs: Most epochs to train (the horizon of the run-level test follows from it).
         seed: Seed of data, model, shuffling and probe.
         out: Where the printed lines go.
 
@@ -85,7 +85,7 @@ def run_lightning_demo(
 
     model = DigitsModule()
     callback = LightningMonitor(
-        task.canaries, probe=FeSMIA(seed=seed), budget=LeakageBudget(horizon=epochs)
+        task.canaries, probe=FeSMIA(seed=seed), budget=LeakageBudget()
     )
     monitor = callback.monitor
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)

@@ -227,7 +227,7 @@ def run_text_demo(
 
     Args:
         log_dir: Folder of the TensorBoard events and the history.
-        epochs: Most epochs to train (also the budget's horizon).
+        epochs: Most epochs to train (also the horizon of the run-level test).
         seed: Seed of the split, the model, the shuffling and the probe.
         out: Where the printed lines go.
     """
@@ -249,7 +249,8 @@ def _run(
     monitor = PrivacyMonitor(
         task.canaries,
         probe=text_probe(seed),
-        budget=LeakageBudget(horizon=epochs),
+        budget=LeakageBudget(),
+        horizon=epochs,
         log_dir=log_dir,
     )
     out(f"fesmia-hooks demo (text): character-level GRU on {len(task.train[0])} passages of "
