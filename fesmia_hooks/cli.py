@@ -4,7 +4,8 @@
   digits data and prints one row per privacy check; ``fesmia-hooks demo --task text`` trains
   a character-level language model on CPython's bundled reference manual instead.
 * ``fesmia-hooks report LOG_DIR`` prints a table per run found in ``LOG_DIR`` and, when
-  matplotlib is installed, writes ``leakage.png`` into each run's folder.
+  matplotlib is installed, writes ``leakage.png`` into each run's folder. The bands and the
+  budget come from each run's history (``--max-level`` overrides the budget line).
 
 A usage problem, a missing optional dependency or an unreadable history prints one line
 ``fesmia-hooks: error: ...`` on stderr and exits with status 2.
@@ -69,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="write the pictures here (mirroring the run folders) instead of "
                              "into each run's folder")
     report.add_argument("--no-plot", action="store_true", help="print the tables only")
-    report.add_argument("--max-level", choices=_LEVEL_CHOICES, default="low",
-                        help="the budget's max_level, for the budget line (default: low; "
+    report.add_argument("--max-level", choices=_LEVEL_CHOICES, default=None,
+                        help="the budget's max_level, for the budget line (default: the one "
+                             "each run's history records, or low for a history without it; "
                              "'none' draws no line)")
     return parser
 
@@ -126,7 +128,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from fesmia_hooks.history import HistoryError, format_table, load_runs, plot_leakage
+    from fesmia_hooks.history import HistoryError, format_table, load_runs
+    from fesmia_hooks.plots import FROM_HISTORY, plot_leakage
 
     root = Path(args.log_dir)
     try:
@@ -134,7 +137,8 @@ def _run_report(args: argparse.Namespace) -> int:
     except HistoryError as exc:
         return _error(str(exc))
     base = root if root.is_dir() else root.parent
-    max_level = None if args.max_level == "none" else args.max_level
+    max_level = (FROM_HISTORY if args.max_level is None else
+                 None if args.max_level == "none" else args.max_level)
     can_plot = not args.no_plot
     if can_plot:
         try:

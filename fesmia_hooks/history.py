@@ -1,20 +1,24 @@
-"""Read a monitor's history back: a table per run and a picture of the leakage over training.
+"""Read a monitor's history back: its runs, their settings, and a table per run.
 
 A :class:`~fesmia_hooks.PrivacyMonitor` with a ``log_dir`` appends one JSON line per check to
 ``privacy_history.jsonl`` (see :class:`~fesmia_hooks.sinks.JsonlSink`); a check that failed
-leaves a line with an ``"error"`` key instead. This module reads those files back, for one
-run or for every run found below a folder, and turns them into
+leaves a line with an ``"error"`` key instead. Since format 2 each run first writes a header
+line, ``{"record": "run", "format": 2, "run_id": ..., "started": ..., "settings": {...}}``,
+with the settings that interpret its checks (the probe, the calibration and its level bands,
+the budget, the canaries, the cadence), and tags each of its lines with its ``run_id``.
 
-* a plain-text table per run (:func:`format_table`): check, epoch, the strict and relaxed
-  Log-MIA with their 95 % intervals, their chance levels, the p-value against its run-level
-  threshold, the level and the action taken;
-* ``leakage.png`` (:func:`plot_leakage`, needs ``pip install 'fesmia-hooks[plot]'``): both
-  Log-MIA curves with their interval bands, their chance levels dashed, the budget line and
-  the breaches marked.
+This module reads those files back, for one run or for every run found below a folder, into
+:class:`RunHistory` objects, and prints a plain-text table per run (:func:`format_table`):
+check, epoch, the strict and relaxed Log-MIA with their 95 % intervals, their chance levels,
+the p-value against its run-level threshold, the level and the action taken. The picture,
+``leakage.png``, is drawn by :mod:`fesmia_hooks.plots` (:func:`plot_leakage`, re-exported
+here) from a :class:`RunHistory` alone.
 
-A file that several runs appended to (the same ``log_dir`` reused, or ``monitor.reset()``)
-is split into runs where the check counter starts again. A missing or unreadable file raises
-:class:`HistoryError` with one line that names the file and what is wrong with it.
+Lines are grouped into runs by their ``run_id``, in the order the runs first appear, so the
+lines of two runs that wrote to one file at the same time come apart again. Lines without a
+``run_id`` (files written before format 2) are split into runs where the check counter starts
+again. A missing or unreadable file raises :class:`HistoryError` with one line that names the
+file, and the line, and what is wrong with it.
 
 Example:
     >>> import os, tempfile
@@ -25,8 +29,8 @@ Example:
     >>> for epoch in range(2):
     ...     sink.log(_example_report().with_updates(check=epoch + 1, epoch=epoch), step=epoch)
     >>> [run] = load_runs(folder)
-    >>> len(run.records), run.x_label
-    (2, 'epoch')
+    >>> len(run.records), run.x_label, run.run_id, run.settings
+    (2, 'epoch', None, {})
     >>> print(format_table(run, name="run-a"))  # doctest: +NORMALIZE_WHITESPACE
     run-a: 2 checks (simpleshot, 5 shots, 15 queries, 200 episodes, 999 permutations)
     check epoch strict [95% interval] relaxed [95% interval] chance s/r  p / threshold level action
@@ -40,19 +44,18 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fesmia_hooks.exceptions import FesmiaError
-from fesmia_hooks.report import Level, LevelBands
-from fesmia_hooks.sinks import HISTORY_FILE
-
-if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
+from fesmia_hooks.exceptions import ConfigurationError, FesmiaError
+from fesmia_hooks.plots import PLOT_FILE, leakage_figure, plot_leakage
+from fesmia_hooks.report import Level, LevelBands, required_keys, scalar_keys
+from fesmia_hooks.sinks import HISTORY_FILE, HISTORY_FORMAT
 
 __all__ = [
+    "FORMAT",
     "PLOT_FILE",
     "HistoryError",
     "RunHistory",
@@ -65,19 +68,32 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Name of the picture written next to a run's history.
-PLOT_FILE = "leakage.png"
+#: The newest history format this module reads (the ``"format"`` of a run header).
+FORMAT = HISTORY_FORMAT
 
-_REQUIRED = ("check", "log_mia_strict", "log_mia_relaxed", "chance_strict", "chance_relaxed",
-             "p_value", "p_threshold", "level")
-_NUMBERS = ("log_mia_strict", "log_mia_strict_low", "log_mia_strict_high", "log_mia_relaxed",
-            "log_mia_relaxed_low", "log_mia_relaxed_high", "chance_strict", "chance_relaxed",
-            "p_value", "p_threshold")
+# Both derive from the one vocabulary of metric keys (fesmia_hooks.report.METRICS).
+_REQUIRED = tuple(required_keys())
+_NUMBERS = tuple(k for k in scalar_keys() if k.startswith(("log_mia_", "chance_", "p_")))
 _LEVELS = tuple(level.value for level in Level)
+_BAND_KEYS = ("moderate", "high", "critical", "on")
+#: ``max_level`` of a budget whose header does not name one (``LeakageBudget``'s default).
+_DEFAULT_MAX_LEVEL = Level.LOW
 
 
 class HistoryError(FesmiaError, ValueError):
     """A history file is missing, or it is not a history the monitor wrote."""
+
+
+def _section(settings: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``settings[key]`` as a dict; ``{}`` when it is missing or ``None``."""
+    value = settings.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _bands(settings: Mapping[str, Any]) -> LevelBands:
+    """The level bands of a header's settings; ``LevelBands()``'s values for those missing."""
+    recorded = _section(_section(settings, "calibration"), "bands")
+    return LevelBands(**{key: recorded[key] for key in _BAND_KEYS if key in recorded})
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,12 @@ class RunHistory:
         errors: The failed checks (records with an ``"error"`` key).
         run: Which run of the file this is (1-based), when several runs appended to it.
         runs: How many runs the file holds.
+        run_id: The run's id from its header and its tagged lines; ``None`` for a file
+            written before format 2.
+        settings: The ``"settings"`` of the run's header, as written (``{}`` without one):
+            ``probe``, ``calibration`` (``alpha``, ``horizon``, ``bands``), ``budget``
+            (``None`` for a run without one), ``canaries`` and ``cadence``. Read them through
+            :attr:`bands`, :attr:`budget`, :attr:`max_level` and :attr:`max_values`.
     """
 
     path: Path
@@ -97,6 +119,8 @@ class RunHistory:
     errors: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     run: int = 1
     runs: int = 1
+    run_id: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _rows: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -122,6 +146,49 @@ class RunHistory:
         """The checks that breached the budget."""
         return [r for r in self.records if r.get("breached")]
 
+    @property
+    def bands(self) -> LevelBands:
+        """The level bands the run classified its checks with (``LevelBands()`` if unrecorded).
+
+        Raises:
+            ConfigurationError: The recorded bands are not valid ones (never for a run that
+                :func:`read_history` returned: it checks them).
+        """
+        return _bands(self.settings)
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """The budget settings of the run's header; ``None`` without a budget or a header.
+
+        A header with ``"budget": null`` is a run that only measured; a file without headers
+        does not say (see :attr:`max_level` for what is assumed then).
+        """
+        budget = self.settings.get("budget")
+        return budget if isinstance(budget, dict) else None
+
+    @property
+    def max_level(self) -> Level | None:
+        """The budget's ``max_level``, for the budget line and the table heading.
+
+        ``None`` when the header records a run without a budget, or a budget with no ceiling
+        on the level. ``"low"`` (the default budget's) when the history does not say: a file
+        written before format 2, or a header without a ``budget`` key, or a budget without a
+        ``max_level`` key.
+        """
+        if "budget" not in self.settings:
+            return _DEFAULT_MAX_LEVEL
+        budget = self.budget
+        if budget is None:
+            return None
+        level = budget.get("max_level", _DEFAULT_MAX_LEVEL)
+        return None if level is None else Level(level)
+
+    @property
+    def max_values(self) -> dict[str, float]:
+        """The budget's ceilings on readings (``{"log_mia_strict": 0.4}``), ``{}`` if none."""
+        budget = self.budget or {}
+        return {str(k): float(v) for k, v in (budget.get("max_values") or {}).items()}
+
     def rows(self) -> tuple[dict[str, Any], ...]:
         """Checks and failed checks together, in the order they were written."""
         return self._rows or tuple(sorted((*self.records, *self.errors),
@@ -133,10 +200,20 @@ def _number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _run_id(record: dict[str, Any], where: str) -> str | None:
+    run_id = record.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise HistoryError(f"{where}: run_id must be a non-empty string, got {run_id!r}")
+    return run_id
+
+
 def _validate(record: Any, path: Path, lineno: int) -> dict[str, Any]:
     where = f"{path}: line {lineno}"
     if not isinstance(record, dict):
         raise HistoryError(f"{where} is not a JSON object, got {type(record).__name__}")
+    if "record" in record:
+        return _validate_header(record, where)
+    _run_id(record, where)
     check = record.get("check")
     if isinstance(check, bool) or not isinstance(check, int):
         raise HistoryError(f"{where} has no integer 'check' field, got {check!r}")
@@ -154,18 +231,83 @@ def _validate(record: Any, path: Path, lineno: int) -> dict[str, Any]:
     return record
 
 
-def read_history(path: str | os.PathLike[str]) -> list[RunHistory]:
-    """Read one history file; one :class:`RunHistory` per run that appended to it.
+def _validate_header(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check what the reader interprets in a run header; other keys are left alone."""
+    if record["record"] != "run":
+        raise HistoryError(f"{where}: unknown record {record['record']!r} (a run header has "
+                           "\"record\": \"run\"; a check has no \"record\" key)")
+    _run_id(record, where)
+    version = record.get("format")
+    if isinstance(version, int) and version > FORMAT:
+        log.warning("%s: a run header of format %d, newer than this version reads (%d); "
+                    "reading the settings it knows", where, version, FORMAT)
+    settings = record.get("settings")
+    if settings is None:
+        return record
+    if not isinstance(settings, dict):
+        raise HistoryError(f"{where}: the run header's settings must be a JSON object, "
+                           f"got {type(settings).__name__}")
+    for key in ("calibration", "budget"):
+        if settings.get(key) is not None and not isinstance(settings[key], dict):
+            raise HistoryError(f"{where}: settings.{key} must be a JSON object or null, "
+                               f"got {type(settings[key]).__name__}")
+    bands = _section(settings, "calibration").get("bands")
+    if bands is not None and not isinstance(bands, dict):
+        raise HistoryError(f"{where}: settings.calibration.bands must be a JSON object, "
+                           f"got {type(bands).__name__}")
+    try:
+        _bands(settings)
+    except ConfigurationError as exc:
+        raise HistoryError(f"{where}: settings.calibration.bands are not valid: {exc}") from None
+    budget = _section(settings, "budget")
+    level = budget.get("max_level")
+    if level is not None and level not in _LEVELS:
+        raise HistoryError(f"{where}: settings.budget.max_level must be one of "
+                           f"{', '.join(_LEVELS)} or null, got {level!r}")
+    ceilings = budget.get("max_values")
+    if ceilings is not None and not (
+        isinstance(ceilings, dict)
+        and all(_number(v) and v is not None for v in ceilings.values())
+    ):
+        raise HistoryError(f"{where}: settings.budget.max_values must map readings to "
+                           f"numbers, got {ceilings!r}")
+    return record
 
-    Blank lines are skipped, and so is an unfinished last line (a run killed while writing),
-    with a logged warning.
+
+def read_history(path: str | os.PathLike[str]) -> list[RunHistory]:
+    r"""Read one history file; one :class:`RunHistory` per run that wrote to it.
+
+    A run header (``"record": "run"``) starts a run and gives it its ``settings``; a line
+    with a ``run_id`` belongs to the run of that id, wherever it stands in the file, so the
+    lines of runs that interleave are grouped back. Runs come in the order they first appear.
+    Lines without a ``run_id`` are split into runs where the check counter starts again (a
+    header without a ``run_id`` starts such a run). A header whose run made no check (killed
+    before its first) gives no run. Blank lines are skipped, and so is an unfinished last
+    line (a run killed while writing), with a logged warning.
 
     Args:
         path: A ``privacy_history.jsonl`` file.
 
+    Returns:
+        The runs of the file, with at least one check (successful or failed) each.
+
     Raises:
         HistoryError: The file is missing, unreadable, empty, or holds a line that is not a
-            check the monitor wrote.
+            check or a run header the monitor wrote.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> from fesmia_hooks.report import _example_report
+        >>> path = os.path.join(tempfile.mkdtemp(), "privacy_history.jsonl")
+        >>> check = {**_example_report().as_dict(), "check": 1, "global_step": 0}
+        >>> header = {"record": "run", "format": 2, "run_id": "a1",
+        ...           "settings": {"budget": {"max_level": "moderate", "action": "stop"}}}
+        >>> with open(path, "w") as f:
+        ...     for line in (header, {**header, "run_id": "b2"}, {**check, "run_id": "a1"},
+        ...                  {**check, "run_id": "b2"}, {**check, "check": 2, "run_id": "a1"}):
+        ...         _ = f.write(json.dumps(line) + "\n")
+        >>> [(r.run_id, len(r.records), r.max_level) for r in read_history(path)]
+        [('a1', 2, <Level.MODERATE: 'moderate'>), ('b2', 1, <Level.MODERATE: 'moderate'>)]
     """
     path = Path(path)
     if not path.exists():
@@ -195,29 +337,65 @@ def read_history(path: str | os.PathLike[str]) -> list[RunHistory]:
         records.append(_validate(record, path, lineno))
     if not records:
         raise HistoryError(f"{path}: holds no checks (the file is empty)")
-    return _split_runs(path, records)
+    runs = _split_runs(path, records)
+    if not runs:
+        raise HistoryError(f"{path}: holds no checks (only the header of a run that made none)")
+    return runs
+
+
+@dataclass
+class _Group:
+    run_id: str | None
+    settings: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _split_runs(path: Path, records: list[dict[str, Any]]) -> list[RunHistory]:
-    # A failed check takes the number of the next check (the counter moves on successes only),
-    # so a new run shows as a number at or below the last successful check of the current run.
-    groups: list[list[dict[str, Any]]] = [[]]
-    last = 0
+    groups: list[_Group] = []
+    by_id: dict[str, _Group] = {}
+    untagged: _Group | None = None  # the run that lines without a run_id join
+    last = 0  # its last successful check
+
+    def tagged(run_id: str) -> _Group:
+        if run_id not in by_id:
+            by_id[run_id] = _Group(run_id)
+            groups.append(by_id[run_id])
+        return by_id[run_id]
+
     for record in records:
-        if record["check"] <= last:
-            groups.append([])
-            last = 0
-        groups[-1].append(record)
+        run_id = record.get("run_id")
+        if "record" in record:  # a run header
+            settings = record.get("settings") or {}
+            if run_id is None:
+                untagged, last = _Group(None, settings), 0
+                groups.append(untagged)
+            else:
+                group = tagged(run_id)
+                if group.settings is None:  # a repeated header (a resumed run) keeps the first
+                    group.settings = settings
+            continue
+        if run_id is not None:
+            tagged(run_id).rows.append(record)
+            continue
+        # A failed check takes the number of the next check (the counter moves on successes
+        # only), so a new run shows as a number at or below the last successful check.
+        if untagged is None or record["check"] <= last:
+            untagged, last = _Group(None), 0
+            groups.append(untagged)
+        untagged.rows.append(record)
         if "error" not in record:
             last = record["check"]
+    groups = [group for group in groups if group.rows]
     return [
         RunHistory(
             path=path,
-            records=tuple(r for r in group if "error" not in r),
-            errors=tuple(r for r in group if "error" in r),
+            records=tuple(r for r in group.rows if "error" not in r),
+            errors=tuple(r for r in group.rows if "error" in r),
             run=index,
             runs=len(groups),
-            _rows=tuple(group),
+            run_id=group.run_id,
+            settings=group.settings or {},
+            _rows=tuple(group.rows),
         )
         for index, group in enumerate(groups, start=1)
     ]
@@ -228,6 +406,9 @@ def load_runs(path: str | os.PathLike[str]) -> list[RunHistory]:
 
     Args:
         path: A history file, or a folder searched recursively.
+
+    Returns:
+        The runs of each file (see :func:`read_history`), files in sorted path order.
 
     Raises:
         HistoryError: ``path`` is missing, a folder without any history, or one of the files
@@ -265,33 +446,60 @@ def _interval(record: dict[str, Any], key: str) -> str:
     return f"{_f(value)} [{_f(low)}, {_f(high)}]"
 
 
+def _budget_text(run: RunHistory) -> str | None:
+    """The budget as the run's header records it, for the table heading; ``None`` if unsaid."""
+    if "budget" not in run.settings:
+        return None
+    budget = run.budget
+    if budget is None:
+        return "no budget"
+    level = run.max_level
+    parts = [f"max_level {level.value}" if level is not None else "no max_level"]
+    parts += [f"{key} > {value:g}" for key, value in run.max_values.items()]
+    for key in ("patience", "min_checks"):
+        if budget.get(key) not in (None, 1):
+            parts.append(f"{key} {budget[key]}")
+    if budget.get("action") is not None:
+        parts.append(f"action {budget['action']}")
+    return "budget: " + ", ".join(parts)
+
+
 def format_table(run: RunHistory, *, name: str | None = None) -> str:
     """A plain-text table of one run: one row per check (and per failed check).
 
     Columns: check, epoch (and step, for runs checked by optimizer steps), strict and
     relaxed Log-MIA with their 95 % intervals, their chance levels (strict/relaxed), the
     p-value against the run-level threshold, the level, and the action taken (``-`` for
-    none). A heading names the run and the probe; a last line says where the budget was
-    breached, if it was.
+    none). A heading names the run, the probe and, when the run's header records it, the
+    budget (``budget: max_level low, action stop``; ``no budget`` for a run without one;
+    ``log_mia_strict > 0.4`` for each ceiling of ``max_values``); a last line says where the
+    budget was breached, if it was.
 
     Args:
         run: The run.
         name: How to call the run in the heading; its folder when omitted.
+
+    Returns:
+        The table: the heading, the column names, a line per row, and the breach line if
+        any; no newline at its end.
     """
     title = str(name if name is not None else run.folder)
     if run.runs > 1:
-        title += f" (run {run.run} of {run.runs} in {run.path.name})"
+        title += f" (run {run.run} of {run.runs} in {run.path.name}"
+        title += f", id {run.run_id})" if run.run_id is not None else ")"
     checks = len(run.records)
     heading = f"{title}: {checks} check{'s' if checks != 1 else ''}"
     if run.errors:
         heading += f", {len(run.errors)} failed"
-    if run.records:
-        first = run.records[0]
-        probe = [str(first[k]) + label for k, label in (
-            ("method", ""), ("shots", " shots"), ("queries", " queries"),
-            ("episodes", " episodes"), ("permutations", " permutations")) if k in first]
-        if probe:
-            heading += f" ({', '.join(probe)})"
+    first = run.records[0] if run.records else _section(run.settings, "probe")
+    probe = [str(first[k]) + label for k, label in (
+        ("method", ""), ("shots", " shots"), ("queries", " queries"),
+        ("episodes", " episodes"), ("permutations", " permutations")) if k in first]
+    if probe:
+        heading += f" ({', '.join(probe)})"
+    budget = _budget_text(run)
+    if budget is not None:
+        heading += f"; {budget}"
     with_step = any(r.get("step") is not None for r in run.rows()) and run.x_label != "epoch"
     header = ["check", "epoch", *(["step"] if with_step else []), "strict [95% interval]",
               "relaxed [95% interval]", "chance s/r", "p / threshold", "level", "action"]
@@ -336,144 +544,3 @@ def format_table(run: RunHistory, *, name: str | None = None) -> str:
             place += f" and at {more} later check{'s' if more > 1 else ''}"
         lines.append(f"budget breached at {place}; action taken: {breach.get('action', '?')}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- picture
-def _budget_threshold(bands: LevelBands, max_level: Level | str | None) -> float | None:
-    """Reading at which the first level above ``max_level`` starts (``None``: no line)."""
-    if max_level is None:
-        return None
-    level = Level(max_level)
-    starts = {Level.LOW: bands.moderate, Level.MODERATE: bands.high, Level.HIGH: bands.critical}
-    return starts.get(level)
-
-
-def leakage_figure(
-    run: RunHistory,
-    *,
-    bands: LevelBands | None = None,
-    max_level: Level | str | None = "low",
-    title: str | None = None,
-) -> Figure:
-    """The leakage picture of one run as a matplotlib ``Figure`` (not shown, not saved).
-
-    Draws the strict and relaxed Log-MIA means with their 95 % interval bands, their chance
-    levels as dashed lines, the budget line and the checks that breached it. Filled markers
-    are checks significantly above chance at the run-level threshold; hollow ones are not.
-
-    The history does not record the budget, so the budget line is drawn where the level
-    above ``max_level`` starts on ``bands`` (defaults: ``LevelBands()`` and the default
-    budget's ``"low"``, so strict Log-MIA 0.25, where ``"moderate"`` starts).
-
-    Args:
-        run: The run, with at least one successful check.
-        bands: The level bands the monitor used.
-        max_level: The budget's ``max_level``; ``None`` draws no budget line.
-        title: Figure title; the run's folder when omitted.
-
-    Raises:
-        HistoryError: The run has no successful check.
-        ImportError: matplotlib is not installed.
-    """
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the leakage plot needs matplotlib: pip install 'fesmia-hooks[plot]'"
-        ) from exc
-    if not run.records:
-        raise HistoryError(f"{run.path}: no successful check to plot")
-    bands = bands if bands is not None else LevelBands()
-    if max_level is not None:
-        max_level = Level(max_level)
-    x = run.x
-    fig = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    colors = {"strict": "tab:blue", "relaxed": "tab:orange"}
-    significant = [bool(r.get("significant")) for r in run.records]
-
-    def values(key: str) -> list[float]:
-        return [math.nan if r.get(key) is None else float(r[key]) for r in run.records]
-
-    for name, color in colors.items():
-        key = f"log_mia_{name}"
-        mean, low, high = values(key), values(key + "_low"), values(key + "_high")
-        ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0,
-                        gid=f"band_{name}", label=f"_{name} 95% interval")
-        ax.plot(x, mean, color=color, linewidth=1.8, label=f"Log-MIA {name} (95% interval)",
-                gid=f"log_mia_{name}")
-        for sig, face in ((True, color), (False, "white")):
-            pts = [(xi, yi) for xi, yi, s in zip(x, mean, significant, strict=True) if s is sig]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), linestyle="none", marker="o", markersize=4,
-                        color=color, markerfacecolor=face, gid=f"points_{name}_{sig}",
-                        label="_nolegend_")
-        chance = values(f"chance_{name}")
-        ax.plot(x, chance, color=color, linestyle="--", linewidth=1.2, gid=f"chance_{name}",
-                label=f"chance {name} ({chance[-1]:.2f})")
-    threshold = _budget_threshold(bands, max_level)
-    if threshold is not None and max_level is not None:
-        ax.axhline(threshold, color="tab:red", linestyle=":", linewidth=1.5, gid="budget",
-                   label=f"budget: {bands.on} >= {threshold:g} (level above {max_level.value!r})")
-    breached = [i for i, r in enumerate(run.records) if r.get("breached")]
-    if breached:
-        on = values(f"log_mia_{bands.on}")
-        actions = sorted({str(run.records[i].get("action", "?")) for i in breached})
-        ax.plot([x[i] for i in breached], [on[i] for i in breached], linestyle="none",
-                marker="X", markersize=9, color="tab:red", markeredgecolor="black",
-                gid="breaches", label=f"budget breached ({', '.join(actions)})")
-    handles, _ = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], linestyle="none", marker="o", color="gray",
-                          label="filled: significant (p <= run-level threshold)"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    if len(x) == 1:
-        ax.set_xlim(x[0] - 1, x[0] + 1)
-    ax.set_xlabel({"epoch": "epoch", "step": "optimizer step", "check": "check"}[run.x_label])
-    ax.set_ylabel("Log-MIA (0 = nothing, 1 = every member named)")
-    ax.grid(True, alpha=0.3)
-    first = run.records[0]
-    detail = ", ".join(f"{first[k]} {k}" for k in ("shots", "queries", "episodes") if k in first)
-    heading = title if title is not None else str(run.folder)
-    if run.runs > 1:
-        heading += f" (run {run.run} of {run.runs})"
-    ax.set_title(f"Privacy leakage (FeS-MIA, {first.get('method', '?')}"
-                 + (f", {detail}" if detail else "") + f")\n{heading}", fontsize=10)
-    return fig
-
-
-def plot_leakage(
-    run: RunHistory,
-    path: str | os.PathLike[str] | None = None,
-    *,
-    bands: LevelBands | None = None,
-    max_level: Level | str | None = "low",
-    title: str | None = None,
-) -> Path:
-    """Write the picture of :func:`leakage_figure` as a PNG (Agg backend, pyplot untouched).
-
-    Args:
-        run: The run, with at least one successful check.
-        path: Where to write; ``leakage.png`` in the run's folder when omitted. A folder (an
-            existing one, or a path without a file suffix) gets ``leakage.png`` inside it.
-        bands: The level bands the monitor used.
-        max_level: The budget's ``max_level``; ``None`` draws no budget line.
-        title: Figure title; the run's folder when omitted.
-
-    Returns:
-        The path written.
-
-    Raises:
-        HistoryError: The run has no successful check.
-        ImportError: matplotlib is not installed (``pip install 'fesmia-hooks[plot]'``).
-    """
-    fig = leakage_figure(run, bands=bands, max_level=max_level, title=title)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    target = run.folder / PLOT_FILE if path is None else Path(path)
-    if target.is_dir() or not target.suffix:
-        target = target / PLOT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_png(str(target))
-    return target

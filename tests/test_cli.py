@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+from _history import checks_in  # noqa: E402
 
 from fesmia_hooks.cli import main
 from fesmia_hooks.exceptions import FesmiaError
@@ -32,7 +33,7 @@ COLUMNS = ["check", "epoch", "strict [95% interval]", "relaxed [95% interval]", 
 
 
 def history_lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return checks_in(path)
 
 
 def table_rows(text: str) -> list[list[str]]:
