@@ -3,8 +3,8 @@
 An episode draws ``shots + queries`` members and as many non-members from the canary pool
 without replacement. Draws are made once per probe (seeded) and reused at every check, so that
 successive checks differ only through the model, and so that one fixed set of label
-permutations gives the joint null distribution of all the checks of a run (SCIENCE.md,
-trap 2).
+permutations gives the joint null distribution of all the checks of a run
+(``docs/science.md#run-level-test``).
 """
 
 from __future__ import annotations

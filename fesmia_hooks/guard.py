@@ -1,4 +1,4 @@
-"""Run a model for a probe without changing its training (SCIENCE.md, trap 4).
+"""Run a model for a probe without changing its training (``docs/science.md#side-effects``).
 
 Inside :func:`untouched`: every module is in eval mode, gradients are off, autocast is off,
 and the global RNG (CPU and every CUDA device the model uses) is forked so that dropout or

@@ -1,6 +1,6 @@
 """Honest alarms: placebo canaries (never trained on) must not raise the alarm.
 
-SCIENCE.md, trap 2: the false-alarm rate per *training run*, over 30 checks, stays at the
+docs/science.md#run-level-test: the false-alarm rate per *training run*, over 30 checks, stays at the
 budget's alpha (5 %). Each run draws its own data split, model initialisation and probe seed.
 """
 

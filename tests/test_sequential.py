@@ -1,4 +1,4 @@
-"""Run-level false-alarm control over repeated checks (SCIENCE.md, trap 2)."""
+"""Run-level false-alarm control over repeated checks (docs/science.md#run-level-test)."""
 
 import pytest
 import torch

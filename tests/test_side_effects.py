@@ -1,4 +1,4 @@
-"""SCIENCE.md trap 4: a check leaves training exactly as it was."""
+"""docs/science.md#side-effects: a check leaves training exactly as it was."""
 
 import copy
 

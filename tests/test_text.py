@@ -94,7 +94,7 @@ def test_half_precision_logits_are_reduced_in_float32():
 
 
 def test_saturated_tokens_still_separate_in_log_space():
-    # SCIENCE.md trap 3: p(target) == 1.0 in float32, but phi keeps the two apart.
+    # docs/science.md#signals: p(target) == 1.0 in float32, but phi keeps the two apart.
     logits = torch.zeros(2, 2, 3)
     logits[0, :, 0], logits[1, :, 0] = 60.0, 40.0
     targets = torch.tensor([[0, 0], [0, 0]])
