@@ -12,7 +12,8 @@ first, ``repeats`` times. Two ratios are reported:
 The monitor runs at its default cadence (every epoch) with the default probe, the default
 budget (with ``action="alert"``, so both runs train the same number of epochs) and its
 default outputs (TensorBoard events and the history file, in a temporary folder). The two
-runs must end with bit-identical weights (docs/science.md#side-effects); that is checked and recorded.
+runs must end with bit-identical weights (docs/science.md#side-effects); that is checked
+and recorded.
 """
 
 from __future__ import annotations

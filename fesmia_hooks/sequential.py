@@ -1,8 +1,8 @@
 """Alarms that keep their false-alarm rate per training run, not per check.
 
 A monitor looks at the data every epoch; a 5 % test at each of 50 looks raises a false alarm
-on most runs of a model that leaks nothing (``docs/science.md#run-level-test``). Under "no leakage" the
-membership labels of the canary pool are exchangeable for the whole run, so the probe's fixed
+on most runs of a model that leaks nothing (``docs/science.md#run-level-test``). Under "no
+leakage" the membership labels of the canary pool are exchangeable for the whole run, so the probe's fixed
 set of ``B`` label permutations, reused at every check, gives ``B`` null *trajectories* of the
 test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
 at check ``c`` it picks the largest p-value threshold under which no more than
