@@ -2,9 +2,9 @@
 
 A monitor looks at the data every epoch; a 5 % test at each of 50 looks raises a false alarm
 on most runs of a model that leaks nothing (``docs/science.md#run-level-test``). Under "no
-leakage" the membership labels of the canary pool are exchangeable for the whole run, so the probe's fixed
-set of ``B`` label permutations, reused at every check, gives ``B`` null *trajectories* of the
-test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
+leakage" the membership labels of the canary pool are exchangeable for the whole run, so the
+probe's fixed set of ``B`` label permutations, reused at every check, gives ``B`` null
+*trajectories* of the test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
 at check ``c`` it picks the largest p-value threshold under which no more than
 ``floor(S(c) * (B + 1))`` of the ``B + 1`` trajectories (the observed one and the null ones,
 treated alike) have crossed *so far*, counting each trajectory once, at its first crossing.
