@@ -4,15 +4,15 @@ A monitor looks at the data every epoch; a 5 % test at each of 50 looks raises a
 on most runs of a model that leaks nothing (``docs/science.md#run-level-test``). Under "no
 leakage" the membership labels of the canary pool are exchangeable for the whole run, so the
 probe's fixed set of ``B`` label permutations, reused at every check, gives ``B`` null
-*trajectories* of the test statistic. :class:`SequentialTest` spends the run's error budget ``alpha`` over checks:
-at check ``c`` it picks the largest p-value threshold under which no more than
-``floor(S(c) * (B + 1))`` of the ``B + 1`` trajectories (the observed one and the null ones,
-treated alike) have crossed *so far*, counting each trajectory once, at its first crossing.
-The observed run alarms when its p-value is at or below that threshold. The observed
-trajectory is exchangeable with the null ones when nothing leaks, so the chance that it
-alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutive checks are
-strongly correlated, so a null trajectory that crosses late has usually crossed before and is
-not counted again: the correction costs little power.
+*trajectories* of the test statistic. :class:`SequentialTest` spends the run's error budget
+``alpha`` over checks: at check ``c`` it picks the largest p-value threshold under which no
+more than ``floor(S(c) * (B + 1))`` of the ``B + 1`` trajectories (the observed one and the
+null ones, treated alike) have crossed *so far*, counting each trajectory once, at its first
+crossing. The observed run alarms when its p-value is at or below that threshold. The
+observed trajectory is exchangeable with the null ones when nothing leaks, so the chance
+that it alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutive checks are
+strongly correlated, so a null trajectory that crosses late has usually crossed before and
+is not counted again: the correction costs little power.
 
 The spending function is ``S(c) = alpha * min(1, c / horizon)`` when the number of checks is
 known, and ``S(c) = alpha * c / (c + 10)`` otherwise (half of ``alpha`` by the tenth check,
