@@ -220,13 +220,6 @@ class MonitorDriver:
         if core.canaries is None:
             core.set_canaries(self._find_canaries(canary_sources))
         folder = next((f for f in (self.log_dir, log_dir, core.log_dir) if f is not None), None)
-        core.writes = rank_zero
-        if rank_zero:
-            use_writer = writer if self.log_dir is None else None
-            core.set_log_dir(folder, tensorboard=self.tensorboard, writer=use_writer,
-                             scalars=scalars or use_writer is None)
-        else:
-            core.set_log_dir(None)
         if not core.restored:
             core.reset(horizon=expected_checks(
                 every_n_epochs=core.every_n_epochs,
@@ -236,6 +229,13 @@ class MonitorDriver:
                 steps_per_epoch=steps_per_epoch,
             ))
             self._reduced_stop_epoch = None
+        core.writes = rank_zero
+        if rank_zero:
+            use_writer = writer if self.log_dir is None else None
+            core.set_log_dir(folder, tensorboard=self.tensorboard, writer=use_writer,
+                             scalars=scalars or use_writer is None)
+        else:
+            core.set_log_dir(None)
         core.restored = False
 
     def _find_canaries(self, sources: Iterable[Any]) -> Canaries:

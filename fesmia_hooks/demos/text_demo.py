@@ -222,8 +222,8 @@ def run_text_demo(
 
     Stops when the default :class:`LeakageBudget` is breached. Returns the core monitor.
     Runs on one CPU thread (restored on return): the model is small, and on a shared
-    two-core machine more threads only wait on each other (about 45 s on one thread, with
-    the budget stopping the run after 17 epochs; several minutes on two busy threads).
+    two-core machine more threads only wait on each other (its cost is measured in
+    BENCHMARKS.md).
 
     Args:
         log_dir: Folder of the TensorBoard events and the history.
