@@ -73,9 +73,11 @@ def _stack_dataset(name: str, dataset: Dataset) -> tuple[torch.Tensor, torch.Ten
         return torch.empty(0), None
     try:
         x = torch.stack(xs)
-        y = torch.stack(ys).reshape(len(ys)) if ys else None
+        y = torch.stack(ys) if ys else None
     except RuntimeError as exc:
         raise CanaryError(f"{name}: samples of the Dataset do not all have one shape") from exc
+    if y is not None and y[0].numel() == 1:
+        y = y.reshape(len(ys))  # one label per sample, even if each came as a [1] tensor
     return x, y
 
 
@@ -89,6 +91,44 @@ def _unpack(name: str, side: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _is_number_sequence(side: Sequence[Any]) -> bool:
     return all(isinstance(v, (int, float)) for v in side)
+
+
+def _class_indices(name: str, y: torch.Tensor | None, num_classes: int | None) -> Any:
+    """Labels as one class index per sample: one-hot rows ``[n, C]`` become their argmax.
+
+    Keras's ``to_categorical`` idiom gives labels as one-hot rows. A row with exactly one 1
+    and every other entry 0 names one class without doubt, so it is read as that class; any
+    other ``[n, C]`` label (soft or multi-hot) is refused, since the probe needs one class per
+    sample and guessing one would measure something else. A ``[n, 1]`` column of integers
+    (``keras.datasets`` gives labels so) is read as one index per row. Other shapes are left
+    to :meth:`CanarySet._validate`, which refuses them.
+
+    Messages give counts and shapes, never label values: canary labels stay private.
+    """
+    if y is None or y.dim() != 2:
+        return y
+    if y.shape[1] == 1 and not (y.is_floating_point() or y.is_complex()):
+        return y.reshape(-1)
+    if y.shape[1] < 2 or y.is_complex():
+        return y
+    n, width = (int(d) for d in y.shape)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and (
+        width != num_classes
+    ):
+        raise CanaryError(
+            f"{name} labels are one-hot rows of width {width}, but num_classes is {num_classes}"
+        )
+    binary = (y == 0) | (y == 1)
+    one_hot = binary.all(dim=1) & ((y == 1).sum(dim=1) == 1)
+    bad = n - int(one_hot.sum())
+    if bad:
+        raise CanaryError(
+            f"{name} labels of shape {(n, width)} are read as one-hot rows (a single 1, every "
+            f"other entry 0), but {bad} of the {n} rows are not (soft or multi-hot labels); "
+            "the probe needs one class per sample: give integer class indices (shape "
+            f"({n},)) or one-hot rows"
+        )
+    return (y == 1).to(torch.uint8).argmax(dim=1)
 
 
 def _fingerprints(x: torch.Tensor) -> list[bytes]:
@@ -199,14 +239,19 @@ class CanarySet(Canaries):
     Args:
         members: Samples that are, or will be, in the training set: a pair ``(inputs,
             labels)`` of tensors or arrays, a ``torch.utils.data.Dataset`` yielding
-            ``(input, label)``, or inputs alone when labels are not needed.
+            ``(input, label)``, or inputs alone when labels are not needed. Labels are
+            class indices ``[n]`` (or a ``[n, 1]`` integer column), or one-hot rows
+            ``[n, C]`` (Keras's ``to_categorical``; float, int or bool), which are read as
+            the index of their 1.
         non_members: Samples of the same distribution that are never trained on, in the
             same form as ``members``.
-        num_classes: When given, labels are checked to lie in ``[0, num_classes)``.
+        num_classes: When given, labels are checked to lie in ``[0, num_classes)`` (and
+            one-hot rows to have ``num_classes`` columns).
 
     Raises:
         CanaryError: On empty sides, shapes or dtypes that disagree, non-integer or
-            out-of-range labels, non-finite inputs, or a sample present on both sides.
+            out-of-range labels, ``[n, C]`` labels that are not one-hot (soft or multi-hot
+            rows), non-finite inputs, or a sample present on both sides.
 
     Example:
         >>> import torch
@@ -216,6 +261,13 @@ class CanarySet(Canaries):
         >>> canaries = CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
         >>> canaries
         CanarySet(members=20, non_members=20, input_shape=(8,), labels=yes)
+
+        One-hot labels name the same classes:
+
+        >>> one_hot = torch.nn.functional.one_hot(y, 3).float()
+        >>> same = CanarySet(members=(x[:20], one_hot[:20]), non_members=(x[20:], one_hot[20:]))
+        >>> torch.equal(same.labels, canaries.labels)
+        True
     """
 
     kind: ClassVar[str] = "labelled"
@@ -230,6 +282,8 @@ class CanarySet(Canaries):
         super().__init__()
         xm, ym = _unpack("members", members)
         xn, yn = _unpack("non_members", non_members)
+        ym = _class_indices("members", ym, num_classes)
+        yn = _class_indices("non_members", yn, num_classes)
         self._validate(xm, ym, xn, yn, num_classes)
         self.inputs = torch.cat([xm, xn]).contiguous()
         self.labels = None if ym is None or yn is None else torch.cat([ym, yn]).long()
@@ -365,7 +419,7 @@ class CanarySet(Canaries):
 
         Args:
             data: A ``Dataset`` yielding ``(input, label)`` or a pair ``(inputs, labels)``,
-                held out from training.
+                held out from training. One-hot labels give one-hot ``to_train`` labels.
             num_classes: Number of classes (a wrong label is drawn among the others).
             size: Canaries per side.
             seed: Seed of the draw and of the wrong labels.
@@ -389,11 +443,16 @@ class CanarySet(Canaries):
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=g)[: 2 * size].tolist()
         x, y = _select(data if isinstance(data, (tuple, list)) else _pairs(data), idx)
-        y = y.long()
-        wrong = wrong_labels(y, num_classes, g)
-        to_train = (x[:size], wrong[:size])
-        canaries = cls(members=to_train, non_members=(x[size:], wrong[size:]),
+        one_hot = y.dim() == 2 and y.shape[1] > 1
+        wrong = wrong_labels(_class_indices("data", y, num_classes).long(), num_classes, g)
+        canaries = cls(members=(x[:size], wrong[:size]), non_members=(x[size:], wrong[size:]),
                        num_classes=num_classes)
+        # the labels to train on come in the form the data gave them (one-hot stays one-hot)
+        train_labels = (
+            torch.nn.functional.one_hot(wrong[:size], num_classes).to(y.dtype) if one_hot
+            else wrong[:size]
+        )
+        to_train = (x[:size], train_labels)
         return to_train, canaries
 
     @classmethod

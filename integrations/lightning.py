@@ -94,10 +94,22 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
     from whichever limit ends the run first (``max_epochs``, ``max_steps``), unless
     ``horizon`` fixes it.
 
-    The canaries can come from a configuration file (``LightningCLI``): give an importable
-    factory ``canaries="package.module:function"``, or none at all and give the datamodule
-    (or the LightningModule) a ``canaries`` attribute or method; it is read at the start of
-    ``fit``.
+    The callback can be configured from a ``LightningCLI`` file (needs
+    ``jsonargparse[signatures]``); every option of the core monitor is a typed ``init_args``
+    key. The canaries can be an importable factory ``canaries: "package.module:function"``,
+    or be left out when the datamodule (or the LightningModule) has a ``canaries`` attribute
+    or method; they are read at the start of ``fit``::
+
+        trainer:
+          callbacks:
+            - class_path: fesmia_hooks.integrations.lightning.PrivacyMonitor
+              init_args:
+                canaries: "my_project.data:make_canaries"
+                every_n_epochs: 1
+                alpha: 0.05
+                budget:
+                  class_path: fesmia_hooks.LeakageBudget
+                  init_args: {max_level: low}
 
     ``ModelCheckpoint`` file names with a ``privacy/...`` key: the ``/`` would make a
     folder; use ``auto_insert_metric_name=False`` and name the key yourself, e.g.
@@ -136,6 +148,13 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         (8, <StopReason.LEVEL_EXCEEDED: 'level_exceeded'>)
     """
 
+    # No __init__ here: the driver's is the one constructor of every adapter, and its
+    # ``**options`` go straight to the core monitor, whose signature is the one list of
+    # options. LightningCLI's parser (jsonargparse) reads that forwarding in the driver's
+    # source and offers the core's parameters, with their types, defaults and docs, as
+    # ``init_args``; a mirrored signature here would be a second list to keep in step.
+    # tests/test_lightning_cli.py runs LightningCLI on a configuration file to hold this.
+
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint."""
@@ -166,6 +185,7 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             max_steps=trainer.max_steps,
             steps_per_epoch=_steps_per_epoch(trainer),
             canary_sources=(getattr(trainer, "datamodule", None), pl_module),
+            model=pl_module,
         )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -23,8 +23,17 @@ Steps skipped by a ``GradScaler`` never reach the hook and are not counted.
 Attaching starts a run, as ``fit`` does in the other integrations: the monitor's history,
 run id, budget counters and run-level test start afresh (with the horizon
 ``total_steps // every_n_steps`` when ``total_steps`` is given), unless a state was loaded
-with ``monitor.load_state_dict(...)`` since its last run, which the attached run continues
-(pass ``start_step`` too). Only rank zero of a ``torch.distributed`` run writes outputs.
+with ``monitor.load_state_dict(...)`` since its last run, which the attached run continues:
+same run id, history and thresholds, with the check numbers going on from the state's.
+To resume a loop, save ``monitor.state_dict()`` with your checkpoint and attach again with
+the step count the checkpoint was taken at::
+
+    monitor.load_state_dict(checkpoint["privacy"])
+    watch = attach(model, optimizer, monitor, start_step=checkpoint["step"])
+
+Only rank zero of a ``torch.distributed`` run writes outputs (the history, TensorBoard and
+the monitor's sinks); every rank makes the same checks. The monitor's own ``log_dir`` and
+its choice of TensorBoard are kept.
 
 The check runs on the model as it is right after the update, in eval mode, without
 gradients and with the global RNG forked (see :func:`fesmia_hooks.untouched`): the loop
@@ -82,7 +91,8 @@ class AttachedMonitor(MonitorDriver):
     """A monitor attached to an optimizer; returned by :func:`attach`.
 
     Use it as a context manager to remove the hook on exit (the monitor and its sinks stay
-    open: close them with ``monitor.close()`` or ``with monitor:``).
+    open: close them with ``monitor.close()`` or ``with monitor:``). Build it with
+    :func:`attach`, which checks the arguments; building it begins the monitor's run.
 
     Attributes:
         monitor: The core :class:`PrivacyMonitor` that runs the checks.
@@ -105,7 +115,8 @@ class AttachedMonitor(MonitorDriver):
         self.optimizer = optimizer
         self.steps = start_step
         rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
-        self.begin_run(rank_zero=rank_zero, max_steps=total_steps)
+        self.begin_run(rank_zero=rank_zero, max_steps=_steps_for_horizon(
+            monitor, start_step=start_step, total_steps=total_steps), model=model)
         self._handle: Any = optimizer.register_step_post_hook(self._on_step)
 
     def _on_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -164,16 +175,21 @@ def attach(
         every_n_steps: Check every n-th optimizer step. Needed when the monitor has no step
             cadence; must equal the monitor's when it has one.
         start_step: Optimizer steps already taken (when resuming); the next step counts as
-            ``start_step + 1``.
-        total_steps: Optimizer steps the run will take, when known: the run-level test then
-            spends ``alpha`` evenly over ``total_steps // every_n_steps`` checks.
+            ``start_step + 1``. When the monitor continues a loaded state, at least the step
+            of that state's last check.
+        total_steps: The step the run ends at, when known (counted like ``steps``, from 0,
+            ``start_step`` included): the run-level test of a new run then spends ``alpha``
+            evenly over its checks, ``total_steps // every_n_steps`` when ``start_step`` is
+            0. A run that continues a loaded state keeps that state's test.
 
     Returns:
         The :class:`AttachedMonitor` handle (``remove()``, ``should_stop``, context manager).
 
     Raises:
         ConfigurationError: On a wrong type, a cadence that is missing or disagrees with the
-            monitor's, or a switch to the step cadence after the monitor has made checks.
+            monitor's, a switch to the step cadence after the monitor has made checks, a
+            ``total_steps`` below ``start_step``, or a ``start_step`` below the last checked
+            step of a loaded state.
     """
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,6 +204,19 @@ def attach(
     every_n_steps = optional_positive_int("every_n_steps", every_n_steps)
     start_step = positive_int("start_step", start_step, minimum=0)
     total_steps = optional_positive_int("total_steps", total_steps)
+    if total_steps is not None and total_steps < start_step:
+        raise ConfigurationError(
+            f"`total_steps` is the step the run ends at, counted from 0: it must be >= "
+            f"start_step={start_step}, got {total_steps}"
+        )
+    if monitor.restored:
+        last = _last_checked_step(monitor)
+        if start_step < last:
+            raise ConfigurationError(
+                f"the monitor continues a loaded state whose last check was at optimizer step "
+                f"{last}: pass start_step >= {last} (the steps taken when the state was "
+                f"saved), got start_step={start_step}"
+            )
     current = monitor.every_n_steps
     if every_n_steps is None and current is None:
         raise ConfigurationError(
@@ -214,3 +243,24 @@ def attach(
     return AttachedMonitor(
         model, optimizer, monitor, start_step=start_step, total_steps=total_steps
     )
+
+
+def _last_checked_step(monitor: PrivacyMonitor) -> int:
+    """The optimizer step of the monitor's last check (failed ones included), 0 if none."""
+    steps = [r.step for r in monitor.history] + [e.get("step") for e in monitor.errors]
+    return max((s for s in steps if isinstance(s, int)), default=0)
+
+
+def _steps_for_horizon(
+    monitor: PrivacyMonitor, *, start_step: int, total_steps: int | None
+) -> int | None:
+    """The ``max_steps`` whose checks are those of steps ``start_step + 1 .. total_steps``.
+
+    The driver counts ``max_steps // every_n_steps`` checks; a run that begins at
+    ``start_step`` makes ``total_steps // n - start_step // n`` of them.
+    """
+    every = monitor.every_n_steps
+    if total_steps is None or every is None:
+        return total_steps
+    checks = total_steps // every - start_step // every
+    return max(checks, 1) * every  # at least one check, as the driver counts

@@ -14,9 +14,12 @@ With the report it:
   :func:`fesmia_hooks.sinks.scalar_metrics`, the vocabulary every adapter shares -- through
   ``Trainer.log``, so every ``report_to`` integration (the ``Trainer``'s TensorBoard run,
   W&B, MLflow, ...) receives them, and ``trainer.state.log_history`` (and
-  ``trainer_state.json``) holds them. The callback finds its ``Trainer`` when training
-  starts; if it cannot (a trainer that is not a ``transformers.Trainer``), the values go to
-  ``log_history`` only;
+  ``trainer_state.json``) holds them, once per check. The integrations name them their own
+  way: the ``Trainer``'s TensorBoard run shows ``train/privacy/<key>`` (its
+  ``rewrite_logs`` puts ``train/`` before every key not starting with ``eval_`` or
+  ``test_``). The callback finds its ``Trainer`` on the call stack when training starts; if
+  it cannot (a trainer that is not a ``transformers.Trainer``), give it with
+  :meth:`PrivacyMonitor.attach`, or the values go to ``log_history`` only (with a warning);
 * on the main process, writes TensorBoard events (scalars, score histograms, PR curve,
   summary text, custom-scalars layout) and the ``privacy_history.jsonl`` history into
   ``log_dir`` (by default ``<output_dir>/privacy``; ``tensorboard --logdir <output_dir>``
@@ -26,10 +29,12 @@ With the report it:
   ``control.should_training_stop``, never clearing it.
 
 Resuming: the callback saves the monitor's state as ``fesmia_monitor_state.json`` in each
-checkpoint folder, and ``trainer.train(resume_from_checkpoint=...)`` continues the same run
-from it (same history, run id and run-level thresholds). Loading a state yourself with
-``callback.load_state_dict(...)`` before ``train`` does the same. Any other ``train`` call is
-a new run.
+checkpoint folder (on the processes that save checkpoints), and
+``trainer.train(resume_from_checkpoint=True or path)`` continues the same run from the
+checkpoint it resumes (same history, run id and run-level thresholds), also with a new
+callback object. Loading a state yourself with ``callback.load_state_dict(...)`` before
+``train`` does the same, and the checkpoint's file is then not read again. Any other
+``train`` call is a new run: a fresh history, run id and stop state.
 
 Needs ``transformers`` (tested with 5.x): ``pip install 'fesmia-hooks[transformers]'``. The
 module imports without it (so that documentation tools can read it); building the callback
@@ -42,6 +47,7 @@ import inspect
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +83,9 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
     probe, the run-level calibrated significance and the budget). Every ``train`` call is a
     new run unless it resumes from a checkpoint holding the monitor's state (or a state was
     loaded with :meth:`load_state_dict`); the horizon of the run-level test comes from the
-    run's epochs and steps, unless ``horizon`` fixes it.
+    run's epochs and steps, unless ``horizon`` fixes it. The ``privacy/*`` values go through
+    the ``Trainer`` running the callback, found when training starts (see :meth:`attach`
+    for a trainer that cannot be found).
 
     Args:
         canaries: The canary set (:class:`~fesmia_hooks.SequenceCanarySet` for a causal
@@ -121,58 +129,122 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._model: nn.Module | None = None
         self._trainer: Any = None
+        self._attached: Any = None
+
+    def attach(self, trainer: Any) -> PrivacyMonitor:
+        """Give the callback its ``Trainer`` (registering it there if it is not yet).
+
+        Needed only when the callback cannot find the ``Trainer`` running it on the call
+        stack (a trainer that is not a ``transformers.Trainer``, or one calling its callbacks
+        in an unusual way): the ``privacy/*`` values then go through ``trainer.log`` all the
+        same. The ``Trainer`` found running the callback, when there is one, comes first.
+
+        Args:
+            trainer: The trainer, with a ``log(dict)`` method (and ``add_callback``, used
+                when the callback is not among its callbacks yet).
+
+        Returns:
+            This callback, so that ``PrivacyMonitor(...).attach(trainer)`` reads as one step.
+
+        Raises:
+            ConfigurationError: When ``trainer`` has no ``log`` method.
+        """
+        if not callable(getattr(trainer, "log", None)):
+            raise ConfigurationError(
+                "`trainer` must have a log(dict) method (a transformers.Trainer), "
+                f"got {type(trainer).__name__}"
+            )
+        handler = getattr(trainer, "callback_handler", None)
+        registered = handler is not None and any(cb is self for cb in handler.callbacks)
+        if not registered and callable(getattr(trainer, "add_callback", None)):
+            trainer.add_callback(self)
+        self._attached = trainer
+        return self
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the run (or continue the checkpoint's), find the Trainer, set the horizon."""
         self._model = kwargs.get("model")
-        self._trainer = _calling_trainer()
+        found, checkpoint = _calling_trainer(self)
+        self._trainer = found if found is not None else self._attached
+        if self._trainer is None:
+            log.warning(
+                "fesmia-hooks: the callback cannot find its Trainer, so the privacy/* values "
+                "go to trainer.state.log_history only, not to the report_to integrations; "
+                "call callback.attach(trainer)"
+            )
+        rank_zero = bool(state.is_world_process_zero)
         if state.global_step > 0 and not self.monitor.restored:
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-            if saved.is_file():
-                with open(saved, encoding="utf-8") as fh:
-                    self.load_state_dict(json.load(fh))
+            self._load_checkpoint_state(args, state, checkpoint, rank_zero=rank_zero)
         epochs = getattr(state, "num_train_epochs", None) or args.num_train_epochs
         max_steps = int(state.max_steps or 0) or None
         max_epochs = int(math.ceil(float(epochs))) if epochs else None
         per_epoch = -(-max_steps // max_epochs) if max_steps and max_epochs else None
         self.begin_run(
-            rank_zero=bool(state.is_world_process_zero),
+            rank_zero=rank_zero,
             log_dir=Path(args.output_dir) / "privacy",
             max_epochs=max_epochs,
             max_steps=max_steps,
             steps_per_epoch=per_epoch,
             canary_sources=(self._model,),
+            model=self._model,
         )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Check after every ``every_n_epochs``-th epoch."""
+        """Check after every ``every_n_epochs``-th epoch (a last, partial one included)."""
         if self.monitor.every_n_epochs is None:
             return
-        epoch = max(0, int(round(float(state.epoch or 0.0))) - 1)
-        self._check(state, control, kwargs.get("model"), epoch=epoch)
+        self._check(state, control, kwargs.get("model"), epoch=_epoch_index(state))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check every ``every_n_steps`` optimizer steps."""
         if self.monitor.every_n_steps is None:
             return
-        epoch = max(0, int(math.ceil(float(state.epoch or 0.0))) - 1)
-        self._check(state, control, kwargs.get("model"), epoch=epoch)
+        self._check(state, control, kwargs.get("model"), epoch=_epoch_index(state))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Write the monitor's state into the checkpoint folder just saved (main process)."""
-        if not state.is_world_process_zero:
+        """Write the monitor's state into the checkpoint folder just saved.
+
+        On the processes that save checkpoints (``args.should_save``: the main process, or
+        each node's with ``save_on_each_node``), so every checkpoint the ``Trainer`` can
+        resume from holds it.
+        """
+        if not getattr(args, "should_save", state.is_world_process_zero):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            with open(folder / STATE_FILE, "w", encoding="utf-8") as fh:
-                json.dump(self.state_dict(), fh, default=_plain)
+        if not folder.is_dir():
+            log.warning("fesmia-hooks: no checkpoint folder %s; the monitor's state is not "
+                        "saved with this checkpoint", folder)
+            return
+        tmp = folder / (STATE_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.state_dict(), fh, default=_plain)
+        os.replace(tmp, folder / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Flush and close the sinks."""
         self.end_run()
 
     # ------------------------------------------------------------------ internals
+    def _load_checkpoint_state(
+        self, args: Any, state: Any, checkpoint: str | None, *, rank_zero: bool
+    ) -> None:
+        """Load the state saved with the checkpoint this run resumes from, if there is one."""
+        folders = [] if checkpoint is None else [Path(checkpoint)]
+        folders.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        saved = next((f / STATE_FILE for f in folders if (f / STATE_FILE).is_file()), None)
+        if saved is None:
+            log.warning(
+                "fesmia-hooks: resuming at step %d without the monitor's state (no %s in %s); "
+                "the monitor starts a new run", state.global_step, STATE_FILE,
+                " or ".join(str(f) for f in folders),
+            )
+            return
+        # Only the writing process may tell the sinks about the resumed run.
+        self.monitor.writes = rank_zero
+        with open(saved, encoding="utf-8") as fh:
+            self.load_state_dict(json.load(fh))
+
     def _check(self, state: Any, control: Any, model: nn.Module | None, *, epoch: int) -> None:
         step = int(state.global_step)
         if not self.is_due(epoch=epoch, step=step):
@@ -186,37 +258,64 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         if report is not None:
             metrics = scalar_metrics(report)
             if self._trainer is not None:
+                # Trainer.log clears control.should_log: keep the Trainer's own logging (the
+                # loss) that is due at this step or epoch end.
+                due = control.should_log
                 self._trainer.log(metrics)
+                control.should_log = due
             else:
                 state.log_history.append({**metrics, "epoch": state.epoch, "step": step})
         device = model_device(model)
         if self.reduce_stop(lambda flag: any_rank(flag, device), epoch=epoch):
-            if not control.should_training_stop:
+            if not control.should_training_stop and state.is_world_process_zero:
                 log.info("fesmia-hooks: stopping training after epoch %d (%s)", epoch,
                          self.stop_reason.value)
             control.should_training_stop = True
 
 
-def _calling_trainer() -> Any:
-    """The ``transformers.Trainer`` whose training loop called this hook, if any.
+def _epoch_index(state: Any) -> int:
+    """The epoch (from 0) that ``state.epoch`` (epochs done, a float) is in or has just ended.
 
-    Callbacks are not given their trainer; the one running the loop is found on the call
-    stack (a few frames up, as ``self`` of its training loop).
+    ``state.epoch`` is ``e + k / n`` after step ``k`` of ``n`` in epoch ``e`` (so ``e + 1`` at
+    its end, ``e + 0.5`` at the end of a last epoch cut short by ``max_steps``).
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> [_epoch_index(S(epoch=e)) for e in (0.25, 1.0, 1.25, 2.5, 3.0, None)]
+        [0, 0, 1, 2, 2, 0]
+    """
+    done = float(state.epoch or 0.0)
+    return max(0, math.ceil(done - 1e-9) - 1)
+
+
+def _calling_trainer(callback: Any) -> tuple[Any, str | None]:
+    """The ``transformers.Trainer`` running ``callback``, and the checkpoint it resumes from.
+
+    Callbacks are not given their trainer; the one running the training loop is found on
+    the call stack as ``self`` of its methods: the nearest ``Trainer`` that holds
+    ``callback`` among its callbacks (or else the nearest ``Trainer``). The checkpoint is
+    that method's ``resume_from_checkpoint`` argument when it is a path (``None`` otherwise).
     """
     if _transformers is None:  # pragma: no cover
-        return None
+        return None, None
+    nearest: tuple[Any, str | None] = (None, None)
     frame = inspect.currentframe()
     try:
-        for _ in range(12):
-            if frame is None:
-                return None
+        while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, _transformers.Trainer):
-                return candidate
+                checkpoint = frame.f_locals.get("resume_from_checkpoint")
+                found = (candidate, os.fspath(checkpoint)
+                         if isinstance(checkpoint, (str, os.PathLike)) else None)
+                handler = getattr(candidate, "callback_handler", None)
+                if handler is not None and any(cb is callback for cb in handler.callbacks):
+                    return found
+                if nearest[0] is None:
+                    nearest = found
             frame = frame.f_back
     finally:
         del frame
-    return None
+    return nearest
 
 
 def _plain(value: Any) -> Any:

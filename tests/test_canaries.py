@@ -191,3 +191,81 @@ def test_negative_labels_are_refused_even_without_a_class_count():
     x, y = data()
     with pytest.raises(fh.CanaryError, match=r"class indices >= 0, got 20 negative label\(s\)"):
         fh.CanarySet(members=(x[:20], y[:20] - 5), non_members=(x[20:], y[20:]))
+
+
+# ---------------------------------------------------------------------- one-hot labels
+def one_hot(y, classes=3, dtype=torch.float32):
+    return torch.nn.functional.one_hot(y, classes).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.uint8,
+                                   torch.bool])
+def test_one_hot_labels_are_read_as_class_indices(dtype):
+    x, y = data()
+    indices = fh.CanarySet(members=(x[:20], y[:20]), non_members=(x[20:], y[20:]))
+    hot = one_hot(y, dtype=dtype)
+    for members, non_members in [
+        ((x[:20], hot[:20]), (x[20:], hot[20:])),
+        ((x[:20].numpy(), hot[:20].numpy()), (x[20:].numpy(), hot[20:].numpy())),
+        (TensorDataset(x[:20], hot[:20]), TensorDataset(x[20:], hot[20:])),
+        ((x[:20], hot[:20]), (x[20:], y[20:])),  # one side one-hot, the other indices
+    ]:
+        canaries = fh.CanarySet(members=members, non_members=non_members, num_classes=3)
+        assert canaries.labels.dtype == torch.long and canaries.labels.shape == (40,)
+        assert torch.equal(canaries.labels, indices.labels)
+        assert canaries.fingerprint() == indices.fingerprint()
+
+
+def test_a_column_of_class_indices_is_read_as_indices():
+    x, y = data()  # keras.datasets give labels as [n, 1] integer columns
+    column = fh.CanarySet(members=(x[:20], y[:20, None].numpy().astype(np.uint8)),
+                          non_members=(x[20:], y[20:, None]))
+    assert torch.equal(column.labels, y)
+
+
+def test_split_and_crafted_take_one_hot_data():
+    x, y = data(100, classes=4)
+    hot = one_hot(y, 4)
+    (x_train, y_train), canaries = fh.CanarySet.split((x, hot), size=10, seed=3)
+    _, by_index = fh.CanarySet.split((x, y), size=10, seed=3)
+    assert y_train.shape == (90, 4)  # the training part stays one-hot, for Keras
+    assert torch.equal(canaries.labels, by_index.labels)
+
+    (x_in, y_in), crafted = fh.CanarySet.crafted((x, hot), num_classes=4, size=10, seed=2)
+    (_, y_index), by_index = fh.CanarySet.crafted((x, y), num_classes=4, size=10, seed=2)
+    assert y_in.shape == (10, 4) and y_in.dtype == hot.dtype  # to train on: one-hot too
+    assert torch.equal(y_in.argmax(1), y_index)
+    assert torch.equal(crafted.labels, by_index.labels)
+
+
+SECRET = 0.7315  # a label value that must never appear in a message
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "message"),
+    [
+        (lambda hot: torch.where(torch.arange(20)[:, None] < 3, hot * SECRET + 0.05, hot), {},
+         r"^members labels of shape \(20, 3\) are read as one-hot rows \(a single 1, every "
+         r"other entry 0\), but 3 of the 20 rows are not \(soft or multi-hot labels\); the probe "
+         r"needs one class per sample: give integer class indices \(shape \(20,\)\) or one-hot "
+         r"rows$"),
+        (lambda hot: torch.cat([torch.ones(2, 3), hot[2:]]), {},
+         r"but 2 of the 20 rows are not \(soft or multi-hot labels\)"),
+        (lambda hot: torch.zeros(20, 3), {}, r"but 20 of the 20 rows are not"),
+        (lambda hot: hot.masked_fill(torch.arange(20)[:, None] == 0, float("nan")), {},
+         r"but 1 of the 20 rows are not"),
+        (lambda hot: hot, {"num_classes": 4},
+         r"^members labels are one-hot rows of width 3, but num_classes is 4$"),
+        (lambda hot: hot[:, :1].float(), {}, r"one class index per sample \(20\), got shape "
+                                              r"\(20, 1\)"),
+        (lambda hot: hot[:, :, None], {}, r"one class index per sample \(20\), got shape "
+                                          r"\(20, 3, 1\)"),
+    ],
+    ids=["soft", "multi-hot", "no-class", "nan", "width", "float-column", "3-d"],
+)
+def test_labels_that_are_not_one_hot_are_refused_without_their_values(labels, kwargs, message):
+    x, y = data()
+    bad = labels(one_hot(y[:20]))
+    with pytest.raises(fh.CanaryError, match=message) as info:
+        fh.CanarySet(members=(x[:20], bad), non_members=(x[20:], y[20:]), **kwargs)
+    assert str(SECRET)[:4] not in str(info.value) and "0.78" not in str(info.value)

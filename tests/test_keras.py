@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -18,9 +19,10 @@ pytest.importorskip("sklearn")
 if keras.backend.backend() != "torch":  # pragma: no cover - depends on the environment
     pytest.skip("the Keras adapter runs on KERAS_BACKEND=torch", allow_module_level=True)
 
-from _history import checks_in  # noqa: E402
+from _history import checks_in, headers_in  # noqa: E402
 
 from fesmia_hooks import (  # noqa: E402
+    CanaryError,
     CanarySet,
     ConfigurationError,
     FeSMIA,
@@ -29,7 +31,12 @@ from fesmia_hooks import (  # noqa: E402
     StopReason,
 )
 from fesmia_hooks.demos.digits import load_noisy_digits  # noqa: E402
-from fesmia_hooks.integrations.keras import PrivacyMonitor  # noqa: E402
+from fesmia_hooks.integrations.keras import (  # noqa: E402
+    DEFAULT_LOG_KEYS,
+    PrivacyMonitor,
+    training_arrays,
+)
+from fesmia_hooks.report import scalar_keys  # noqa: E402
 from fesmia_hooks.sinks import HISTORY_FILE, scalar_metrics  # noqa: E402
 
 STRICT = "privacy/log_mia_strict"
@@ -83,9 +90,10 @@ def mlp(*, hidden=64, lr=1e-3, seed=0, dropout=False):
     return model
 
 
-def fit(model, task, callbacks, epochs):
+def fit(model, task, callbacks, epochs, **kwargs):
     x, y = arrays(task)
-    return model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=callbacks)
+    kwargs.setdefault("verbose", 0)
+    return model.fit(x, y, epochs=epochs, batch_size=32, callbacks=callbacks, **kwargs)
 
 
 def leaky_model():
@@ -114,6 +122,7 @@ def stop_run(leaky_task):
         budget=leaky_budget(),
         horizon=LEAKY_HORIZON,
         restore_safe_weights=True,
+        log_keys=(*DEFAULT_LOG_KEYS, "breached"),
     )
     history = fit(model, leaky_task, [recorder, privacy], LEAKY["epochs"])
     return {
@@ -134,7 +143,7 @@ def stop_run(leaky_task):
 # ---------------------------------------------------------------------- 1. logs and History
 def test_history_and_csv_logger_hold_the_privacy_keys(task, tmp_path):
     budget = LeakageBudget(max_level="high", action="alert")  # no horizon: taken from fit
-    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), budget=budget)
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), budget=budget, log_keys="all")
     path = tmp_path / "log.csv"
     history = fit(mlp(), task, [privacy, keras.callbacks.CSVLogger(str(path))], epochs=3)
 
@@ -443,3 +452,363 @@ def test_keras_demo_refuses_keras_on_another_backend(monkeypatch):
         match=r"the Keras demo needs the 'torch' backend, got 'jax' \(keras was imported",
     ):
         keras_demo.run_keras_demo(epochs=1, out=lambda line: None)
+
+
+# ---------------------------------------------------------------------- 8. log_keys
+def printed_keys(text):
+    return set(re.findall(r"(privacy/[\w.]+):", text))
+
+
+@pytest.mark.parametrize(
+    ("log_keys", "expected"),
+    [
+        (None, {f"privacy/{k}" for k in DEFAULT_LOG_KEYS}),
+        ("all", None),  # every scalar of the report
+        (["auc", "privacy/p_value", "auc"], {"privacy/auc", "privacy/p_value"}),
+        ([], set()),
+    ],
+    ids=["default", "all", "chosen", "none"],
+)
+def test_log_keys_choose_what_the_progress_bar_and_history_hold(task, tmp_path, capsys,
+                                                                log_keys, expected):
+    kwargs = {} if log_keys is None else {"log_keys": log_keys}
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), log_dir=tmp_path, **kwargs)
+    history = fit(mlp(), task, [privacy], epochs=2, verbose=2)  # verbose=2: a line per epoch
+
+    every = set(scalar_metrics(privacy.history[0]))
+    assert len(every) == len(scalar_keys()) > 20
+    if expected is None:
+        expected = every
+    printed = capsys.readouterr().out
+    assert printed.count("loss:") == 2
+    assert printed_keys(printed) == expected
+    assert {k for k in history.history if k.startswith("privacy/")} == expected
+    for key in expected:
+        assert history.history[key] == pytest.approx(
+            [scalar_metrics(r)[key] for r in privacy.history], nan_ok=True)
+    # the history file (and TensorBoard) keep every key whatever log_keys says
+    lines = checks_in(tmp_path / HISTORY_FILE)
+    assert len(lines) == 2 and all(set(scalar_keys()) <= set(line) for line in lines)
+
+
+def test_default_log_keys_are_few_and_known():
+    assert set(DEFAULT_LOG_KEYS) <= set(scalar_keys())
+    assert {"log_mia_strict", "log_mia_relaxed"} <= set(DEFAULT_LOG_KEYS)
+    assert len(DEFAULT_LOG_KEYS) <= 6
+
+
+@pytest.mark.parametrize(
+    ("log_keys", "message"),
+    [
+        (["log_mia_strict", "privacy/nope", "accuracy"],
+         r"`log_keys` has unknown key\(s\) \['privacy/nope', 'accuracy'\]; allowed: 'all' or "
+         r"any of log_mia_strict, log_mia_strict_low, .*, breached \(with or without the "
+         r"'privacy/' prefix\)"),
+        ("auc", r"`log_keys` must be 'all' or a sequence of keys, got the string 'auc' "
+                r"\(for one key, write \['auc'\]\)"),
+        (3, r"`log_keys` must be 'all' or a sequence of keys, got int"),
+        ([b"auc"], r"`log_keys` must hold strings, got a bytes"),
+    ],
+)
+def test_bad_log_keys_are_refused(task, log_keys, message):
+    with pytest.raises(ConfigurationError, match=message):
+        PrivacyMonitor(task.canaries, log_keys=log_keys)
+
+
+# ---------------------------------------------------------------------- 9. validation_split
+def row_set(x):
+    return {tuple(row) for row in np.asarray(x).tolist()}
+
+
+class TrainedRows(keras.layers.Layer):
+    """An identity layer that records every input row Keras trains on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = set()
+
+    def call(self, x, training=None):
+        if training and isinstance(x, torch.Tensor) and x.device.type != "meta":
+            self.rows |= row_set(x.detach().cpu().numpy())
+        return x
+
+
+def recording_mlp():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    recorder = TrainedRows()
+    model = keras.Sequential([keras.Input(shape=(64,)), recorder,
+                              keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, recorder
+
+
+def test_validation_split_that_holds_out_members_is_refused(task):
+    x, y = arrays(task)
+    members = row_set(task.canaries.inputs[: task.canaries.num_members])
+    held = sum(tuple(row) in members for row in x[225:].tolist())  # Keras keeps the last 75
+    assert held > 0  # the members of CanarySet.split lie anywhere, the tail too
+
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe())
+    model, recorder = recording_mlp()
+    with pytest.raises(
+        CanaryError,
+        match=rf"^{held} of the 64 canary members are never trained on: validation_split=0.25 "
+              r"holds out the last 75 rows of the training arrays \(before shuffling\) .*"
+              r"training_arrays\(\(x, y\), canaries, validation_split=0.25\)$",
+    ):
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, validation_split=0.25,
+                  callbacks=[privacy])
+    assert not recorder.rows and privacy.history == []  # refused before any training
+
+
+def test_training_arrays_keep_every_member_where_keras_trains(task, tmp_path):
+    x, y = arrays(task)
+    x_fit, y_fit = training_arrays(task.train, task.canaries, validation_split=0.25)
+
+    # the same rows and labels, moved as little as possible: only held-out members swapped
+    assert isinstance(x_fit, np.ndarray) and x_fit.dtype == x.dtype and y_fit.dtype == y.dtype
+    pairs = sorted(zip(map(tuple, x.tolist()), y.tolist(), strict=True))
+    assert sorted(zip(map(tuple, x_fit.tolist()), y_fit.tolist(), strict=True)) == pairs
+    moved = int((x_fit != x).any(axis=1).sum())
+    members = row_set(task.canaries.inputs[:64])
+    held = sum(tuple(row) in members for row in x[225:].tolist())
+    assert moved == 2 * held
+
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), log_dir=tmp_path)
+    model, recorder = recording_mlp()
+    history = model.fit(x_fit, y_fit, epochs=2, batch_size=32, verbose=0,
+                        validation_split=0.25, callbacks=[privacy])
+
+    assert "val_loss" in history.history and len(privacy.history) == 2
+    assert len(recorder.rows) == 225  # what Keras trained on: the first 75 %
+    assert members <= recorder.rows  # every member
+    assert not row_set(task.canaries.inputs[64:]) & recorder.rows  # and no non-member
+
+
+def test_members_in_validation_data_are_refused_unless_trained_on(task):
+    x, y = arrays(task)
+    members = row_set(task.canaries.inputs[:64])
+    is_member = np.array([tuple(row) in members for row in x.tolist()])
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe())
+
+    # validated on and trained on: fine
+    mlp().fit(x, y, epochs=1, verbose=0, validation_data=(x[is_member], y[is_member]),
+              callbacks=[privacy])
+    assert len(privacy.history) == 1
+    # validated on instead of trained on: refused
+    with pytest.raises(CanaryError, match=r"^10 of the 64 canary members are in validation_data "
+                                          r"and not in the training arrays"):
+        mlp().fit(x[~is_member | (np.cumsum(is_member) > 10)],
+                  y[~is_member | (np.cumsum(is_member) > 10)], epochs=1, verbose=0,
+                  validation_data=(x[is_member][:10], y[is_member][:10]), callbacks=[privacy])
+
+
+def test_hooks_called_by_hand_do_not_look_for_a_fit(task):
+    model = mlp()
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe())
+    privacy.set_model(model)
+    privacy.on_train_begin()  # no running fit: nothing to inspect, no error
+    privacy.on_epoch_end(0, logs := {})
+    assert STRICT in logs and len(privacy.history) == 1
+
+
+def test_training_arrays_refusals(task):
+    x, y = task.train
+    canaries = task.canaries
+    with pytest.raises(CanaryError, match=r"^1 of the 64 canary members are not in the "
+                                          r"training arrays; members must be trained on \(rows are compared "
+                                          r"exactly, as torch.float32\)$"):
+        member = row_set(canaries.inputs[:1]).pop()
+        keep = [tuple(row) != member for row in x.tolist()]
+        training_arrays((x[keep], y[keep]), canaries)
+    with pytest.raises(CanaryError, match=r"^2 rows of the training arrays are canary "
+                                          r"non-members that Keras would train on"):
+        training_arrays((torch.cat([canaries.inputs[64:66], x]),
+                         torch.cat([canaries.labels[64:66], y])), canaries)
+    # non-members in the held-out tail are never trained on: accepted
+    xs, ys = training_arrays((torch.cat([x, canaries.inputs[64:66]]),
+                              torch.cat([y, canaries.labels[64:66]])), canaries,
+                             validation_split=0.1)
+    assert len(xs) == len(ys) == 302
+    # Keras's own split point: floor(300 * (1 - 0.9)) == 29 in floating point
+    with pytest.raises(CanaryError, match=r"validation_split=0.9 leaves 29 of 300 rows to "
+                                          r"train on, too few to hold the 64 rows"):
+        training_arrays((x, y), canaries, validation_split=0.9)
+    with pytest.raises(ConfigurationError, match=r"`validation_split` must be a number in "
+                                                 r"\[0, 1\), got 1.0"):
+        training_arrays((x, y), canaries, validation_split=1.0)
+    with pytest.raises(ConfigurationError, match=r"must have one length, inputs first, got "
+                                                 r"lengths \[300, 299\]"):
+        training_arrays((x, y[:-1]), canaries)
+    with pytest.raises(ConfigurationError, match=r"samples shaped \(64,\) like the canaries, "
+                                                 r"got shape \(300, 8, 8\)"):
+        training_arrays((x.reshape(-1, 8, 8), y), canaries)
+    # every array aligned with the inputs is reordered alike; None passes through
+    weights = np.arange(300.0)
+    xw, yw, ww, none = training_arrays((x, y, weights, None), canaries, validation_split=0.25)
+    assert none is None
+    index = {tuple(row): i for i, row in enumerate(x.tolist())}
+    assert ww.tolist() == [float(index[tuple(row)]) for row in xw.tolist()]
+
+
+# ---------------------------------------------------------------------- 10. one-hot labels
+def test_one_hot_labels_train_and_probe_as_keras_users_write_them(task):
+    x, y = (t.numpy() for t in task.canaries.on("cpu"))
+    one_hot = keras.utils.to_categorical(y, 10)  # float32 rows
+    canaries = CanarySet(members=(x[:64], one_hot[:64]), non_members=(x[64:], one_hot[64:]),
+                         num_classes=10)
+    assert torch.equal(canaries.labels, task.canaries.labels)
+    assert canaries.fingerprint() == task.canaries.fingerprint()
+
+    x_train, y_train = arrays(task)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(shape=(64,)), keras.layers.Dense(64, activation="relu"),
+                              keras.layers.Dense(10)])
+    model.compile(optimizer="adam",
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    privacy = PrivacyMonitor(canaries, probe=small_probe(), on_error="raise")
+    model.fit(x_train, keras.utils.to_categorical(y_train, 10), epochs=2, verbose=0,
+              callbacks=[privacy])
+    assert len(privacy.history) == 2 and not privacy.monitor.errors
+
+
+# ---------------------------------------------------------------------- 11. when a run starts
+def test_a_second_fit_is_a_new_run_with_its_own_header(task, tmp_path):
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), log_dir=tmp_path)
+    model = mlp()
+    fit(model, task, [privacy], epochs=2)
+    first = privacy.monitor.run_id
+    fit(model, task, [privacy], epochs=3)
+    second = privacy.monitor.run_id
+
+    assert first != second
+    assert [r.check for r in privacy.history] == [1, 2, 3]
+    assert [r.epoch for r in privacy.history] == [0, 1, 2]
+    assert privacy.monitor.calibration.horizon == 3
+    path = tmp_path / HISTORY_FILE
+    assert [h["run_id"] for h in headers_in(path)] == [first, second]
+    assert [(line["run_id"], line["check"]) for line in checks_in(path)] == [
+        (first, 1), (first, 2), (second, 1), (second, 2), (second, 3)]
+
+
+class SaveStateAt(keras.callbacks.Callback):
+    """Placed after the monitor: once epoch ``epoch`` is checked, all a resumed run needs.
+
+    The monitor's state, and what makes the rest of training the same: the weights and the
+    optimizer's variables (the runs do not shuffle, so no RNG is needed).
+    """
+
+    def __init__(self, privacy, epoch):
+        super().__init__()
+        self.privacy, self.epoch, self.saved = privacy, epoch, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.saved = {
+                "privacy": self.privacy.state_dict(),
+                "weights": self.model.get_weights(),
+                "optimizer": [np.array(v) for v in self.model.optimizer.variables],
+            }
+
+    @staticmethod
+    def restore(model, saved):
+        model.set_weights(saved["weights"])
+        model.optimizer.build(model.trainable_variables)
+        for variable, value in zip(model.optimizer.variables, saved["optimizer"], strict=True):
+            variable.assign(value)
+
+
+def test_a_loaded_state_continues_its_run(task, tmp_path):
+    def monitor():  # no fixed horizon: the run's own, from its fit
+        return PrivacyMonitor(task.canaries, probe=small_probe(), log_dir=tmp_path,
+                              budget=LeakageBudget(max_level="high", action="alert"))
+
+    whole = monitor()
+    saver = SaveStateAt(whole, epoch=1)
+    # the run, uninterrupted (not shuffled: the resumed epochs then train exactly alike)
+    fit(mlp(), task, [whole, saver], epochs=4, shuffle=False)
+    assert saver.saved["privacy"]["checks"] == 2
+
+    resumed = monitor()  # as after a crash: a new callback, the saved state loaded
+    resumed.load_state_dict(saver.saved["privacy"])
+    model = mlp()
+    SaveStateAt.restore(model, saver.saved)
+    seen = {}
+    spy = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: seen.update(checks=resumed.monitor.checks,
+                                                run_id=resumed.monitor.run_id))
+    fit(model, task, [resumed, spy], epochs=4, initial_epoch=2, shuffle=False)
+
+    assert seen == {"checks": 2, "run_id": whole.monitor.run_id}
+    assert resumed.monitor.run_id == whole.monitor.run_id
+    assert [r.check for r in resumed.history] == [1, 2, 3, 4]
+    assert [r.epoch for r in resumed.history] == [0, 1, 2, 3]
+    assert resumed.monitor.calibration.horizon == whole.monitor.calibration.horizon == 4
+    # the same training, so the same checks; and the run-level test, its thresholds
+    # included, goes on as if nothing had happened
+    assert [r.strict for r in resumed.history] == pytest.approx(
+        [r.strict for r in whole.history])
+    assert [r.p_value for r in resumed.history] == [r.p_value for r in whole.history]
+    assert [r.p_threshold for r in resumed.history] == pytest.approx(
+        [r.p_threshold for r in whole.history])
+    # one run in the shared history: its header once, checks 3 and 4 made again
+    path = tmp_path / HISTORY_FILE
+    assert [h["run_id"] for h in headers_in(path)] == [whole.monitor.run_id]
+    lines = checks_in(path)
+    assert [line["check"] for line in lines] == [1, 2, 3, 4]
+    assert [line["log_mia_strict"] for line in lines] == pytest.approx(
+        [r.strict for r in resumed.history])
+    # and a later fit without a loaded state is a new run again
+    fit(model, task, [resumed], epochs=1)
+    assert resumed.monitor.run_id != whole.monitor.run_id
+    assert len(headers_in(path)) == 2
+
+
+# ---------------------------------------------------------------------- 12. sinks
+class ListSink:
+    def __init__(self):
+        self.logged, self.closed = [], 0
+
+    def log(self, report, step):
+        self.logged.append((report, step))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_user_sinks_receive_every_check(task):
+    sink = ListSink()
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), sinks=[sink], every_n_epochs=2,
+                             log_keys=[])
+    fit(mlp(), task, [privacy], epochs=6)
+
+    assert len(privacy.history) == 3
+    assert [report for report, _ in sink.logged] == privacy.history
+    assert [step for _, step in sink.logged] == [1, 3, 5]  # a check's step is its epoch
+    assert sink.closed == 1  # at the end of fit
+
+
+# ---------------------------------------------------------------------- 13. every_n_steps
+def test_every_n_steps_checks_on_batches_and_logs_each_epoch_its_own(task, tmp_path):
+    sink = ListSink()
+    privacy = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=15,
+                             sinks=[sink], log_dir=tmp_path)
+    at_epoch_end = []
+    spy = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: at_epoch_end.append(
+            {k: v for k, v in logs.items() if k.startswith("privacy/")}))
+    history = fit(mlp(), task, [privacy, spy], epochs=4)  # 10 batches an epoch, 40 in all
+
+    assert privacy.params["steps"] == 10
+    assert [(r.step, r.epoch) for r in privacy.history] == [(15, 1), (30, 2)]
+    assert [step for _, step in sink.logged] == [15, 30]
+    assert [line["step"] for line in checks_in(tmp_path / HISTORY_FILE)] == [15, 30]
+    assert privacy.monitor.calibration.horizon == 2  # 40 steps // 15
+    # each epoch's logs hold the check made in it, and nothing when none was made
+    first, second = (privacy.logged_scalars(r) for r in privacy.history)
+    assert set(first) == {f"privacy/{k}" for k in DEFAULT_LOG_KEYS}
+    assert at_epoch_end == [{}, first, second, {}]
+    assert history.history[STRICT] == pytest.approx([r.strict for r in privacy.history])

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
 
-from _history import checks_in  # noqa: E402
+from _history import checks_in, headers_in  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
@@ -31,6 +31,7 @@ from fesmia_hooks import (  # noqa: E402
     PrivacyBudgetExceeded,
     StopReason,
 )
+from fesmia_hooks.cli import main as fesmia_hooks_cli  # noqa: E402
 from fesmia_hooks.demos.digits import load_noisy_digits  # noqa: E402
 from fesmia_hooks.integrations.lightning import PrivacyMonitor  # noqa: E402
 from fesmia_hooks.sinks import HISTORY_FILE  # noqa: E402
@@ -55,10 +56,13 @@ def _task():
     return load_noisy_digits(members=MEMBERS, label_noise=1.0, seed=0)
 
 
-def _loader() -> DataLoader:
+def _loader(*, shuffle: bool = True) -> DataLoader:
     x, y = _task().train
     data = TensorDataset(x.repeat(REPEAT, 1), y.repeat(REPEAT))
-    return DataLoader(data, batch_size=BATCH, shuffle=True)
+    return DataLoader(data, batch_size=BATCH, shuffle=shuffle)
+
+
+STEPS_PER_EPOCH = MEMBERS * REPEAT // BATCH  # 16
 
 
 class DigitsModule(pl.LightningModule):
@@ -105,6 +109,46 @@ class RankRecorder(pl.Callback):
             "sinks": len(mon.monitor.sinks),
         }
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordingSink:
+    """A user's sink: keeps ``(check, epoch, step)`` of every report it is given."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, int | None, int]] = []
+        self.closed = 0
+
+    def log(self, report, step: int) -> None:
+        self.logged.append((report.check, report.epoch, step))
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class RankFileSink:
+    """A user's sink under DDP: appends each check it is given to ``folder/sink-rank<r>.txt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def log(self, report, step: int) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(Path(self.folder, f"sink-rank{rank}.txt"), "a") as fh:
+            fh.write(f"{report.check}\n")
+
+    def close(self) -> None:
+        pass
+
+
+class StopAfterEpoch(pl.Callback):
+    """Ends ``fit`` after epoch ``epoch`` (an interruption: the run's limits are unchanged)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
 
 
 def _probe() -> FeSMIA:
@@ -274,37 +318,172 @@ def test_lightning_early_stopping_on_a_leakage_key(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5
-def test_resume_from_checkpoint_continues_the_history(tmp_path):
+def _numbers(report) -> dict:
+    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    # An unshuffled loader and no dropout: training from the checkpoint is exactly the
+    # training an uninterrupted run does, so every number of every check must match.
     def checkpoints():
         return ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="privacy/log_mia_strict",
                                mode="max", save_last=True)
 
+    def fit(monitor, *, callbacks, folder, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        trainer = _trainer(tmp_path, max_epochs=4, callbacks=[monitor, *callbacks],
+                           enable_checkpointing=bool(callbacks),
+                           logger=TensorBoardLogger(tmp_path, name=folder))
+        trainer.fit(DigitsModule(), _loader(shuffle=False), ckpt_path=ckpt_path)
+        return trainer
+
+    # interrupted after epoch 1 of a run planned for 4 epochs
     ckpt = checkpoints()
     first = _monitor()
-    _fit(tmp_path, first, max_epochs=2, extra=[ckpt], enable_checkpointing=True)
+    fit(first, callbacks=[ckpt, StopAfterEpoch(1)], folder="first")
     assert ckpt.best_model_score is not None  # ModelCheckpoint saw the leakage key
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["callbacks"][first.state_key]["checks"] == 2
+    assert saved["callbacks"][first.state_key]["run_id"] == first.monitor.run_id
 
     second = _monitor()
-    trainer = _trainer(tmp_path, max_epochs=4, callbacks=[second, checkpoints()],
-                       enable_checkpointing=True)
-    trainer.fit(DigitsModule(), _loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer = fit(second, callbacks=[checkpoints()], folder="second",
+                  ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.monitor.run_id == first.monitor.run_id  # the same run, continued
     assert second.monitor.checks == 4
     assert [r.check for r in second.history] == [1, 2, 3, 4]
     assert [r.epoch for r in second.history] == [0, 1, 2, 3]
+    assert [_numbers(r) for r in second.history[:2]] == [_numbers(r) for r in first.history]
+    assert second.monitor.calibration.horizon == 4
 
-    def numbers(report):
-        return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
+    # the run uninterrupted: the same run-level test, so the same thresholds and readings
+    whole = _monitor()
+    fit(whole, callbacks=[], folder="whole")
+    assert whole.monitor.run_id != first.monitor.run_id
+    assert [r.p_threshold for r in second.history] == [r.p_threshold for r in whole.history]
+    assert [_numbers(r) for r in second.history] == [_numbers(r) for r in whole.history]
 
-    assert [numbers(r) for r in second.history[:2]] == [numbers(r) for r in first.history]
+    # the resumed run's history file opens with the run's header, then its new checks
+    resumed = Path(trainer.log_dir) / HISTORY_FILE
+    assert [h["run_id"] for h in headers_in(resumed)] == [first.monitor.run_id]
+    assert [line["check"] for line in checks_in(resumed)] == [3, 4]
+
+
+def test_a_state_loaded_by_hand_continues_its_run(tmp_path):
+    first = _monitor()
+    _fit(tmp_path / "a", first, max_epochs=2)
+    second = _monitor()
+    second.load_state_dict(first.state_dict())
+    _fit(tmp_path / "b", second, max_epochs=4)
+    assert second.monitor.run_id == first.monitor.run_id
+    assert second.monitor.calibration.horizon == first.monitor.calibration.horizon == 2
+    assert [r.check for r in second.history] == [1, 2, 3, 4]
+    assert [_numbers(r) for r in second.history[:2]] == [_numbers(r) for r in first.history]
+    # the epochs the loaded state had checked are not checked again
+    assert [r.epoch for r in second.history] == [0, 1, 2, 3]
+
+    # the state is used once: the next fit is a new run
+    _fit(tmp_path / "c", second, max_epochs=1)
+    assert second.monitor.run_id != first.monitor.run_id
+    assert [r.check for r in second.history] == [1]
+
+
+def test_a_second_fit_restarts_the_history_under_a_new_run_id(tmp_path):
+    monitor = _monitor()
+    _fit(tmp_path, monitor, max_epochs=2, logger=False, default_root_dir=tmp_path)
+    first_id = monitor.monitor.run_id
+    assert monitor.monitor.calibration.horizon == 2
+    _fit(tmp_path, monitor, max_epochs=1, logger=False, default_root_dir=tmp_path)
+    second_id = monitor.monitor.run_id
+    assert second_id != first_id
+    assert [r.check for r in monitor.history] == [1]
+    assert monitor.monitor.calibration.horizon == 1  # a fresh run-level test
+
+    history = tmp_path / HISTORY_FILE  # both runs wrote into default_root_dir
+    assert [h["run_id"] for h in headers_in(history)] == [first_id, second_id]
+    assert [(line["run_id"], line["check"]) for line in checks_in(history)] == [
+        (first_id, 1), (first_id, 2), (second_id, 1)
+    ]
+
+
+# ---------------------------------------------------------------------------- any logger
+def test_history_lands_in_the_csv_loggers_folder_and_report_prints_it(tmp_path, capsys):
+    monitor = _monitor()
+    trainer, _ = _fit(tmp_path, monitor, max_epochs=2, logger=CSVLogger(tmp_path))
+    folder = Path(trainer.logger.log_dir)
+    assert folder == tmp_path / "lightning_logs" / "version_0"
+    assert list(tmp_path.rglob(HISTORY_FILE)) == [folder / HISTORY_FILE]
+    assert [line["epoch"] for line in checks_in(folder / HISTORY_FILE)] == [0, 1]
+    assert "privacy/log_mia_strict" in (folder / "metrics.csv").read_text()
+
+    capsys.readouterr()
+    assert fesmia_hooks_cli(["report", str(tmp_path), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{folder}: 2 checks")
+    assert len([line for line in out.splitlines() if line.lstrip().startswith(("1 ", "2 "))]) == 2
+
+
+def test_without_a_logger_the_history_lands_in_default_root_dir(tmp_path, capsys):
+    root = tmp_path / "root"
+    monitor = _monitor()
+    _fit(tmp_path, monitor, max_epochs=1, logger=False, default_root_dir=root)
+    assert list(tmp_path.rglob(HISTORY_FILE)) == [root / HISTORY_FILE]
+    assert [h["run_id"] for h in headers_in(root / HISTORY_FILE)] == [monitor.monitor.run_id]
+    assert len(checks_in(root / HISTORY_FILE)) == 1
+
+    capsys.readouterr()
+    assert fesmia_hooks_cli(["report", str(root), "--no-plot"]) == 0
+    assert capsys.readouterr().out.startswith(f"{root}: 1 check")
+
+
+# ---------------------------------------------------------------------------- horizon
+@pytest.mark.parametrize(
+    ("cadence", "checks"),
+    [({"every_n_epochs": 1}, 3), ({"every_n_steps": 5}, 8)],
+    ids=["every_n_epochs", "every_n_steps"],
+)
+def test_horizon_comes_from_max_steps_when_it_ends_the_run_first(tmp_path, cadence, checks):
+    # max_steps=40 ends the run in its third epoch (16 steps each), long before max_epochs
+    monitor = _monitor(**cadence)
+    trainer, _ = _fit(tmp_path, monitor, max_epochs=1000, max_steps=40)
+    assert trainer.global_step == 40  # max_steps ended it, in its third epoch
+    assert monitor.monitor.calibration.horizon == checks
+    assert len(monitor.history) == checks
+
+
+# ---------------------------------------------------------------------------- sinks
+def test_user_sinks_receive_every_check(tmp_path):
+    sink = RecordingSink()
+    monitor = _monitor(sinks=[sink])
+    _fit(tmp_path, monitor, max_epochs=3)
+    steps = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]
+    assert sink.logged == [(1, 0, steps[0]), (2, 1, steps[1]), (3, 2, steps[2])]
+    assert sink.closed >= 1  # closed at the end of fit
+    assert [r.check for r in monitor.history] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- checkpoint names
+def test_checkpoint_filename_with_a_privacy_key(tmp_path):
+    # The recipe of the class docstring: no sub-folder from the "/", the value in the name.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="privacy/log_mia_strict",
+                           mode="max", auto_insert_metric_name=False,
+                           filename="epoch{epoch}-strict{privacy/log_mia_strict:.2f}")
+    monitor = _monitor()
+    _fit(tmp_path, monitor, max_epochs=2, extra=[ckpt], enable_checkpointing=True)
+    best = max(monitor.history, key=lambda r: r.strict)  # the first of equals, as ModelCheckpoint
+    logged = float(torch.tensor(best.strict, dtype=torch.float32))  # as pl_module.log holds it
+    name = f"epoch{best.epoch}-strict{logged:.2f}.ckpt"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [name]
+    assert (tmp_path / "ckpt" / name).is_file()
+    assert Path(ckpt.best_model_path) == tmp_path / "ckpt" / name
 
 
 # ---------------------------------------------------------------------------- 6
 def test_ddp_spawn_ranks_stop_together_and_only_rank_zero_writes(tmp_path):
     ranks = tmp_path / "ranks"
     ranks.mkdir()
-    monitor = _monitor(budget=LeakageBudget(max_level="none"), horizon=5)
+    monitor = _monitor(budget=LeakageBudget(max_level="none"), horizon=5,
+                       sinks=[RankFileSink(str(ranks))])
     trainer = pl.Trainer(
         max_epochs=5,
         accelerator="cpu",
@@ -326,7 +505,13 @@ def test_ddp_spawn_ranks_stop_together_and_only_rank_zero_writes(tmp_path):
     assert seen[0]["current_epoch"] == seen[1]["current_epoch"] == seen[0]["stopped_epoch"] + 1
     assert seen[0]["should_stop"] and seen[1]["should_stop"]
     assert seen[0]["stop_reason"] == seen[1]["stop_reason"] == "level_exceeded"
-    assert (seen[0]["sinks"], seen[1]["sinks"]) == (2, 0)
+    # rank zero: the history, TensorBoard and the user's sink; rank one holds the user's
+    # sink (it came with the callback) but writes nothing to it
+    assert (seen[0]["sinks"], seen[1]["sinks"]) == (3, 1)
+    sink_files = sorted(p.name for p in ranks.glob("sink-rank*.txt"))
+    assert sink_files == ["sink-rank0.txt"]
+    checks = list(range(1, seen[0]["checks"] + 1))
+    assert [int(n) for n in (ranks / "sink-rank0.txt").read_text().split()] == checks
 
     histories = list(tmp_path.rglob(HISTORY_FILE))
     assert len(histories) == 1

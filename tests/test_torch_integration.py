@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
+import json
 
 import pytest
 import torch
-from _history import checks_in  # noqa: E402
+from _history import checks_in, headers_in  # noqa: E402
 from torch import nn
 
 import fesmia_hooks
@@ -298,3 +300,192 @@ def test_privacy_monitor_alias_is_the_core_class():
 def test_module_docstring_example_runs():
     result = doctest.testmod(torch_integration, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------- the run-start rule
+class RecordingSink:
+    """A user's sink: remembers every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start_run(self, header):
+        self.calls.append(("start_run", header["run_id"]))
+
+    def resume(self, run_id, check, errors=None, header=None):
+        self.calls.append(("resume", run_id, check))
+
+    def log(self, report, step):
+        self.calls.append(("log", report.check, step))
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def logged(self):
+        return [c[1:] for c in self.calls if c[0] == "log"]
+
+
+def readings(report):
+    """What a check measured and decided (its timings left out)."""
+    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
+
+
+def full_batch(model, optimizer, data, steps: int) -> None:
+    """``steps`` full-batch steps: the same updates whatever the global RNG holds."""
+    x, y = data
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_each_attach_starts_a_new_run(leaky_task, tmp_path):
+    model, optimizer = setup(leaky_task, hidden=256)
+    monitor = PrivacyMonitor(
+        leaky_task.canaries, probe=small_probe(), budget=LeakageBudget(max_level="low"),
+        every_n_steps=LEAKY_STEPS // 2, horizon=2, log_dir=tmp_path,
+    )
+    with attach(model, optimizer, monitor) as watch:
+        full_batch(model, optimizer, leaky_task.train, LEAKY_STEPS)
+    first = monitor.run_id
+    assert [(r.check, r.step) for r in monitor.history] == [(1, 100), (2, 200)]
+    assert watch.should_stop and monitor.stopped_step is not None  # it leaks by step 200
+    with attach(model, optimizer, monitor) as watch:
+        assert monitor.run_id != first and monitor.history == [] and monitor.checks == 0
+        assert not watch.should_stop and watch.stop_reason is StopReason.NOT_STOPPED
+        assert monitor.stopped_step is None and watch.stop_message == ""
+        full_batch(model, optimizer, leaky_task.train, LEAKY_STEPS // 2)
+    assert [(r.check, r.step) for r in monitor.history] == [(1, 100)]
+    history = tmp_path / HISTORY_FILE
+    assert [h["run_id"] for h in headers_in(history)] == [first, monitor.run_id]
+    assert [(line["run_id"], line["check"]) for line in checks_in(history)] == [
+        (first, 1), (first, 2), (monitor.run_id, 1)]
+
+
+def test_attach_after_load_state_dict_continues_the_run(task, tmp_path):
+    def fresh(log_dir, **kwargs):
+        model, optimizer = setup(task)
+        monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=4,
+                                 log_dir=log_dir, **kwargs)
+        return model, optimizer, monitor
+
+    # uninterrupted: 16 steps, checks at 4, 8, 12, 16
+    model, optimizer, reference = fresh(tmp_path / "reference")
+    with attach(model, optimizer, reference, total_steps=16):
+        full_batch(model, optimizer, task.train, 16)
+    # interrupted: a checkpoint at step 8 (model, optimizer, monitor), then the job dies
+    # after the check at step 12
+    sink = RecordingSink()
+    model, optimizer, monitor = fresh(tmp_path / "run", sinks=[sink])
+    with attach(model, optimizer, monitor, total_steps=16):
+        full_batch(model, optimizer, task.train, 8)
+        checkpoint = copy.deepcopy({  # as torch.save would: not the live tensors
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "privacy": json.loads(json.dumps(monitor.state_dict())), "step": 8})
+        full_batch(model, optimizer, task.train, 4)
+    run_id = monitor.run_id
+    assert [r.step for r in monitor.history] == [4, 8, 12]
+    # resumed in a new process: new objects, the checkpoint loaded, attached at its step
+    sink = RecordingSink()
+    model, optimizer, monitor = fresh(tmp_path / "run", sinks=[sink])
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    monitor.load_state_dict(checkpoint["privacy"])
+    with attach(model, optimizer, monitor, start_step=checkpoint["step"],
+                total_steps=99) as watch:  # a run that continues keeps its state's horizon
+        assert monitor.run_id == run_id and monitor.calibration.horizon == 4
+        full_batch(model, optimizer, task.train, 8)
+    assert watch.steps == 16 and monitor.run_id == run_id
+    assert [(r.check, r.step) for r in monitor.history] == [(1, 4), (2, 8), (3, 12), (4, 16)]
+    assert [readings(r) for r in monitor.history] == [readings(r) for r in reference.history]
+    assert sink.calls[0] == ("resume", run_id, 2) and sink.logged() == [(3, 12), (4, 16)]
+    history = tmp_path / "run" / HISTORY_FILE
+    assert [h["run_id"] for h in headers_in(history)] == [run_id]
+    assert [(line["check"], line["step"]) for line in checks_in(history)] == [
+        (1, 4), (2, 8), (3, 12), (4, 16)]
+    # the state is used once: attaching again is a new run
+    attach(model, optimizer, monitor).remove()
+    assert monitor.run_id != run_id and monitor.history == []
+
+
+def test_a_loaded_state_needs_a_start_step_past_its_last_check(task):
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=4)
+    with attach(model, optimizer, monitor):
+        full_batch(model, optimizer, task.train, 8)
+    monitor.load_state_dict(monitor.state_dict())
+    with pytest.raises(ConfigurationError, match=r"continues a loaded state whose last check "
+                       r"was at optimizer step 8: pass start_step >= 8 .*got start_step=0"):
+        attach(model, optimizer, monitor)
+    assert monitor.restored  # nothing began: the state still waits for its run
+    attach(model, optimizer, monitor, start_step=8).remove()
+    assert monitor.checks == 2 and not monitor.restored
+
+
+@pytest.mark.parametrize(("start_step", "total_steps", "horizon", "expected"), [
+    (0, 23, None, 4),   # checks at 5, 10, 15, 20
+    (0, 4, None, 1),    # no check would fall in the run: at least one
+    (8, 23, None, 3),   # a new run from step 8: checks at 10, 15, 20
+    (0, 23, 7, 7),      # a horizon fixed by the monitor wins
+    (0, None, None, None),
+])
+def test_total_steps_sets_the_horizon_of_a_new_run(task, start_step, total_steps, horizon,
+                                                   expected):
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=5,
+                             horizon=horizon)
+    attach(model, optimizer, monitor, start_step=start_step, total_steps=total_steps).remove()
+    assert monitor.calibration.horizon == expected
+
+
+def test_attach_keeps_the_monitors_folder_and_tensorboard_choice(task, tmp_path):
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=4,
+                             log_dir=tmp_path, tensorboard=False)
+    with attach(model, optimizer, monitor):
+        full_batch(model, optimizer, task.train, 8)
+    monitor.close()
+    assert [line["step"] for line in checks_in(tmp_path / HISTORY_FILE)] == [4, 8]
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------- sinks
+def test_a_ready_monitors_sinks_receive_the_attached_checks(task, tmp_path):
+    sink = RecordingSink()
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=4,
+                             sinks=[sink], log_dir=tmp_path)
+    with attach(model, optimizer, monitor):
+        full_batch(model, optimizer, task.train, 12)
+    first = monitor.run_id
+    assert sink.calls == [("start_run", first), ("log", 1, 4), ("log", 2, 8), ("log", 3, 12)]
+    with attach(model, optimizer, monitor):  # a new run: a new header for the same sink
+        full_batch(model, optimizer, task.train, 4)
+    assert sink.calls[4:] == [("start_run", monitor.run_id), ("log", 1, 4)]
+    monitor.close()
+    assert sink.calls[-1] == ("close",)
+
+
+def test_only_rank_zero_writes(task, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch_integration, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    sink = RecordingSink()
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=4,
+                             sinks=[sink], log_dir=tmp_path / "privacy")
+    with attach(model, optimizer, monitor):
+        full_batch(model, optimizer, task.train, 8)
+    assert [r.step for r in monitor.history] == [4, 8]  # every rank checks
+    assert sink.calls == [] and not (tmp_path / "privacy").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"total_steps": 0}, r"`total_steps` must be a positive int, got 0"),
+    ({"start_step": 10, "total_steps": 5}, r"`total_steps` is the step the run ends at, "
+                                           r"counted from 0: it must be >= start_step=10, got 5"),
+])
+def test_total_steps_is_validated(task, kwargs, message):
+    model, optimizer = setup(task)
+    monitor = PrivacyMonitor(task.canaries, probe=small_probe(), every_n_steps=5)
+    with pytest.raises(ConfigurationError, match=message):
+        attach(model, optimizer, monitor, **kwargs)
