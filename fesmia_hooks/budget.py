@@ -159,7 +159,7 @@ class LeakageBudget:
 
         Example:
             >>> from fesmia_hooks.report import _example_report
-            >>> budget = LeakageBudget(max_level="moderate", patience=2)
+            >>> budget = LeakageBudget(max_level="low", patience=2)
             >>> [budget.update(_example_report()).breached for _ in range(2)], budget.streak
             ([False, True], 2)
         """

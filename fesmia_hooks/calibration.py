@@ -11,15 +11,67 @@ exactly once: p-value, run-level threshold, significance and level. See
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 from fesmia_hooks._validation import optional_positive_int, probability
 from fesmia_hooks.exceptions import ConfigurationError
-from fesmia_hooks.measurement import Measurement
-from fesmia_hooks.report import LeakageReport, LevelBands
+from fesmia_hooks.measurement import STATISTICS, Measurement
+from fesmia_hooks.report import LeakageReport, LevelBands, share_beyond_chance
 from fesmia_hooks.sequential import SequentialTest, permutation_p_values
 
-__all__ = ["Calibration", "expected_checks"]
+__all__ = ["DEFAULT_STATISTIC", "Calibration", "alarm_statistic", "expected_checks"]
+
+#: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md).
+DEFAULT_STATISTIC = "auc+strict"
+
+
+def _components(statistic: Any) -> tuple[str, ...]:
+    parts = tuple(statistic.split("+")) if isinstance(statistic, str) else ()
+    if not parts or any(p not in STATISTICS for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigurationError(
+            f"`statistic` must be one of {', '.join(repr(s) for s in STATISTICS)} or several "
+            f"joined by '+' (their min-p combination, e.g. 'auc+strict'), got {statistic!r}"
+        )
+    return parts
+
+
+def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, torch.Tensor]:
+    """The alarm statistic of one check: its observed value and its ``[B]`` null values.
+
+    One name of :data:`~fesmia_hooks.measurement.STATISTICS` is read as it is. Several,
+    joined by ``+``, are combined by **min-p**: each trajectory's (the observed one's and
+    every permutation's) p-value on each statistic is its rank among all ``B + 1``, and the
+    statistic is minus the smallest of them. It is a symmetric function of the same fixed
+    permutations, so the run-level test stays valid (``docs/science.md#run-level-test``).
+
+    Example:
+        >>> import torch
+        >>> from fesmia_hooks.report import _example_report
+        >>> m = Measurement(**{k: v for k, v in _example_report().__dict__.items()
+        ...                    if k in Measurement.__dataclass_fields__},
+        ...                 statistics={"relaxed": 0.9, "strict": 0.2, "auc": 1.5,
+        ...                             "pooled_auc": 0.8},
+        ...                 null=torch.rand(99, 4, generator=torch.Generator().manual_seed(0)))
+        >>> observed, null = alarm_statistic("auc+strict", m)
+        >>> observed, null.shape  # the AUC beats every permutation: p = 1/100
+        (-0.01, torch.Size([99]))
+    """
+    parts = _components(statistic)
+    columns = [STATISTICS.index(p) for p in parts]
+    null = measurement.null[:, columns].double()
+    observed = torch.tensor([[measurement.statistics[p] for p in parts]], dtype=torch.float64)
+    if len(parts) == 1:
+        return float(observed[0, 0]), null[:, 0]
+    every = torch.cat([null, observed])  # [B + 1, K]
+    ordered = every.sort(0).values
+    # statistics at least as large (within 1e-6) as each one, per column: p = rank / (B + 1)
+    below = torch.searchsorted(ordered.T.contiguous(), (every - 1e-6).T.contiguous()).T
+    p = (every.shape[0] - below).double() / every.shape[0]
+    combined = -p.min(1).values
+    return float(combined[-1]), combined[:-1]
 
 
 class Calibration:
@@ -27,10 +79,13 @@ class Calibration:
 
     Args:
         alpha: False-alarm rate allowed per training run when nothing leaks.
-        horizon: Expected number of checks, when you know it; spends ``alpha`` evenly over
-            them. ``None`` lets the framework adapter set it from the run's limits (see
+        horizon: Expected number of checks, when you know it; spends ``alpha`` over them.
+            ``None`` lets the framework adapter set it from the run's limits (see
             :func:`expected_checks`), or spends ``alpha`` as ``alpha * c / (c + 10)``.
-        bands: Where the qualitative levels start.
+        bands: Where the qualitative levels start (on the share beyond chance).
+        statistic: The alarm statistic, computed on the probe's fixed permutations: one of
+            :data:`~fesmia_hooks.measurement.STATISTICS` or several joined by ``+`` (their
+            min-p combination); see :func:`alarm_statistic`.
 
     Example:
         >>> import torch
@@ -38,11 +93,17 @@ class Calibration:
         >>> m = Measurement(strict=0.6, strict_low=0.5, strict_high=0.7, relaxed=0.9,
         ...                 relaxed_low=0.85, relaxed_high=0.95, chance_strict=0.178,
         ...                 chance_relaxed=0.588, auc=0.9, auc_low=0.85, auc_high=0.95,
-        ...                 tpr_at_fpr={}, statistic=0.9, null=torch.linspace(0.4, 0.7, 99),
-        ...                 queries=15)
+        ...                 tpr_at_fpr={}, strict_episode_low=0.55, strict_episode_high=0.65,
+        ...                 relaxed_episode_low=0.87, relaxed_episode_high=0.93,
+        ...                 auc_episode_low=0.88, auc_episode_high=0.92, members_named=4.0,
+        ...                 chance_members_named=0.9375, members_named_relaxed=11.0,
+        ...                 chance_members_named_relaxed=4.6875,
+        ...                 statistics={"relaxed": 0.9, "strict": 0.9, "auc": 0.9,
+        ...                             "pooled_auc": 0.9},
+        ...                 null=torch.linspace(0.4, 0.7, 99)[:, None].repeat(1, 4), queries=15)
         >>> report = Calibration(alpha=0.05, horizon=1).report(m, check=1)
-        >>> report.p_value, report.significant, report.level.value
-        (0.01, True, 'high')
+        >>> report.p_value, report.significant, report.level.value, report.can_alarm
+        (0.01, True, 'moderate', True)
     """
 
     def __init__(
@@ -51,8 +112,11 @@ class Calibration:
         *,
         horizon: int | None = None,
         bands: LevelBands | None = None,
+        statistic: str = DEFAULT_STATISTIC,
     ) -> None:
         self.alpha = probability("alpha", alpha)
+        _components(statistic)
+        self.statistic = statistic
         self.fixed_horizon = optional_positive_int("horizon", horizon)
         if bands is not None and not isinstance(bands, LevelBands):
             raise ConfigurationError(
@@ -62,7 +126,10 @@ class Calibration:
         self.reset()
 
     def __repr__(self) -> str:
-        return f"Calibration(alpha={self.alpha}, horizon={self.horizon}, bands={self.bands})"
+        return (
+            f"Calibration(alpha={self.alpha}, horizon={self.horizon}, bands={self.bands}, "
+            f"statistic={self.statistic!r})"
+        )
 
     @property
     def horizon(self) -> int | None:
@@ -84,18 +151,33 @@ class Calibration:
         step: int | None = None,
     ) -> LeakageReport:
         """The report of one check of the run (updates the run-level test)."""
-        p_value, threshold, significant = self._test.update(
-            measurement.statistic, measurement.null
-        )
-        return self._report(measurement, p_value, threshold, significant, check, epoch, step)
+        observed, null = alarm_statistic(self.statistic, measurement)
+        p_value, threshold, significant = self._test.update(observed, null)
+        return self._report(measurement, p_value, threshold, significant, check, epoch, step,
+                            can_alarm=self._test.could_alarm)
 
     def single_check(self, measurement: Measurement, *, check: int = 0) -> LeakageReport:
         """The report of a check read on its own, at level ``alpha`` (no run, no state)."""
-        rank, _ = permutation_p_values(measurement.statistic, measurement.null)
-        p_value = rank / (int(measurement.null.numel()) + 1)
-        return self._report(
-            measurement, p_value, self.alpha, p_value <= self.alpha, check, None, None
-        )
+        observed, null = alarm_statistic(self.statistic, measurement)
+        rank, _ = permutation_p_values(observed, null)
+        p_value = rank / (int(null.numel()) + 1)
+        return self._report(measurement, p_value, self.alpha, p_value <= self.alpha, check,
+                            None, None, can_alarm=self.alpha >= 1 / (int(null.numel()) + 1))
+
+    def permutations_needed(self) -> int | None:
+        """Permutations that give every expected check of the run its own chance to alarm.
+
+        The run-level test lets at most ``alpha * (B + 1)`` trajectories alarm over the
+        whole run; with at least one per expected check, no check is starved. ``None``
+        without a horizon.
+
+        Example:
+            >>> Calibration(alpha=0.05, horizon=100).permutations_needed()
+            1999
+        """
+        if self.horizon is None:
+            return None
+        return math.ceil(self.horizon / self.alpha) - 1
 
     def _report(
         self,
@@ -106,17 +188,26 @@ class Calibration:
         check: int,
         epoch: int | None,
         step: int | None,
+        *,
+        can_alarm: bool,
     ) -> LeakageReport:
-        reading = m.strict if self.bands.on == "strict" else m.relaxed
+        if self.bands.on == "strict":
+            share = share_beyond_chance(m.members_named, m.chance_members_named, m.queries)
+        else:
+            share = share_beyond_chance(m.members_named_relaxed, m.chance_members_named_relaxed,
+                                        m.queries)
         return LeakageReport(
             **m.readings(),
             p_value=p_value,
             p_threshold=threshold,
             significant=bool(significant),
-            level=self.bands.classify(reading, significant=significant),
+            level=self.bands.classify(share, significant=significant),
+            share_beyond_chance=share,
             check=check,
             epoch=epoch,
             step=step,
+            can_alarm=bool(can_alarm),
+            statistic=self.statistic,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -125,6 +216,7 @@ class Calibration:
         return {
             "alpha": self.alpha,
             "horizon": self.horizon,
+            "statistic": self.statistic,
             "bands": {"moderate": b.moderate, "high": b.high, "critical": b.critical, "on": b.on},
         }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EpisodePlan"]
+__all__ = ["EpisodePlan", "HalfPlan"]
 
 
 class EpisodePlan:
@@ -69,3 +69,63 @@ class EpisodePlan:
         flags = torch.zeros(2 * self.queries, dtype=torch.bool)
         flags[: self.queries] = True
         return flags
+
+
+class HalfPlan:
+    """Episodes drawn inside random half-pools of the canaries, for an interval over pools.
+
+    How much would a check's reading move with *another* canary pool of the same data? Each
+    of ``halves`` half-pools holds ``m`` members and ``m'`` non-members drawn without
+    replacement (half of each side, at least ``shots + queries``), and ``episodes`` episodes
+    are drawn inside it. For a mean over episodes, the variance of a half-pool's reading
+    around the full pool's is ``sigma^2 (1/m - 1/n)``, which at ``m = n / 2`` is the
+    variance ``sigma^2 / n`` of the full pool's reading across pools: the spread of the
+    half-pools estimates the uncertainty a single pool leaves (``docs/science.md#intervals``).
+
+    Attributes:
+        slots: ``[halves * episodes, 2 * shots + 2 * queries]`` pool positions, laid out as
+            :attr:`EpisodePlan.slots` (the first ``episodes`` rows are the first half-pool).
+        scale: ``m / (n - m)`` of the members' side: the factor that turns the half-pools'
+            variance into the full pool's (1 at exact halves; ``nan`` if no half fits).
+
+    Example:
+        >>> plan = HalfPlan(64, 64, shots=5, queries=15, halves=10, episodes=4, seed=0)
+        >>> plan.slots.shape, plan.scale
+        (torch.Size([40, 40]), 1.0)
+    """
+
+    def __init__(
+        self,
+        num_members: int,
+        num_non_members: int,
+        *,
+        shots: int,
+        queries: int,
+        halves: int,
+        episodes: int,
+        seed: int,
+    ) -> None:
+        per_side = shots + queries
+        self.halves, self.episodes = halves, episodes
+        sizes = [max(per_side, n // 2) for n in (num_members, num_non_members)]
+        self.fits = sizes[0] < num_members and sizes[1] < num_non_members
+        self.scale = sizes[0] / (num_members - sizes[0]) if self.fits else float("nan")
+        g = torch.Generator().manual_seed(seed + 7919)
+        rows = []
+        for _ in range(halves if self.fits else 0):
+            mem = torch.randperm(num_members, generator=g)[: sizes[0]]
+            non = torch.randperm(num_non_members, generator=g)[: sizes[1]] + num_members
+            pick_m = torch.rand(episodes, sizes[0], generator=g).argsort(1)[:, :per_side]
+            pick_n = torch.rand(episodes, sizes[1], generator=g).argsort(1)[:, :per_side]
+            m, n = mem[pick_m], non[pick_n]
+            rows.append(torch.cat([m[:, :shots], n[:, :shots], m[:, shots:], n[:, shots:]], 1))
+        width = 2 * per_side
+        self.slots = torch.cat(rows) if rows else torch.empty(0, width, dtype=torch.long)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`slots` on ``device``, moved once and cached."""
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = self.slots.to(device)
+        return self._cache[key]

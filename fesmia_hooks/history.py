@@ -33,10 +33,10 @@ Example:
     (2, 'epoch', None, {})
     >>> print(format_table(run, name="run-a"))  # doctest: +NORMALIZE_WHITESPACE
     run-a: 2 checks (simpleshot, 5 shots, 15 queries, 200 episodes, 999 permutations)
-    check epoch strict [95% interval] relaxed [95% interval] chance s/r  p / threshold level action
-        1     0    0.50 [0.45, 0.55]    0.80 [0.75, 0.85]   0.18/0.59  0.001 / 0.004  high  -
-        2     1    0.50 [0.45, 0.55]    0.80 [0.75, 0.85]   0.18/0.59  0.001 / 0.004  high  -
-"""
+    check epoch strict [95% interval] relaxed [95% interval] chance s/r named (chance) share p / threshold level action
+        1     0    0.50 [0.40, 0.60]    0.80 [0.70, 0.90]   0.18/0.59  3.1 (0.94)  0.15  0.001 / 0.004  moderate  -
+        2     1    0.50 [0.40, 0.60]    0.80 [0.70, 0.90]   0.18/0.59  3.1 (0.94)  0.15  0.001 / 0.004  moderate  -
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -467,13 +467,14 @@ def _budget_text(run: RunHistory) -> str | None:
 def format_table(run: RunHistory, *, name: str | None = None) -> str:
     """A plain-text table of one run: one row per check (and per failed check).
 
-    Columns: check, epoch (and step, for runs checked by optimizer steps), strict and
-    relaxed Log-MIA with their 95 % intervals, their chance levels (strict/relaxed), the
-    p-value against the run-level threshold, the level, and the action taken (``-`` for
-    none). A heading names the run, the probe and, when the run's header records it, the
-    budget (``budget: max_level low, action stop``; ``no budget`` for a run without one;
-    ``log_mia_strict > 0.4`` for each ceiling of ``max_values``); a last line says where the
-    budget was breached, if it was.
+    Columns: check, epoch (and step, for runs checked by optimizer steps), strict and relaxed
+    Log-MIA with their 95 % intervals over canary draws, their chance levels (strict/relaxed),
+    the members named with no false accusation against chance, the share beyond chance the level
+    reads, the p-value against the run-level threshold, the level, and the action taken (``-``
+    for none; ``-`` also for readings an older history lacks). A heading names the run, the
+    probe and, when the run's header records it, the budget (``budget: max_level low, action
+    stop``; ``no budget`` for a run without one; ``log_mia_strict > 0.4`` for each ceiling of
+    ``max_values``); a last line says where the budget was breached, if it was.
 
     Args:
         run: The run.
@@ -502,7 +503,8 @@ def format_table(run: RunHistory, *, name: str | None = None) -> str:
         heading += f"; {budget}"
     with_step = any(r.get("step") is not None for r in run.rows()) and run.x_label != "epoch"
     header = ["check", "epoch", *(["step"] if with_step else []), "strict [95% interval]",
-              "relaxed [95% interval]", "chance s/r", "p / threshold", "level", "action"]
+              "relaxed [95% interval]", "chance s/r", "named (chance)", "share",
+              "p / threshold", "level", "action"]
     table: list[list[str]] = []
     for r in run.rows():
         where = [str(r["check"]), _f(r.get("epoch"), "d"),
@@ -516,6 +518,8 @@ def format_table(run: RunHistory, *, name: str | None = None) -> str:
             _interval(r, "log_mia_strict"),
             _interval(r, "log_mia_relaxed"),
             f"{_f(r['chance_strict'])}/{_f(r['chance_relaxed'])}",
+            f"{_f(r.get('members_named'), '.1f')} ({_f(r.get('chance_members_named'))})",
+            _f(r.get("share_beyond_chance")),
             f"{_p(r['p_value'])} / {_p(r['p_threshold'])}",
             str(r["level"]),
             "-" if action == "none" else action,

@@ -23,6 +23,8 @@ from fesmia_hooks.exceptions import ConfigurationError
 
 __all__ = [
     "LogMIA",
+    "batched_tp_counts",
+    "chance_counts",
     "chance_log_mia",
     "log_mia",
     "relaxed_false_positives",
@@ -90,6 +92,28 @@ def _tp_at_fp_limits(
     return out
 
 
+def batched_tp_counts(
+    scores: torch.Tensor, is_member: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members named with no false positive, and with at most ``ceil(ln d)``, per row.
+
+    Args:
+        scores: ``[G, n]`` attack scores, higher meaning "more likely a member".
+        is_member: ``[n]`` booleans, the same for every row.
+
+    Returns:
+        ``(tp_strict, tp_relaxed)``, each ``[G]`` integer counts.
+
+    Example:
+        >>> s = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+        >>> [t.tolist() for t in batched_tp_counts(s, torch.tensor([True, False, True, False]))]
+        [[1], [2]]
+    """
+    k = relaxed_false_positives(scores.shape[-1])
+    tp0, tpk = _tp_at_fp_limits(scores, is_member, (0, k))
+    return tp0, tpk
+
+
 def batched_log_mia(
     scores: torch.Tensor, is_member: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +127,7 @@ def batched_log_mia(
         ``(strict, relaxed)``, each ``[G]`` float32.
     """
     n_members = int(is_member.sum())
-    total = scores.shape[-1]
-    k = relaxed_false_positives(total)
-    tp0, tpk = _tp_at_fp_limits(scores, is_member, (0, k))
+    tp0, tpk = batched_tp_counts(scores, is_member)
     denom = math.log(n_members + 1)
     strict = torch.log1p(tp0.to(torch.float32)) / denom
     relaxed = torch.log1p(tpk.to(torch.float32)) / denom
@@ -237,13 +259,46 @@ def chance_log_mia(queries: int, non_members: int | None = None) -> LogMIA:
     return LogMIA(strict=values[0], relaxed=values[1])
 
 
+def chance_counts(queries: int, non_members: int | None = None) -> tuple[float, float]:
+    """Expected members a random ranking names, strictly and relaxed (exact).
+
+    Strictly: with no false positive; relaxed: with at most ``ceil(ln d)``. The law is the
+    one of :func:`chance_log_mia`. With ``N`` members and ``N`` non-members these are
+    ``N / (N + 1)`` and ``N (k + 1) / (N + 1)``.
+
+    Example:
+        >>> [round(c, 4) for c in chance_counts(15)]
+        [0.9375, 4.6875]
+    """
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ConfigurationError(f"`queries` must be a positive int, got {queries!r}")
+    m = queries if non_members is None else non_members
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ConfigurationError(f"`non_members` must be a positive int, got {non_members!r}")
+    k = relaxed_false_positives(queries + m)
+    out = []
+    for limit in (0, k):
+        probs = _tp_distribution(queries, m, limit)
+        out.append(sum(p * t for t, p in enumerate(probs)))
+    return out[0], out[1]
+
+
 def batched_auc(scores: torch.Tensor, is_member: torch.Tensor) -> torch.Tensor:
     """Area under the ROC curve of every row (ties count one half), ``[G]`` float32.
 
-    ``is_member`` is ``[n]`` booleans shared by all rows.
+    ``is_member`` is ``[n]`` booleans shared by all rows. Computed from ranks (the
+    Mann-Whitney statistic, tied scores sharing their average rank), in
+    ``O(n log n)`` per row.
+
+    Example:
+        >>> batched_auc(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), torch.tensor([1, 1, 0, 0]).bool())
+        tensor([0.8750])
     """
-    pos = scores[..., is_member]
-    neg = scores[..., ~is_member]
-    diff = pos[..., :, None] - neg[..., None, :]
-    wins = (diff > 0).to(torch.float32) + 0.5 * (diff == 0).to(torch.float32)
-    return wins.mean(dim=(-1, -2))
+    ordered = scores.sort(-1).values
+    low = torch.searchsorted(ordered, scores, right=False)
+    high = torch.searchsorted(ordered, scores, right=True)
+    ranks = (low + high + 1).to(torch.float64) / 2  # average 1-based rank of each score
+    n_pos = int(is_member.sum())
+    n_neg = is_member.numel() - n_pos
+    u = ranks[..., is_member].sum(-1) - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).to(torch.float32)

@@ -17,9 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from fesmia_hooks.logmia import relaxed_false_positives
+from fesmia_hooks.readings import row_readings
 from fesmia_hooks.report import TPR_FPRS, Readings
 
-__all__ = ["Measurement", "mean_interval", "tpr_at_fpr"]
+__all__ = [
+    "STATISTICS",
+    "Measurement",
+    "canary_interval",
+    "episode_statistics",
+    "mean_interval",
+    "tpr_at_fpr",
+]
+
+#: The statistics of the permutation test, in the order of :attr:`Measurement.null`'s
+#: columns: mean relaxed and strict Log-MIA over episodes, mean episode AUC, and the AUC of
+#: each canary's score pooled over the episodes where it was a query.
+STATISTICS: tuple[str, ...] = ("relaxed", "strict", "auc", "pooled_auc")
 
 
 @dataclass(frozen=True)
@@ -27,12 +41,13 @@ class Measurement(Readings):
     """The readings of one check, with what the run-level test needs of it.
 
     Attributes:
-        statistic: The run-level test's statistic (higher = more leakage).
-        null: ``[B]`` the statistic under each of the probe's fixed label permutations, in
-            the same order at every check.
+        statistics: Each test statistic of :data:`STATISTICS` under the true labels
+            (higher = more leakage).
+        null: ``[B, len(STATISTICS)]`` the same statistics under each of the probe's fixed
+            label permutations, in the same order at every check.
     """
 
-    statistic: float
+    statistics: dict[str, float]
     null: torch.Tensor = field(repr=False, compare=False)
     method: str = "custom"
     shots: int = 0
@@ -50,7 +65,7 @@ class Measurement(Readings):
 
     def readings(self) -> dict[str, Any]:
         """Every field but the test's statistic and null, by name (a report's readings)."""
-        skip = ("statistic", "null")
+        skip = ("statistics", "null")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -67,22 +82,118 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     return round(m, 12), round(m - half, 12), round(m + half, 12)
 
 
+def episode_statistics(
+    scores: torch.Tensor,
+    is_query_member: torch.Tensor,
+    query_slots: torch.Tensor,
+    num_members: int,
+    pool: int,
+    *,
+    pooled: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-episode readings and the test statistics of groups of episodes.
+
+    Args:
+        scores: ``[G, E, 2q]`` learner scores of ``G`` groups (the true labels, or one label
+            permutation each) of ``E`` episodes.
+        is_query_member: ``[2q]`` booleans of the query positions.
+        query_slots: ``[E, 2q]`` pool slots of the query positions (the same in every
+            group; slots below ``num_members`` hold members).
+        num_members: Member slots of the pool.
+        pool: Slots in the pool.
+        pooled: Compute ``pooled_auc`` (needs the same ``query_slots`` in every group).
+
+    Returns:
+        ``{"tp_strict", "tp_relaxed", "strict_episodes", "relaxed_episodes",
+        "auc_episodes": [G, E]}`` per episode, and each name of
+        :data:`STATISTICS` as ``[G]``.
+    """
+    g, e, q2 = scores.shape
+    flat = scores.reshape(g * e, q2)
+    tp0, tpk, auc = row_readings(flat, is_query_member, relaxed_false_positives(q2))
+    tp0, tpk, auc = (t.to(scores.device) for t in (tp0, tpk, auc))
+    auc = auc.reshape(g, e)
+    denom = math.log(int(is_query_member.sum()) + 1)
+    strict = torch.log1p(tp0.to(torch.float32)).reshape(g, e) / denom
+    relaxed = torch.log1p(tpk.to(torch.float32)).reshape(g, e) / denom
+    out = {
+        "tp_strict": tp0.reshape(g, e),
+        "tp_relaxed": tpk.reshape(g, e),
+        "auc_episodes": auc,
+        "relaxed": relaxed.mean(1),
+        "strict": strict.mean(1),
+        "auc": auc.mean(1),
+        "strict_episodes": strict,
+        "relaxed_episodes": relaxed,
+    }
+    if pooled:
+        index = query_slots.reshape(-1)
+        total = torch.zeros(g, pool, dtype=torch.float64, device=scores.device)
+        total.index_add_(1, index, scores.reshape(g, -1).double())
+        count = torch.bincount(index, minlength=pool).to(total.dtype)
+        seen = count > 0
+        member = (torch.arange(pool, device=scores.device) < num_members)[seen]
+        _, _, pooled_auc = row_readings(total[:, seen] / count[seen], member, 0)
+        out["pooled_auc"] = pooled_auc.to(scores.device)
+    return out
+
+
+def canary_interval(
+    value: float,
+    full_episodes: np.ndarray,
+    half_episodes: np.ndarray,
+    scale: float,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> tuple[float, float]:
+    """95 % interval of a reading over canary pools, from episodes inside half-pools.
+
+    ``half_episodes`` is ``[halves, episodes]`` per-episode values inside random half-pools
+    (see :class:`~fesmia_hooks.episodes.HalfPlan`). The spread of the half-pools' means,
+    less the part their own few episodes add, times ``scale``, estimates the variance of
+    the reading across canary pools; the full pool's episode variance is added on top.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> lo, hi = canary_interval(0.5, rng.random(100), rng.random((50, 20)), 1.0)
+        >>> lo < 0.5 < hi
+        True
+    """
+    if half_episodes.size == 0 or not np.isfinite(scale):
+        return math.nan, math.nan
+    means = half_episodes.mean(1)
+    within = half_episodes.var(1, ddof=1).mean() / half_episodes.shape[1]
+    pool_var = max(float(means.var(ddof=1)) - float(within), 0.0) * scale
+    episode_var = float(full_episodes.var(ddof=1)) / len(full_episodes)
+    half = 1.96 * math.sqrt(pool_var + episode_var)
+    low, high = bounds
+    return round(max(low, value - half), 12), round(min(high, value + half), 12)
+
+
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray) -> dict[float, float]:
     """TPR of pooled scores at each of :data:`~fesmia_hooks.report.TPR_FPRS` (ties as sklearn).
 
+    A rate finer than one non-member (``0 < fpr < 1 / len(non_members)``) reads NaN: with
+    that few non-members it would be TPR at zero false positives under another name.
+
     Example:
-        >>> tpr_at_fpr(np.array([3.0, 2.0, 0.5]), np.array([1.0, 0.0]))[0.01]
-        0.6666666666666666
+        >>> out = tpr_at_fpr(np.array([3.0, 2.0, 0.5]), np.array([1.0, 0.0]))
+        >>> out[0.0], out[0.05]
+        (0.6666666666666666, nan)
     """
     m = members[np.isfinite(members)]
     nm = non_members[np.isfinite(non_members)]
     if len(m) == 0 or len(nm) == 0:
         return {f: math.nan for f in TPR_FPRS}
-    thresholds = np.unique(np.concatenate([m, nm]))[::-1]
-    tpr = np.array([(m >= t).mean() for t in thresholds])
-    fpr = np.array([(nm >= t).mean() for t in thresholds])
+    thresholds = np.unique(np.concatenate([m, nm]))
+    # counts at or above each distinct score, all thresholds at once
+    tpr = (len(m) - np.searchsorted(np.sort(m), thresholds, side="left")) / len(m)
+    fpr = (len(nm) - np.searchsorted(np.sort(nm), thresholds, side="left")) / len(nm)
     out = {}
     for f in TPR_FPRS:
+        if 0 < f < 1 / len(nm):  # finer than one non-member: the pool cannot resolve it
+            out[f] = math.nan
+            continue
         ok = fpr <= f + 1e-12
         out[f] = float(tpr[ok].max()) if ok.any() else 0.0
     return out

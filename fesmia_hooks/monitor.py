@@ -24,18 +24,26 @@ from torch import nn
 
 from fesmia_hooks._validation import boolean, choice, optional_path, optional_positive_int
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
-from fesmia_hooks.calibration import Calibration
+from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration
 from fesmia_hooks.canaries import Canaries
-from fesmia_hooks.exceptions import ConfigurationError, FesmiaError, PrivacyBudgetExceeded
-from fesmia_hooks.probe import FeSMIA, Probe
+from fesmia_hooks.exceptions import (
+    CanaryError,
+    ConfigurationError,
+    FesmiaError,
+    PrivacyBudgetExceeded,
+)
+from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.sinks import Sink, sinks_for
 
-__all__ = ["PrivacyMonitor"]
+__all__ = ["PREFLIGHT_ALPHA", "PrivacyMonitor"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+#: Significance level of the pre-flight check (strict: a split is refused only on clear
+#: evidence that its two sides differ).
+PREFLIGHT_ALPHA = 0.002
 _NO_BUDGET = Decision(False, False, StopReason.NOT_STOPPED, "no budget")
 
 
@@ -74,7 +82,14 @@ class PrivacyMonitor:
         horizon: Expected number of checks; spends ``alpha`` evenly over them. ``None``
             lets an integration set it from the run's limits (or spends ``alpha`` as
             ``alpha * c / (c + 10)``).
-        bands: Where the qualitative levels start.
+        bands: Where the qualitative levels start (on the share beyond chance).
+        statistic: The alarm statistic (see :func:`fesmia_hooks.calibration.alarm_statistic`).
+        preflight: What :meth:`preflight` does when the attack already tells members from
+            non-members before training: ``"error"`` raises a
+            :class:`~fesmia_hooks.CanaryError`, ``"warn"`` warns and goes on (later
+            readings are then read against that baseline), ``"off"`` skips the check. The
+            integrations run it when a run starts; in a loop of your own, call it before
+            training.
 
     Example:
         >>> import torch
@@ -107,6 +122,8 @@ class PrivacyMonitor:
         alpha: float = 0.05,
         horizon: int | None = None,
         bands: LevelBands | None = None,
+        statistic: str = DEFAULT_STATISTIC,
+        preflight: Literal["error", "warn", "off"] = "error",
     ) -> None:
         if probe is not None and not isinstance(probe, Probe):
             raise ConfigurationError(
@@ -128,7 +145,7 @@ class PrivacyMonitor:
             )
         self.on_error = choice("on_error", on_error, ("warn", "raise"))
         optional_path("log_dir", log_dir)
-        boolean("tensorboard", tensorboard)
+        self.tensorboard = boolean("tensorboard", tensorboard)
         boolean("restore_safe_weights", restore_safe_weights)
         if isinstance(sinks, Sink) or isinstance(sinks, (str, bytes)):
             raise ConfigurationError(
@@ -139,8 +156,9 @@ class PrivacyMonitor:
                 raise ConfigurationError(
                     f"each sink needs log(report, step) and close(), got {type(sink).__name__}"
                 )
+        self.preflight_mode = choice("preflight", preflight, ("error", "warn", "off"))
         self.probe: Probe = probe if probe is not None else FeSMIA()
-        self.calibration = Calibration(alpha, horizon=horizon, bands=bands)
+        self.calibration = Calibration(alpha, horizon=horizon, bands=bands, statistic=statistic)
         self.budget = budget
         self.canaries: Canaries | None = None
         if canaries is not None:
@@ -153,7 +171,10 @@ class PrivacyMonitor:
         self.set_log_dir(log_dir, tensorboard=tensorboard)
         self.restore_safe_weights = bool(restore_safe_weights)
         self._safe_state: dict[str, Any] | None = None
+        #: The pre-flight check's report (before training), if one was made this run.
+        self.baseline: LeakageReport | None = None
         self._reset_state()
+        self._size_permutations()
 
     # ------------------------------------------------------------------ configuration
     def set_canaries(self, canaries: Canaries) -> None:
@@ -231,6 +252,65 @@ class PrivacyMonitor:
         self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
+        self.baseline = None
+        self._size_permutations()
+
+    def _size_permutations(self) -> None:
+        """Give a ``permutations="auto"`` probe as many as the run's horizon needs."""
+        if not getattr(self.probe, "auto_permutations", False):
+            return
+        low, high = AUTO_PERMUTATIONS
+        needed = self.calibration.permutations_needed() or low
+        self.probe.set_permutations(max(low, min(high, needed)))  # type: ignore[attr-defined]
+
+    def preflight(self, model: nn.Module) -> LeakageReport | None:
+        """Check, before training, that members and non-members cannot be told apart yet.
+
+        Under a random split of one data set, an untrained (or not yet fine-tuned) model
+        cannot tell the canary members from the non-members: every later reading assumes so
+        (``docs/science.md#exchangeability``). If the attack already separates them at a
+        strict level (p <= :data:`PREFLIGHT_ALPHA`), the split is not exchangeable and later
+        readings would measure the split, not memorisation. The report is kept as
+        :attr:`baseline` and in the history's header; it is not a check of the run.
+
+        Returns:
+            The pre-flight report, or ``None`` with ``preflight="off"`` or when the check
+            itself failed (recorded as usual).
+
+        Raises:
+            CanaryError: With ``preflight="error"``, when the attack separates the sides.
+        """
+        if self.preflight_mode == "off":
+            return None
+        if self.canaries is None:
+            raise ConfigurationError(
+                "the monitor has no canaries: pass `canaries` or call set_canaries() first"
+            )
+        try:
+            measured = self.probe.measure(model, self.canaries)
+        except Exception as exc:  # noqa: BLE001 - reported like a failed check
+            self._record_error(exc, epoch=None, step=None, index=0)
+            return None
+        report = Calibration(PREFLIGHT_ALPHA, bands=self.calibration.bands,
+                             statistic=self.calibration.statistic).single_check(measured)
+        self.baseline = report
+        if not report.significant:
+            return report
+        message = (
+            f"before training, the attack already tells the canary members from the "
+            f"non-members (p = {report.p_value:.3g} <= {PREFLIGHT_ALPHA}; AUC {report.auc:.2f}, "
+            f"strict Log-MIA {report.strict:.2f} against chance {report.chance_strict:.2f}): "
+            "the split is not exchangeable, so later readings would measure it rather than "
+            "memorisation. Likely causes: members and non-members drawn from different "
+            "sources, periods or blocks of a sorted data set; duplicates of members among "
+            "the non-members' neighbours; a model already trained on the members. Draw both "
+            "sides at random from one pool (CanarySet.split), or pass preflight='warn' to go "
+            "on and read later checks against this baseline"
+        )
+        if self.preflight_mode == "error":
+            raise CanaryError(message)
+        warnings.warn(f"fesmia-hooks: {message}", stacklevel=2)
+        return report
 
     @property
     def streak(self) -> int:
@@ -252,9 +332,16 @@ class PrivacyMonitor:
                 "non_members": self.canaries.num_non_members,
                 "fingerprint": self.canaries.fingerprint(),
             }
+        baseline = None
+        if self.baseline is not None:
+            b = self.baseline
+            baseline = {"p_value": b.p_value, "significant": b.significant, "auc": b.auc,
+                        "log_mia_strict": b.strict, "log_mia_relaxed": b.relaxed,
+                        "share_beyond_chance": b.share_beyond_chance}
         return {
             "run_id": self.run_id,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "baseline": baseline,
             "settings": {
                 "probe": self.probe.settings(),
                 "calibration": self.calibration.settings(),
@@ -429,6 +516,16 @@ class PrivacyMonitor:
         if calibration is None:  # version 1 kept the run-level test at the top level
             calibration = {"horizon": self.calibration.horizon,
                            "sequential": state.get("sequential", {})}
+        saved = int((calibration.get("sequential") or {}).get("permutations", 0) or 0)
+        current = int(getattr(self.probe, "permutations", saved) or saved)
+        if saved and saved != current:
+            if not getattr(self.probe, "auto_permutations", False):
+                raise ConfigurationError(
+                    f"the saved run was tested with {saved} label permutations but this "
+                    f"monitor's probe draws {current}: the run-level test cannot continue "
+                    f"across them; build the probe with permutations={saved} (or 'auto')"
+                )
+            self.probe.set_permutations(saved)  # type: ignore[attr-defined]
         self.calibration.load_state_dict(calibration)
         if self.budget is not None:
             counters = state.get("budget") or {"checks": self.checks,
@@ -451,8 +548,8 @@ class PrivacyMonitor:
         self._call(sinks, "resume", self.run_id, self.checks, list(self.errors), self.header())
 
     def close(self) -> None:
-        """Flush and close every sink."""
-        for sink in self.sinks:
+        """Flush and close every sink this process writes to."""
+        for sink in self._writing():
             sink.close()
 
     def __enter__(self) -> PrivacyMonitor:

@@ -2,8 +2,9 @@
 
 :func:`leakage_figure` and :func:`plot_leakage` (needs ``pip install 'fesmia-hooks[plot]'``)
 draw one :class:`~fesmia_hooks.history.RunHistory`: both Log-MIA curves with their 95 %
-interval bands, their chance levels dashed, the budget line, the budget's ceilings on the
-Log-MIA readings and the breaches marked.
+interval bands and their chance levels dashed, the budget's ceilings on the Log-MIA
+readings, and below them the share beyond chance that the level reads, with the level
+bands, the budget line and the breaches marked.
 
 What interprets the readings comes from the run's header (history format 2): the level bands
 and the budget's ``max_level`` place the budget line, and the budget's ``max_values`` on
@@ -33,7 +34,7 @@ import math
 import os
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from fesmia_hooks.report import Level, LevelBands
 
@@ -62,11 +63,11 @@ _COLORS = {"strict": "tab:blue", "relaxed": "tab:orange"}
 
 
 def _budget_threshold(bands: LevelBands, max_level: Level | str | None) -> float | None:
-    """Reading at which the first level above ``max_level`` starts (``None``: no line).
+    """Share beyond chance at which the first level above ``max_level`` starts (or ``None``).
 
     Example:
         >>> _budget_threshold(LevelBands(), "low"), _budget_threshold(LevelBands(), "high")
-        (0.25, 0.75)
+        (0.1, 0.6)
         >>> _budget_threshold(LevelBands(), "critical") is None
         True
     """
@@ -86,16 +87,19 @@ def leakage_figure(
 ) -> Figure:
     """The leakage picture of one run as a matplotlib ``Figure`` (not shown, not saved).
 
-    Draws the strict and relaxed Log-MIA means with their 95 % interval bands, their chance
-    levels as dashed lines, the budget line and the checks that breached it. Filled markers
-    are checks significantly above chance at the run-level threshold; hollow ones are not.
+    The top panel draws the strict and relaxed Log-MIA means with their 95 % interval bands
+    (over canary draws), their chance levels as dashed lines. The bottom panel draws the
+    reading the level is based on, the share beyond chance (0 at chance), with the level
+    bands, the budget line and the checks that breached it. Filled markers are checks
+    significantly above chance at the run-level threshold; hollow ones are not. A history
+    written before the share was recorded gets the top panel only, with its breaches.
 
-    The budget line (artist gid ``"budget"``) is drawn where the level above ``max_level``
-    starts on ``bands``. Both come from the run's header unless given
+    The budget line (artist gid ``"budget"``, on the bottom panel) is drawn where the level
+    above ``max_level`` starts on ``bands``. Both come from the run's header unless given
     (:attr:`~fesmia_hooks.history.RunHistory.bands`,
     :attr:`~fesmia_hooks.history.RunHistory.max_level`): for a run recorded without a budget
     there is no line; for a file without headers the defaults, ``LevelBands()`` and
-    ``"low"``, put it at strict Log-MIA 0.25, where ``"moderate"`` starts. The budget's
+    ``"low"``, put it at a share of 0.1, where ``"moderate"`` starts. The budget's
     ``max_values`` on ``log_mia_strict`` and ``log_mia_relaxed``, when the header records
     them, add a dash-dotted line each (gids ``"ceiling_strict"``, ``"ceiling_relaxed"``),
     whatever ``max_level`` says.
@@ -108,7 +112,8 @@ def leakage_figure(
         title: Figure title; the run's folder when omitted.
 
     Returns:
-        The figure, 10 x 4.5 inches at 100 dpi, one axes.
+        The figure at 100 dpi: two axes (10 x 7 inches), or one (10 x 4.5) for an older
+        history.
 
     Raises:
         HistoryError: The run has no successful check.
@@ -123,7 +128,7 @@ def leakage_figure(
         >>> settings = {"calibration": {"bands": {"moderate": 0.3, "high": 0.6}},
         ...             "budget": {"max_level": "moderate", "max_values": {"log_mia_strict": 0.4}}}
         >>> fig = leakage_figure(RunHistory(Path("run/h.jsonl"), (record,), settings=settings))
-        >>> lines = {line.get_gid(): line for line in fig.axes[0].lines}
+        >>> lines = {line.get_gid(): line for ax in fig.axes for line in ax.lines}
         >>> lines["budget"].get_ydata()[0], lines["ceiling_strict"].get_ydata()[0]
         (0.6, 0.4)
     """
@@ -142,33 +147,34 @@ def leakage_figure(
     level = run.max_level if isinstance(max_level, _FromHistory) else max_level
     level = None if level is None else Level(level)
     x = run.x
-    fig = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    with_share = all(r.get("share_beyond_chance") is not None for r in run.records)
+    fig = Figure(figsize=(10, 7 if with_share else 4.5), dpi=100, layout="constrained")
+    axes = fig.subplots(2 if with_share else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
     significant = [bool(r.get("significant")) for r in run.records]
 
     def values(key: str) -> list[float]:
         return [math.nan if r.get(key) is None else float(r[key]) for r in run.records]
+
+    def marked(target: Any, xs: list[float], ys: list[float], color: str, name: str) -> None:
+        for sig, face in ((True, color), (False, "white")):
+            pts = [(xi, yi) for xi, yi, s in zip(xs, ys, significant, strict=True) if s is sig]
+            if pts:
+                target.plot(*zip(*pts, strict=True), linestyle="none", marker="o",
+                            markersize=4, color=color, markerfacecolor=face,
+                            gid=f"points_{name}_{sig}", label="_nolegend_")
 
     for name, color in _COLORS.items():
         key = f"log_mia_{name}"
         mean, low, high = values(key), values(key + "_low"), values(key + "_high")
         ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0,
                         gid=f"band_{name}", label=f"_{name} 95% interval")
-        ax.plot(x, mean, color=color, linewidth=1.8, label=f"Log-MIA {name} (95% interval)",
-                gid=f"log_mia_{name}")
-        for sig, face in ((True, color), (False, "white")):
-            pts = [(xi, yi) for xi, yi, s in zip(x, mean, significant, strict=True) if s is sig]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), linestyle="none", marker="o", markersize=4,
-                        color=color, markerfacecolor=face, gid=f"points_{name}_{sig}",
-                        label="_nolegend_")
+        ax.plot(x, mean, color=color, linewidth=1.8, gid=f"log_mia_{name}",
+                label=f"Log-MIA {name} (95% interval over canary draws)")
+        marked(ax, x, mean, color, name)
         chance = values(f"chance_{name}")
         ax.plot(x, chance, color=color, linestyle="--", linewidth=1.2, gid=f"chance_{name}",
                 label=f"chance {name} ({chance[-1]:.2f})")
-    threshold = _budget_threshold(bands, level)
-    if threshold is not None and level is not None:
-        ax.axhline(threshold, color="tab:red", linestyle=":", linewidth=1.5, gid="budget",
-                   label=f"budget: {bands.on} >= {threshold:g} (level above {level.value!r})")
     ceilings = run.max_values
     for name, color in _COLORS.items():
         key = f"log_mia_{name}"
@@ -176,21 +182,50 @@ def leakage_figure(
             ax.axhline(ceilings[key], color=color, linestyle="-.", linewidth=1.2,
                        gid=f"ceiling_{name}", label=f"budget: {key} > {ceilings[key]:g}")
     breached = [i for i, r in enumerate(run.records) if r.get("breached")]
-    if breached:
+    actions = sorted({str(run.records[i].get("action", "?")) for i in breached})
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("Log-MIA (0 = nothing, 1 = every member named)")
+    if with_share:
+        share_ax = axes[1]
+        share = values("share_beyond_chance")
+        share_ax.plot(x, share, color="tab:green", linewidth=1.8, gid="share",
+                      label=f"share beyond chance ({bands.on}): the level's reading")
+        marked(share_ax, x, share, "tab:green", "share")
+        share_ax.axhline(0, color="gray", linestyle="--", linewidth=1.0, gid="chance_share",
+                         label="chance (0)")
+        for lv, start in bands.starts().items():
+            share_ax.axhline(start, color="gray", linestyle=":", linewidth=0.8,
+                             gid=f"band_{lv.value}", label="_nolegend_")
+            share_ax.text(x[0], start, f" {lv.value}", fontsize=7, color="gray", va="bottom")
+        threshold = _budget_threshold(bands, level)
+        if threshold is not None and level is not None:
+            share_ax.axhline(threshold, color="tab:red", linestyle=":", linewidth=1.5,
+                             gid="budget",
+                             label=f"budget: share >= {threshold:g} (level above "
+                                   f"{level.value!r})")
+        if breached:
+            share_ax.plot([x[i] for i in breached], [share[i] for i in breached],
+                          linestyle="none", marker="X", markersize=9, color="tab:red",
+                          markeredgecolor="black", gid="breaches",
+                          label=f"budget breached ({', '.join(actions)})")
+        low = min([0.0, *(v for v in share if math.isfinite(v))])
+        share_ax.set_ylim(min(-0.05, low - 0.05), 1.05)
+        share_ax.set_ylabel("share beyond chance\n(0 = chance, 1 = every member)")
+        share_ax.grid(True, alpha=0.3)
+    elif breached:
         on = values(f"log_mia_{bands.on}")
-        actions = sorted({str(run.records[i].get("action", "?")) for i in breached})
         ax.plot([x[i] for i in breached], [on[i] for i in breached], linestyle="none",
                 marker="X", markersize=9, color="tab:red", markeredgecolor="black",
                 gid="breaches", label=f"budget breached ({', '.join(actions)})")
-    handles, _ = ax.get_legend_handles_labels()
+    handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
     handles.append(Line2D([], [], linestyle="none", marker="o", color="gray",
                           label="filled: significant (p <= run-level threshold)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    ax.set_ylim(0, 1.05)
     if len(x) == 1:
         ax.set_xlim(x[0] - 1, x[0] + 1)
-    ax.set_xlabel({"epoch": "epoch", "step": "optimizer step", "check": "check"}[run.x_label])
-    ax.set_ylabel("Log-MIA (0 = nothing, 1 = every member named)")
+    axes[-1].set_xlabel(
+        {"epoch": "epoch", "step": "optimizer step", "check": "check"}[run.x_label]
+    )
     ax.grid(True, alpha=0.3)
     first = run.records[0]
     detail = ", ".join(f"{first[k]} {k}" for k in ("shots", "queries", "episodes") if k in first)

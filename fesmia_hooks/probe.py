@@ -22,18 +22,25 @@ from torch import nn
 from fesmia_hooks._validation import choice, positive_int
 from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distributed, shard
-from fesmia_hooks.episodes import EpisodePlan
+from fesmia_hooks.episodes import EpisodePlan, HalfPlan
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, FeatureSpec, compute_features
 from fesmia_hooks.guard import model_device
 from fesmia_hooks.learners import Learner, get_learner, learner_name
-from fesmia_hooks.logmia import batched_auc, batched_log_mia, chance_log_mia
-from fesmia_hooks.measurement import Measurement, mean_interval, tpr_at_fpr
+from fesmia_hooks.logmia import chance_counts, chance_log_mia
+from fesmia_hooks.measurement import (
+    STATISTICS,
+    Measurement,
+    canary_interval,
+    episode_statistics,
+    mean_interval,
+    tpr_at_fpr,
+)
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.signals import CLASSIFICATION_SIGNALS, SignalFn
 from fesmia_hooks.text import SEQUENCE_SIGNALS
 
-__all__ = ["FeSMIA", "Probe"]
+__all__ = ["AUTO_PERMUTATIONS", "FeSMIA", "Probe"]
 
 Method = Literal["simpleshot", "laplacianshot", "finetune", "threshold"]
 
@@ -65,6 +72,10 @@ class Probe(Protocol):
 
 # Elements of one gathered feature block; keeps the probe's extra memory near 8 MB.
 _BLOCK_ELEMENTS = 2_000_000
+#: Fewest and most label permutations ``permutations="auto"`` draws.
+AUTO_PERMUTATIONS = (999, 4999)
+# Half-pools, and episodes in each, of the interval over canary draws.
+_HALVES, _HALF_EPISODES = 100, 20
 
 
 class FeSMIA:
@@ -83,8 +94,10 @@ class FeSMIA:
         shots: Members (and non-members) in each support set.
         queries: Members (and non-members) in each query set (``N`` of Log-MIA).
         episodes: Episodes per check.
-        permutations: Label permutations of the significance test. The smallest p-value is
-            ``1 / (permutations + 1)``.
+        permutations: Label permutations of the significance test, or ``"auto"``: as many
+            as give every expected check of the run its own chance to alarm (``horizon /
+            alpha``, between :data:`AUTO_PERMUTATIONS` bounds; a monitor sets them when a run
+            starts, 999 until then). The smallest p-value is ``1 / (permutations + 1)``.
         features: What the learners read: ``"signals"`` (per-sample signals from the logits),
             ``"embeddings"`` (outputs of ``embedding_layer``) or ``"both"``.
         signals: Which built-in signals to compute. Token-sequence canaries read each
@@ -114,8 +127,8 @@ class FeSMIA:
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
         >>> probe = FeSMIA(shots=5, queries=15, episodes=50, permutations=99, seed=0)
         >>> m = probe.measure(model, canaries)
-        >>> round(m.chance_strict, 3), m.null.shape
-        (0.178, torch.Size([99]))
+        >>> round(m.chance_strict, 3), m.null.shape  # 99 permutations x 4 statistics
+        (0.178, torch.Size([99, 4]))
         >>> probe.evaluate(model, canaries).level.value  # one check read on its own
         'none'
 
@@ -128,7 +141,7 @@ class FeSMIA:
         shots: int = 5,
         queries: int = 15,
         episodes: int = 100,
-        permutations: int = 499,
+        permutations: int | Literal["auto"] = "auto",
         features: FeatureKind = "signals",
         signals: Sequence[str] = ("phi", "log_prob", "margin", "neg_entropy"),
         embedding_layer: str | None = None,
@@ -143,7 +156,11 @@ class FeSMIA:
         self.shots = positive_int("shots", shots)
         self.queries = positive_int("queries", queries)
         self.episodes = positive_int("episodes", episodes, minimum=2)
-        self.permutations = positive_int("permutations", permutations)
+        self.auto_permutations = permutations == "auto"
+        self.permutations = (
+            AUTO_PERMUTATIONS[0] if self.auto_permutations
+            else positive_int("permutations", permutations)
+        )
         self.features: FeatureKind = choice(  # type: ignore[assignment]
             "features", features, ("signals", "embeddings", "both")
         )
@@ -182,8 +199,10 @@ class FeSMIA:
             raise ConfigurationError(f"`seed` must be an int, got {seed!r}")
         self.seed = seed
         self._plans: dict[tuple[int, int], EpisodePlan] = {}
+        self._half_plans: dict[tuple[int, int], HalfPlan] = {}
         chance = chance_log_mia(self.queries)
         self.chance_strict, self.chance_relaxed = chance.strict, chance.relaxed
+        self.chance_counts = chance_counts(self.queries)
 
     def __repr__(self) -> str:
         return (
@@ -196,8 +215,8 @@ class FeSMIA:
         """The probe's configuration as plain values (written at the top of a history).
 
         Example:
-            >>> FeSMIA().settings()["permutations"]
-            499
+            >>> FeSMIA().settings()["permutations"], FeSMIA(permutations=99).settings()["auto"]
+            (999, False)
         """
         return {
             "method": self.method,
@@ -205,12 +224,25 @@ class FeSMIA:
             "queries": self.queries,
             "episodes": self.episodes,
             "permutations": self.permutations,
+            "auto": self.auto_permutations,
             "features": self.features,
             "signals": list(self.signals),
             "embedding_layer": self.embedding_layer,
             "custom_signal_fn": self.signal_fn is not None,
             "seed": self.seed,
         }
+
+    def set_permutations(self, permutations: int) -> None:
+        """Use ``permutations`` label permutations from now on (a new set is drawn).
+
+        A monitor calls it when a run starts, for a probe built with
+        ``permutations="auto"``; never in the middle of a run, whose test needs the same
+        permutations at every check.
+        """
+        permutations = positive_int("permutations", permutations)
+        if permutations != self.permutations:
+            self.permutations = permutations
+            self._plans.clear()
 
     # ------------------------------------------------------------------ public
     def check_canaries(self, canaries: Canaries) -> None:
@@ -295,25 +327,46 @@ class FeSMIA:
         s2 = 2 * self.shots
 
         scores = self._scores(features[slots], s2)  # [E, 2q]
-        strict, relaxed = batched_log_mia(scores, is_query_member)
-        auc = batched_auc(scores, is_query_member)
-        null = self._null_statistic(features, slots, perms, is_query_member)
-        pooled = _pooled_scores(scores, slots[:, s2:], n)
+        observed = episode_statistics(scores[None], is_query_member, slots[:, s2:],
+                                      num_members, n)
+        null = self._null_statistics(features, slots, perms, is_query_member, num_members)
+        halves = self._halves(num_members, n - num_members)
+        in_halves: dict[str, torch.Tensor] = {}
+        if halves.fits:
+            half_slots = halves.on(features.device)
+            half_scores = self._scores(features[half_slots], s2)
+            in_halves = episode_statistics(
+                half_scores.reshape(halves.halves, halves.episodes, -1), is_query_member,
+                half_slots[: halves.episodes, s2:], num_members, n, pooled=False,
+            )
+        pooled = _pooled_scores(scores, slots[:, s2:], n).double().cpu().numpy()
 
-        strict_np, relaxed_np, auc_np = (t.double().cpu().numpy() for t in (strict, relaxed, auc))
-        pooled_np = pooled.double().cpu().numpy()
-        s_mean, s_lo, s_hi = mean_interval(strict_np)
-        r_mean, r_lo, r_hi = mean_interval(relaxed_np)
-        a_mean, a_lo, a_hi = mean_interval(auc_np)
-        members = pooled_np[:num_members]
-        non_members = pooled_np[num_members:]
+        def episodes_of(stats: dict[str, torch.Tensor], key: str) -> np.ndarray:
+            if key not in stats:
+                return np.empty((0, 0))
+            return stats[key].double().cpu().numpy()
+
+        readings: dict[str, Any] = {}
+        for name, key, bounds in (("strict", "strict_episodes", (0.0, 1.0)),
+                                  ("relaxed", "relaxed_episodes", (0.0, 1.0)),
+                                  ("auc", "auc_episodes", (0.0, 1.0))):
+            full = episodes_of(observed, key)[0]
+            mean, ep_low, ep_high = mean_interval(full)
+            low, high = canary_interval(mean, full, episodes_of(in_halves, key), halves.scale,
+                                        bounds=bounds)
+            readings.update({name: mean, f"{name}_low": low, f"{name}_high": high,
+                             f"{name}_episode_low": ep_low, f"{name}_episode_high": ep_high})
+        members, non_members = pooled[:num_members], pooled[num_members:]
         return Measurement(
-            strict=s_mean, strict_low=s_lo, strict_high=s_hi,
-            relaxed=r_mean, relaxed_low=r_lo, relaxed_high=r_hi,
+            **readings,
             chance_strict=self.chance_strict, chance_relaxed=self.chance_relaxed,
-            auc=a_mean, auc_low=a_lo, auc_high=a_hi,
             tpr_at_fpr=tpr_at_fpr(members, non_members),
-            statistic=float(relaxed_np.mean()), null=null.cpu(),
+            members_named=float(observed["tp_strict"].double().mean()),
+            chance_members_named=self.chance_counts[0],
+            members_named_relaxed=float(observed["tp_relaxed"].double().mean()),
+            chance_members_named_relaxed=self.chance_counts[1],
+            statistics={k: float(observed[k][0]) for k in STATISTICS},
+            null=null.cpu(),
             method=self.method, shots=self.shots, queries=self.queries,
             episodes=self.episodes, permutations=self.permutations,
             seconds_attack=time.perf_counter() - start,
@@ -336,30 +389,46 @@ class FeSMIA:
             )
         return self._plans[key]
 
+    def _halves(self, num_members: int, num_non_members: int) -> HalfPlan:
+        key = (num_members, num_non_members)
+        if key not in self._half_plans:
+            self._half_plans[key] = HalfPlan(
+                num_members,
+                num_non_members,
+                shots=self.shots,
+                queries=self.queries,
+                halves=_HALVES,
+                episodes=_HALF_EPISODES,
+                seed=self.seed,
+            )
+        return self._half_plans[key]
+
     def _scores(self, gathered: torch.Tensor, s2: int) -> torch.Tensor:
         """Learner scores of episodes ``gathered`` = ``[G, 2s + 2q, F]``."""
         return self._learner(gathered[:, :s2], gathered[:, s2:], self.shots)
 
-    def _null_statistic(
+    def _null_statistics(
         self,
         features: torch.Tensor,
         slots: torch.Tensor,
         perms: torch.Tensor,
         is_query_member: torch.Tensor,
+        num_members: int,
     ) -> torch.Tensor:
-        """Mean relaxed Log-MIA over episodes under each label permutation, ``[B]``."""
+        """Every statistic of :data:`STATISTICS` under each label permutation, ``[B, K]``."""
         per_perm = slots.numel() * features.shape[1]
         chunk = max(1, _BLOCK_ELEMENTS // max(per_perm, 1))
         out = []
         s2 = 2 * self.shots
         e, width = slots.shape
+        n = features.shape[0]
         for start in range(0, perms.shape[0], chunk):
             block = perms[start : start + chunk]  # [b, n]
             pool_idx = block[:, slots]  # [b, E, width]
             gathered = features[pool_idx.reshape(-1, width)]  # [b*E, width, F]
-            scores = self._scores(gathered, s2)
-            _, relaxed = batched_log_mia(scores, is_query_member)
-            out.append(relaxed.reshape(block.shape[0], e).mean(1))
+            scores = self._scores(gathered, s2).reshape(block.shape[0], e, -1)
+            stats = episode_statistics(scores, is_query_member, slots[:, s2:], num_members, n)
+            out.append(torch.stack([stats[k].double() for k in STATISTICS], dim=1))
         return torch.cat(out)
 
 

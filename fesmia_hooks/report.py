@@ -12,7 +12,8 @@ frameworks' loggers (:func:`scalar_keys`), and the fields a history reader requi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Literal
 
@@ -32,10 +33,12 @@ __all__ = [
     "budget_keys",
     "required_keys",
     "scalar_keys",
+    "share_beyond_chance",
 ]
 
-#: False-positive rates at which the pooled TPR is reported.
-TPR_FPRS: tuple[float, ...] = (0.01, 0.05, 0.1)
+#: False-positive rates at which the pooled TPR is reported (0: no false positive at all).
+#: A rate finer than one non-member of the canary pool cannot be resolved and reads NaN.
+TPR_FPRS: tuple[float, ...] = (0.0, 0.05, 0.1)
 
 
 class Level(str, Enum):
@@ -77,48 +80,73 @@ class Level(str, Enum):
 
 @dataclass(frozen=True)
 class LevelBands:
-    """Where the qualitative levels start, on one Log-MIA reading.
+    """Where the qualitative levels start, on a chance-corrected scale (the same at every N).
 
-    A reading that is not significantly above chance is always ``none``. A significant one is
-    ``low`` below ``moderate``, and so on. The defaults, on the strict Log-MIA with 15
-    queries per class, read as: ``moderate`` from 0.25 (about 1 member of 15 named with no
-    false accusation), ``high`` from 0.5 (about 3) and ``critical`` from 0.75 (about 7).
-    These bands are this project's own (the paper's were not available) and are configurable.
+    The scale is the **share beyond chance**: with ``N`` query members, an attacker names
+    on average ``c`` of them with no false accusation (strict; at most ``ceil(ln 2N)`` false
+    accusations, relaxed), a random ranking names ``c0`` (``N / (N + 1)`` strictly), and
+    the share is ``(c - c0) / (N - c0)``: 0 at chance, 1 when every member is named, the
+    same at every ``N`` (see ``docs/science.md#levels``). A check that is not significant
+    at the run-level threshold is ``none`` whatever its reading; a significant one is
+    ``low`` below ``moderate``, and so on. The defaults, at ``N = 15`` on the strict
+    reading: ``moderate`` from 0.1 (about 2.3 members named with no false accusation,
+    where chance names 0.94), ``high`` from 0.3 (about 5.2) and ``critical`` from 0.6
+    (about 9.1). These bands are this project's own (the paper's were not available) and
+    are configurable.
 
     Example:
-        >>> LevelBands().classify(0.6, significant=True)
+        >>> LevelBands().classify(0.35, significant=True)
         <Level.HIGH: 'high'>
+        >>> LevelBands().classify(0.0, significant=True)  # significant, but no more than chance
+        <Level.LOW: 'low'>
         >>> LevelBands().classify(0.9, significant=False)
         <Level.NONE: 'none'>
     """
 
-    moderate: float = 0.25
-    high: float = 0.5
-    critical: float = 0.75
+    moderate: float = 0.1
+    high: float = 0.3
+    critical: float = 0.6
     on: Literal["strict", "relaxed"] = "strict"
 
     def __post_init__(self) -> None:
         choice("on", self.on, ("strict", "relaxed"))
         values = (self.moderate, self.high, self.critical)
-        if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values) or not (
-            values[0] <= values[1] <= values[2]
-        ):
+        if not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+            for v in values
+        ) or not (values[0] <= values[1] <= values[2]):
             raise ConfigurationError(
-                "LevelBands needs 0 <= moderate <= high <= critical <= 1, got "
+                "LevelBands needs 0 < moderate <= high <= critical <= 1, got "
                 f"moderate={self.moderate!r}, high={self.high!r}, critical={self.critical!r}"
             )
 
-    def classify(self, value: float, *, significant: bool) -> Level:
-        """The level of a reading ``value`` on the band's scale."""
+    def classify(self, share: float, *, significant: bool) -> Level:
+        """The level of a check whose share beyond chance is ``share``."""
         if not significant:
             return Level.NONE
-        if value >= self.critical:
+        if share >= self.critical:
             return Level.CRITICAL
-        if value >= self.high:
+        if share >= self.high:
             return Level.HIGH
-        if value >= self.moderate:
+        if share >= self.moderate:
             return Level.MODERATE
         return Level.LOW
+
+    def starts(self) -> dict[Level, float]:
+        """The share at which each level above ``low`` starts."""
+        return {Level.MODERATE: self.moderate, Level.HIGH: self.high,
+                Level.CRITICAL: self.critical}
+
+
+def share_beyond_chance(named: float, chance: float, queries: int) -> float:
+    """How far ``named`` members lie from chance (0) towards all ``queries`` members (1).
+
+    Example:
+        >>> share_beyond_chance(15 / 16, 15 / 16, 15), share_beyond_chance(15, 15 / 16, 15)
+        (0.0, 1.0)
+    """
+    room = queries - chance
+    return float((named - chance) / room) if room > 0 else 0.0
 
 
 Role = Literal["position", "leakage", "chance", "test", "level", "probe", "timing", "outcome"]
@@ -150,6 +178,8 @@ def _readings(name: str, field: str, required: bool) -> tuple[Metric, ...]:
         Metric(name, field, "leakage", True, required),
         Metric(name + "_low", field + "_low", "leakage", True),
         Metric(name + "_high", field + "_high", "leakage", True),
+        Metric(name + "_episode_low", field + "_episode_low", "leakage", True),
+        Metric(name + "_episode_high", field + "_episode_high", "leakage", True),
     )
 
 
@@ -165,12 +195,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("chance_relaxed", "chance_relaxed", "chance", True, True),
     *_readings("auc", "auc", False),
     Metric("tpr_at_fpr", "tpr_at_fpr", "leakage", True),
+    Metric("members_named", "members_named", "leakage", True),
+    Metric("chance_members_named", "chance_members_named", "chance", True),
+    Metric("members_named_relaxed", "members_named_relaxed", "leakage", True),
+    Metric("chance_members_named_relaxed", "chance_members_named_relaxed", "chance", True),
+    Metric("share_beyond_chance", "share_beyond_chance", "leakage", True),
     Metric("p_value", "p_value", "test", True, True),
     Metric("p_threshold", "p_threshold", "test", True, True),
     Metric("significant", "significant", "test", True),
+    Metric("can_alarm", "can_alarm", "test", True),
+    Metric("statistic", "statistic", "test", False),
     Metric("level", "level", "level", False, True),
     Metric("level_index", None, "level", True),
-    Metric("members_named", None, "leakage", True),
     Metric("method", "method", "probe", False),
     Metric("shots", "shots", "probe", False),
     Metric("queries", "queries", "probe", False),
@@ -227,9 +263,14 @@ def required_keys() -> list[str]:
 class Readings:
     """What a check reads, before anyone interprets it: shared by a measurement and a report.
 
-    Each Log-MIA value is the mean over episodes with its 95 % interval (``_low``,
-    ``_high``) and travels with its chance level; ``tpr_at_fpr`` maps false-positive rates
-    to the pooled scores' true-positive rate.
+    Each Log-MIA value (and the AUC) is the mean over episodes. ``_low`` / ``_high`` bound
+    its 95 % interval over *canary draws* (how much it would move with another canary pool
+    of the same data; ``docs/science.md#intervals``); ``_episode_low`` / ``_episode_high``
+    bound the narrower interval over episodes of this one pool, as the paper's code reports
+    it. Each travels with its chance level. ``members_named`` is the mean number of query
+    members named with no false accusation (``_relaxed``: with at most ``ceil(ln 2N)``),
+    next to what a random ranking names; ``tpr_at_fpr`` maps false-positive rates to the
+    pooled scores' true-positive rate (NaN where the pool cannot resolve the rate).
     """
 
     strict: float
@@ -244,6 +285,16 @@ class Readings:
     auc_low: float
     auc_high: float
     tpr_at_fpr: dict[float, float]
+    strict_episode_low: float
+    strict_episode_high: float
+    relaxed_episode_low: float
+    relaxed_episode_high: float
+    auc_episode_low: float
+    auc_episode_high: float
+    members_named: float
+    chance_members_named: float
+    members_named_relaxed: float
+    chance_members_named_relaxed: float
 
 
 @dataclass(frozen=True)
@@ -262,6 +313,7 @@ class LeakageReport(Readings):
     p_threshold: float
     significant: bool
     level: Level
+    share_beyond_chance: float
     method: str
     shots: int
     queries: int
@@ -274,6 +326,8 @@ class LeakageReport(Readings):
     epoch: int | None = None
     breached: bool = False
     action: str = "none"
+    can_alarm: bool = True
+    statistic: str = "relaxed"
     member_scores: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
@@ -286,34 +340,38 @@ class LeakageReport(Readings):
         """Wall time of the check: forward pass plus attack."""
         return self.seconds_forward + self.seconds_attack
 
-    @property
-    def members_named(self) -> float:
-        """Members an attacker names with no false accusation, read off the strict value."""
-        return (self.queries + 1) ** self.strict - 1
-
     def with_updates(self, **changes: Any) -> LeakageReport:
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
     def summary(self) -> str:
-        """One line a person can read.
+        """One line a person can read: the reading, its chance level, interval and test.
 
         Example:
             >>> print(_example_report().summary())
-            Log-MIA strict 0.50 [0.45, 0.55]: about 3 of 15 canary members named with no false accusation (chance 0.18); relaxed 0.80 (chance 0.59); AUC 0.81; p = 0.001 -> level high
+            Log-MIA strict 0.50 [0.40, 0.60] (chance 0.18): 3.1 of 15 canary members named with no false accusation, chance 0.94 (share beyond chance 0.15); relaxed 0.80 [0.70, 0.90] (chance 0.59, up to 4 false accusations); AUC 0.81; p = 0.001 <= 0.004 -> level moderate
         """  # noqa: E501
-        where = []
-        if self.epoch is not None:
-            where.append(f"epoch {self.epoch}")
-        prefix = f"[{', '.join(where)}] " if where else ""
-        named = self.members_named
-        return (
-            f"{prefix}Log-MIA strict {self.strict:.2f} [{self.strict_low:.2f}, "
-            f"{self.strict_high:.2f}]: about {named:.0f} of {self.queries} canary members named "
-            f"with no false accusation (chance {self.chance_strict:.2f}); relaxed "
-            f"{self.relaxed:.2f} (chance {self.chance_relaxed:.2f}); AUC {self.auc:.2f}; "
-            f"p = {self.p_value:.3g} -> level {self.level.value}"
+        prefix = f"[epoch {self.epoch}] " if self.epoch is not None else ""
+        k = math.ceil(math.log(2 * self.queries)) if self.queries > 0 else 0
+        below = (
+            f" (below chance {self.chance_strict:.2f})"
+            if self.strict < self.chance_strict else f" (chance {self.chance_strict:.2f})"
         )
+        test = "<=" if self.significant else ">"
+        text = (
+            f"{prefix}Log-MIA strict {self.strict:.2f} [{self.strict_low:.2f}, "
+            f"{self.strict_high:.2f}]{below}: {self.members_named:.1f} of {self.queries} "
+            f"canary members named with no false accusation, chance "
+            f"{self.chance_members_named:.2f} (share beyond chance "
+            f"{self.share_beyond_chance:.2f}); relaxed {self.relaxed:.2f} "
+            f"[{self.relaxed_low:.2f}, {self.relaxed_high:.2f}] (chance "
+            f"{self.chance_relaxed:.2f}, up to {k} false accusations); AUC {self.auc:.2f}; "
+            f"p = {self.p_value:.3g} {test} {self.p_threshold:.3g} -> level {self.level.value}"
+        )
+        if not self.can_alarm:
+            text += " (this check could not raise an alarm: the run's false-alarm budget "
+            text += "had none left for it; see docs/science.md#run-level-test)"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         """Flat ``{key: number or string}`` for loggers and history files (see :data:`METRICS`).
@@ -324,20 +382,18 @@ class LeakageReport(Readings):
         Example:
             >>> d = _example_report().as_dict()
             >>> d["log_mia_strict"], d["level"], d["tpr_at_fpr_0.05"]
-            (0.5, 'high', 0.4)
+            (0.5, 'moderate', 0.4)
         """
         out: dict[str, Any] = {}
         for metric in METRICS:
             if metric.key == "tpr_at_fpr":
-                for fpr, tpr in sorted(self.tpr_at_fpr.items()):
-                    out[f"tpr_at_fpr_{fpr:g}"] = tpr
+                for fpr in TPR_FPRS:
+                    out[f"tpr_at_fpr_{fpr:g}"] = self.tpr_at_fpr.get(fpr, math.nan)
             elif metric.key == "level":
                 out["level"] = self.level.value
             elif metric.key == "level_index":
                 out["level_index"] = self.level.rank
-            elif metric.key == "members_named":
-                out["members_named"] = self.members_named
-            elif metric.key in ("significant", "breached"):
+            elif metric.key in ("significant", "breached", "can_alarm"):
                 out[metric.key] = bool(getattr(self, str(metric.field)))
             else:
                 out[metric.key] = getattr(self, str(metric.field))
@@ -359,15 +415,27 @@ class LeakageReport(Readings):
             elif metric.key in data:
                 kwargs[metric.field] = data[metric.key]
         kwargs["level"] = Level(data.get("level", "none"))
+        missing = [key for key in required_keys() if key not in data]
+        if missing:
+            raise ConfigurationError(
+                f"a report needs the keys {', '.join(missing)}; got a dict without them"
+            )
+        for f in fields(cls):  # readings older histories did not record
+            if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+                kwargs[f.name] = math.nan if f.type in ("float", float) else 0
         return cls(**kwargs)
 
 
 def _example_report() -> LeakageReport:
     return LeakageReport(
-        strict=0.5, strict_low=0.45, strict_high=0.55, relaxed=0.8, relaxed_low=0.75,
-        relaxed_high=0.85, chance_strict=0.178, chance_relaxed=0.5884, auc=0.81, auc_low=0.79,
-        auc_high=0.83, tpr_at_fpr={0.01: 0.2, 0.05: 0.4, 0.1: 0.5}, p_value=0.001,
-        p_threshold=0.004,
-        significant=True, level=Level.HIGH, method="simpleshot", shots=5, queries=15,
-        episodes=200, permutations=999, seconds_forward=0.01, seconds_attack=0.1,
+        strict=0.5, strict_low=0.4, strict_high=0.6, relaxed=0.8, relaxed_low=0.7,
+        relaxed_high=0.9, chance_strict=0.178, chance_relaxed=0.5884, auc=0.81, auc_low=0.77,
+        auc_high=0.85, tpr_at_fpr={0.0: 0.2, 0.05: 0.4, 0.1: 0.5},
+        strict_episode_low=0.45, strict_episode_high=0.55, relaxed_episode_low=0.75,
+        relaxed_episode_high=0.85, auc_episode_low=0.79, auc_episode_high=0.83,
+        members_named=3.1, chance_members_named=0.9375, members_named_relaxed=9.0,
+        chance_members_named_relaxed=4.6875, p_value=0.001, p_threshold=0.004,
+        significant=True, level=Level.MODERATE, share_beyond_chance=0.154, method="simpleshot",
+        shots=5, queries=15, episodes=200, permutations=999, seconds_forward=0.01,
+        seconds_attack=0.1,
     )

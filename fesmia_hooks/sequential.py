@@ -14,9 +14,15 @@ that it alarms at any check up to ``c`` is at most ``S(c) <= alpha``. Consecutiv
 strongly correlated, so a null trajectory that crosses late has usually crossed before and
 is not counted again: the correction costs little power.
 
-The spending function is ``S(c) = alpha * min(1, c / horizon)`` when the number of checks is
-known, and ``S(c) = alpha * c / (c + 10)`` otherwise (half of ``alpha`` by the tenth check,
-all of it only in the limit).
+At most ``alpha * (B + 1)`` trajectories can ever cross, so a check can raise an alarm only
+when some of that allowance is left for it (:attr:`SequentialTest.could_alarm`). The
+spending function is ``S(c) = alpha * min(1, c / horizon)`` when the number of checks is
+known and the permutations allow one trajectory per expected check (``alpha * (B + 1) >=
+horizon``); when they do not, ``S(c) = alpha * log(1 + c) / log(1 + horizon)``, which front-
+loads the allowance so that early checks are not starved; and ``S(c) = alpha * c / (c + 10)``
+when the number of checks is unknown (half of ``alpha`` by the tenth check, all of it only
+in the limit). A probe with ``permutations="auto"`` draws enough permutations for the first
+case (see :meth:`fesmia_hooks.Calibration.permutations_needed`).
 """
 
 from __future__ import annotations
@@ -75,11 +81,22 @@ class SequentialTest:
         self.horizon = optional_positive_int("horizon", horizon)
         self.checks = 0
         self._crossed: torch.Tensor | None = None
+        #: Whether the latest check could have raised an alarm (some allowance was left).
+        self.could_alarm = True
 
-    def spent(self, check: int) -> float:
-        """Share of ``alpha`` usable by check number ``check`` (1-based)."""
+    def spent(self, check: int, permutations: int | None = None) -> float:
+        """Share of ``alpha`` usable by check number ``check`` (1-based), with ``B`` permutations.
+
+        Example:
+            >>> test = SequentialTest(alpha=0.05, horizon=100)
+            >>> round(test.spent(10, 1999), 4), round(test.spent(10, 499), 4)
+            (0.005, 0.026)
+        """
         if self.horizon is not None:
-            return self.alpha * min(1.0, check / self.horizon)
+            tokens = self.alpha * ((permutations or 0) + 1)
+            if permutations is None or tokens >= self.horizon:
+                return self.alpha * min(1.0, check / self.horizon)
+            return self.alpha * min(1.0, math.log1p(check) / math.log1p(self.horizon))
         return self.alpha * check / (check + 10)
 
     def update(self, observed: float, null: torch.Tensor) -> tuple[float, float, bool]:
@@ -104,8 +121,9 @@ class SequentialTest:
         self.checks += 1
         obs_rank, null_ranks = permutation_p_values(observed, null)
         ranks = torch.cat([null_ranks, torch.tensor([obs_rank])])
-        allowed = math.floor(self.spent(self.checks) * (b + 1) + 1e-9)
+        allowed = math.floor(self.spent(self.checks, b) * (b + 1) + 1e-9)
         remaining = allowed - int(self._crossed.sum())
+        self.could_alarm = remaining >= 1 or bool(self._crossed[-1])
         # Largest rank r with #(open trajectories ranked <= r) <= remaining. With nothing
         # left to spend, r stops just above the best open trajectory: a trajectory that has
         # already crossed can still read as significant, and no new one crosses.

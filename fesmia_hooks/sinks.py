@@ -59,7 +59,7 @@ def scalar_metrics(report: LeakageReport) -> dict[str, float]:
         >>> from fesmia_hooks.report import _example_report
         >>> m = scalar_metrics(_example_report())
         >>> m["privacy/log_mia_strict"], m["privacy/level_index"], m["privacy/significant"]
-        (0.5, 3.0, 1.0)
+        (0.5, 2.0, 1.0)
     """
     values = report.as_dict()
     return {

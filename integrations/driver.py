@@ -104,6 +104,7 @@ class MonitorDriver:
             choose (its framework's folder) or writes nothing.
         tensorboard: Write TensorBoard content (histograms, PR curve, summary text, the
             custom-scalars layout, and scalars unless the framework's logger writes them).
+            ``None``: yes, or as a ready ``monitor`` was built.
         **options: Options of :class:`fesmia_hooks.PrivacyMonitor`.
 
     Raises:
@@ -118,11 +119,12 @@ class MonitorDriver:
         *,
         monitor: PrivacyMonitor | None = None,
         log_dir: str | os.PathLike[str] | None = None,
-        tensorboard: bool = True,
+        tensorboard: bool | None = None,
         **options: Any,
     ) -> None:
         optional_path("log_dir", log_dir)
-        boolean("tensorboard", tensorboard)
+        if tensorboard is not None:
+            boolean("tensorboard", tensorboard)
         self._canary_source: str | Callable[[], Any] | None = None
         if monitor is not None:
             if not isinstance(monitor, PrivacyMonitor):
@@ -147,7 +149,12 @@ class MonitorDriver:
                 self._canary_source = canaries
             self.monitor = PrivacyMonitor(ready, log_dir=None, **options)
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self.tensorboard = tensorboard
+        # A ready monitor's own folder and TensorBoard choice win over the framework's.
+        self._own_log_dir = None if monitor is None else monitor.log_dir
+        self.tensorboard = (
+            tensorboard if tensorboard is not None
+            else (monitor.tensorboard if monitor is not None else True)
+        )
         self._reduced_stop_epoch: int | None = None
         super().__init__()  # the framework's callback class, next in an adapter's MRO
 
@@ -178,6 +185,11 @@ class MonitorDriver:
         return self.monitor.stop_message
 
     @property
+    def stopped_step(self) -> int | None:
+        """The optimizer step whose check stopped training, when checks go by steps."""
+        return self.monitor.stopped_step
+
+    @property
     def stopped_epoch(self) -> int | None:
         """The epoch (from 0) whose check stopped training, or ``None``."""
         if self.monitor.stopped_epoch is not None:
@@ -196,6 +208,7 @@ class MonitorDriver:
         max_steps: int | None = None,
         steps_per_epoch: int | None = None,
         canary_sources: Iterable[Any] = (),
+        model: Any = None,
     ) -> None:
         """Start a run, or continue the one whose state was loaded: the one rule of every adapter.
 
@@ -215,12 +228,21 @@ class MonitorDriver:
             steps_per_epoch: Optimizer steps per epoch, if known.
             canary_sources: Objects whose ``canaries`` attribute (a canary set, or a
                 callable returning one) may hold the canaries when none were given.
+            model: The model about to be trained: a new run checks it before training
+                (:meth:`fesmia_hooks.PrivacyMonitor.preflight`).
+
+        Raises:
+            CanaryError: When the pre-flight check finds the split not exchangeable (with
+                the monitor's ``preflight="error"``).
         """
         core = self.monitor
         if core.canaries is None:
             core.set_canaries(self._find_canaries(canary_sources))
-        folder = next((f for f in (self.log_dir, log_dir, core.log_dir) if f is not None), None)
-        if not core.restored:
+        folder = next(
+            (f for f in (self.log_dir, self._own_log_dir, log_dir) if f is not None), None
+        )
+        new_run = not core.restored
+        if new_run:
             core.reset(horizon=expected_checks(
                 every_n_epochs=core.every_n_epochs,
                 every_n_steps=core.every_n_steps,
@@ -237,6 +259,8 @@ class MonitorDriver:
         else:
             core.set_log_dir(None)
         core.restored = False
+        if new_run and model is not None:
+            core.preflight(model)
 
     def _find_canaries(self, sources: Iterable[Any]) -> Canaries:
         if self._canary_source is not None:

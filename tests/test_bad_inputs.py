@@ -94,7 +94,7 @@ CASES = {
     "probe-embeddings-without-layer": (lambda out: fh.FeSMIA(features="both"), fh.ConfigurationError, "needs `embedding_layer`"),
     "calibration-alpha-out-of-range": (lambda out: fh.Calibration(alpha=1.0), fh.ConfigurationError, r"`alpha` must be a number in \(0, 1\), got 1.0"),
     "probe-bad-learner-option": (lambda out: fh.FeSMIA("finetune", learner_options={"lam": 1}), fh.ConfigurationError, r"\['lam'\] are not options of 'finetune'"),
-    "probe-bands-out-of-order": (lambda out: fh.LevelBands(moderate=0.6, high=0.5), fh.ConfigurationError, "0 <= moderate <= high <= critical <= 1"),
+    "probe-bands-out-of-order": (lambda out: fh.LevelBands(moderate=0.6, high=0.5), fh.ConfigurationError, "0 < moderate <= high <= critical <= 1"),
     # LeakageBudget
     "budget-unknown-level": (lambda out: fh.LeakageBudget(max_level="severe"), fh.ConfigurationError, "`max_level` must be one of .*got 'severe'"),
     "budget-unknown-key": (lambda out: fh.LeakageBudget(max_values={"leak": 0.5}), fh.ConfigurationError, "'leak' is not a leakage reading"),

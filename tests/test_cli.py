@@ -29,7 +29,10 @@ from fesmia_hooks.sinks import HISTORY_FILE, JsonlSink
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["check", "epoch", "strict [95% interval]", "relaxed [95% interval]", "chance s/r",
-           "p / threshold", "level", "action"]
+           "named (chance)", "share", "p / threshold", "level", "action"]
+#: What a history written before the share beyond chance lacks (see ``write_history(old=)``).
+NEW_KEYS = ("members_named", "chance_members_named", "members_named_relaxed",
+            "chance_members_named_relaxed", "share_beyond_chance", "can_alarm", "statistic")
 
 
 def history_lines(path):
@@ -41,14 +44,17 @@ def table_rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
 
 
-def write_history(folder, specs, *, errors=()):
+def write_history(folder, specs, *, errors=(), old=False):
     """A history file written by the real sink from example reports.
 
-    ``specs``: ``(check, epoch, strict, level, breached)`` tuples; ``errors``: ``(check, epoch)``.
+    ``specs``: ``(check, epoch, strict, level, breached)`` tuples, optionally with a sixth item,
+    the share beyond chance (the example report's 0.154 otherwise); ``errors``:
+    ``(check, epoch)``. ``old``: leave out what histories written before the chance-corrected
+    share lack (:data:`NEW_KEYS`).
     """
     sink = JsonlSink(folder / HISTORY_FILE)
     pending = {check: epoch for check, epoch in errors}
-    for check, epoch, strict, level, breached in specs:
+    for check, epoch, strict, level, breached, *share in specs:
         if check in pending:
             sink.write({"check": check, "epoch": pending.pop(check), "step": None,
                         "error": "ProbeError: the model returned no logits"})
@@ -56,8 +62,13 @@ def write_history(folder, specs, *, errors=()):
             check=check, epoch=epoch, strict=strict, strict_low=strict - 0.05,
             strict_high=strict + 0.05, level=Level(level), significant=level != "none",
             breached=breached, action="stop" if breached else "none",
+            **({"share_beyond_chance": share[0]} if share else {}),
         )
-        sink.log(report, step=epoch)
+        if old:
+            record = {k: v for k, v in report.as_dict().items() if k not in NEW_KEYS}
+            sink.write({**record, "global_step": epoch})
+        else:
+            sink.log(report, step=epoch)
     return folder / HISTORY_FILE
 
 
@@ -108,14 +119,17 @@ def test_report_prints_the_table_and_writes_a_valid_png(demo_run, capsys):
         assert row[2] == f"{record['log_mia_strict']:.2f}"
         assert row[5] == f"{record['log_mia_relaxed']:.2f}"
         assert row[8] == f"{record['chance_strict']:.2f}/{record['chance_relaxed']:.2f}"
-        assert row[9] == f"{record['p_value']:.3f}" and row[11] == f"{record['p_threshold']:.3f}"
-        assert row[12] == record["level"]
-        assert row[13] == ("-" if record["action"] == "none" else record["action"])
+        assert row[9] == f"{record['members_named']:.1f}"
+        assert row[10] == f"({record['chance_members_named']:.2f})"
+        assert row[11] == f"{record['share_beyond_chance']:.2f}"
+        assert row[12] == f"{record['p_value']:.3f}" and row[14] == f"{record['p_threshold']:.3f}"
+        assert row[15] == record["level"]
+        assert row[16] == ("-" if record["action"] == "none" else record["action"])
     assert f"wrote {png}" in out
     data = png.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
     image = matplotlib.image.imread(png)
-    assert image.shape == (450, 1000, 4)  # figsize (10, 4.5) at 100 dpi, RGBA
+    assert image.shape == (700, 1000, 4)  # two panels: figsize (10, 7) at 100 dpi, RGBA
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
@@ -286,6 +300,22 @@ def test_failed_checks_and_appended_runs(tmp_path):
     assert text.splitlines()[-1] == "budget breached at check 2 (epoch 2); action taken: stop"
 
 
+def test_the_table_shows_members_named_and_the_share_or_a_dash_when_unrecorded(tmp_path):
+    write_history(tmp_path / "new", [(1, 0, 0.2, "none", False, -0.02),
+                                     (2, 1, 0.5, "moderate", False, 0.154)])
+    write_history(tmp_path / "old", [(1, 0, 0.2, "none", False)], old=True)
+    [new] = read_history(tmp_path / "new" / HISTORY_FILE)
+    [old] = read_history(tmp_path / "old" / HISTORY_FILE)
+    for run in (new, old):
+        header = format_table(run).splitlines()[1]
+        positions = [header.index(column) for column in COLUMNS]
+        assert positions == sorted(positions)
+    # columns 9-11: members named (chance), then the share beyond chance
+    assert [row[9:12] for row in table_rows(format_table(new))] == [
+        ["3.1", "(0.94)", "-0.02"], ["3.1", "(0.94)", "0.15"]]
+    assert [row[9:12] for row in table_rows(format_table(old))] == [["-", "(-)", "-"]]
+
+
 def test_an_unfinished_last_line_is_skipped(tmp_path, caplog):
     path = write_history(tmp_path, [(1, 0, 0.2, "none", False), (2, 1, 0.3, "none", False)])
     text = path.read_text()
@@ -339,43 +369,98 @@ def test_missing_file_is_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the picture
-def artists(fig):
-    ax = fig.axes[0]
-    return {a.get_gid(): a for a in [*ax.lines, *ax.collections] if a.get_gid()}
+def artists(fig, panel=None):
+    """The figure's artists by gid: on every axes, or on ``fig.axes[panel]`` only."""
+    axes = fig.axes if panel is None else [fig.axes[panel]]
+    found = [a for ax in axes for a in [*ax.lines, *ax.collections] if a.get_gid()]
+    by_gid = {a.get_gid(): a for a in found}
+    assert len(by_gid) == len(found)  # no gid drawn twice
+    return by_gid
+
+
+CURVES = {"log_mia_strict", "log_mia_relaxed", "band_strict", "band_relaxed", "chance_strict",
+          "chance_relaxed"}
+SHARE = {"share", "chance_share", "band_moderate", "band_high", "band_critical"}
 
 
 def test_leakage_figure_draws_curves_bands_chance_budget_and_breaches(tmp_path):
-    path = write_history(tmp_path, [(1, 0, 0.2, "none", False), (2, 1, 0.3, "low", False),
-                                    (3, 2, 0.6, "high", True)])
+    path = write_history(tmp_path, [(1, 0, 0.2, "none", False, 0.01),
+                                    (2, 1, 0.3, "low", False, 0.08),
+                                    (3, 2, 0.6, "high", True, 0.45)])
     [run] = read_history(path)
     fig = leakage_figure(run)
-    found = artists(fig)
-    assert {"log_mia_strict", "log_mia_relaxed", "band_strict", "band_relaxed", "chance_strict",
-            "chance_relaxed", "budget", "breaches"} <= set(found)
+    assert len(fig.axes) == 2
+    top, bottom = artists(fig, 0), artists(fig, 1)
+    assert CURVES <= set(top) and not (SHARE | {"budget", "breaches"}) & set(top)
+    assert SHARE | {"budget", "breaches"} <= set(bottom) and not CURVES & set(bottom)
     records = history_lines(path)
-    assert list(found["log_mia_strict"].get_xdata()) == [0, 1, 2]
-    assert list(found["log_mia_strict"].get_ydata()) == pytest.approx([0.2, 0.3, 0.6])
-    assert list(found["log_mia_relaxed"].get_ydata()) == pytest.approx(
+    assert list(top["log_mia_strict"].get_xdata()) == [0, 1, 2]
+    assert list(top["log_mia_strict"].get_ydata()) == pytest.approx([0.2, 0.3, 0.6])
+    assert list(top["log_mia_relaxed"].get_ydata()) == pytest.approx(
         [r["log_mia_relaxed"] for r in records])
-    assert list(found["chance_strict"].get_ydata()) == pytest.approx([0.178] * 3)
-    assert found["chance_strict"].get_linestyle() == "--"
-    assert list(found["budget"].get_ydata()) == [0.25, 0.25]  # where "moderate" starts
-    assert list(found["breaches"].get_xdata()) == [2]
-    assert list(found["breaches"].get_ydata()) == pytest.approx([0.6])
-    band = found["band_strict"].get_paths()[0].vertices[:, 1]
+    assert list(top["chance_strict"].get_ydata()) == pytest.approx([0.178] * 3)
+    assert top["chance_strict"].get_linestyle() == "--"
+    band = top["band_strict"].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(0.15) and band.max() == pytest.approx(0.65)
-    assert fig.axes[0].get_xlabel() == "epoch"
+    # the share panel: chance at 0, the default bands, the budget where "moderate" starts
+    assert list(bottom["chance_share"].get_ydata()) == [0, 0]
+    assert [bottom[f"band_{lv}"].get_ydata()[0] for lv in ("moderate", "high", "critical")] == [
+        0.1, 0.3, 0.6]
+    assert list(bottom["budget"].get_ydata()) == [0.1, 0.1]  # LevelBands(): "moderate" at 0.1
+    assert list(bottom["breaches"].get_xdata()) == [2]
+    assert list(bottom["breaches"].get_ydata()) == pytest.approx([0.45])  # on the share
+    assert fig.axes[-1].get_xlabel() == "epoch" and fig.axes[0].get_xlabel() == ""
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "budget: strict >= 0.25 (level above 'low')" in labels
+    assert "budget: share >= 0.1 (level above 'low')" in labels
+    assert "share beyond chance (strict): the level's reading" in labels
     assert "chance strict (0.18)" in labels and "budget breached (stop)" in labels
+
+
+def test_the_share_panel_draws_the_recorded_share(tmp_path):
+    shares = [-0.03, 0.12, 0.35, 0.7]
+    path = write_history(tmp_path, [(i + 1, i, 0.2 + 0.1 * i, "low", False, share)
+                                    for i, share in enumerate(shares)])
+    [run] = read_history(path)
+    assert [r["share_beyond_chance"] for r in history_lines(path)] == shares
+    fig = leakage_figure(run)
+    share = artists(fig, 1)["share"]
+    assert list(share.get_xdata()) == [0, 1, 2, 3]
+    assert list(share.get_ydata()) == pytest.approx(shares)
+    low, high = fig.axes[1].get_ylim()
+    assert low <= -0.03 - 0.05 + 1e-9 and high >= 1.0  # a share below chance stays in view
+    assert fig.axes[0].get_ylim() == (0, 1.05)
 
 
 def test_budget_line_follows_bands_and_max_level(tmp_path):
     [run] = read_history(write_history(tmp_path, [(1, 0, 0.2, "none", False)]))
-    found = artists(leakage_figure(run, bands=LevelBands(0.3, 0.6, 0.9), max_level="moderate"))
-    assert list(found["budget"].get_ydata()) == [0.6, 0.6]
+    fig = leakage_figure(run, bands=LevelBands(0.3, 0.6, 0.9), max_level="moderate")
+    assert list(artists(fig, 1)["budget"].get_ydata()) == [0.6, 0.6]  # where "high" starts
+    assert "budget" not in artists(fig, 0)
+    high = leakage_figure(run, max_level="high")  # the recorded (default) bands: critical 0.6
+    assert list(artists(high, 1)["budget"].get_ydata()) == [0.6, 0.6]
+    assert "budget" not in artists(leakage_figure(run, max_level="critical"))  # nothing above
     assert "budget" not in artists(leakage_figure(run, max_level=None))
     assert "breaches" not in artists(leakage_figure(run))
+
+
+def test_an_older_history_draws_one_panel_without_a_budget_line(tmp_path):
+    path = write_history(tmp_path, [(1, 0, 0.2, "none", False), (2, 1, 0.6, "high", True)],
+                         old=True)
+    assert all("share_beyond_chance" not in r for r in history_lines(path))
+    [run] = read_history(path)
+    for kwargs in ({}, {"max_level": "moderate", "bands": LevelBands(0.3, 0.6, 0.9)}):
+        fig = leakage_figure(run, **kwargs)
+        assert len(fig.axes) == 1
+        found = artists(fig)
+        assert CURVES | {"breaches"} <= set(found)
+        assert not (SHARE | {"budget"}) & set(found)  # a budget on levels has no place here
+        assert list(found["breaches"].get_xdata()) == [1]
+        assert list(found["breaches"].get_ydata()) == pytest.approx([0.6])  # on the strict curve
+        assert fig.axes[-1].get_xlabel() == "epoch"
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert not any(label.startswith("budget: share") for label in labels)
+    image = plot_leakage(run)
+    assert image.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_every_breach_is_counted_in_the_table(tmp_path):
@@ -395,7 +480,8 @@ def test_step_driven_runs_are_plotted_by_optimizer_step(tmp_path):
     assert run.x_label == "step"
     fig = leakage_figure(run)
     assert list(artists(fig)["log_mia_strict"].get_xdata()) == [50, 100]
-    assert fig.axes[0].get_xlabel() == "optimizer step"
+    assert list(artists(fig)["share"].get_xdata()) == [50, 100]
+    assert fig.axes[-1].get_xlabel() == "optimizer step"
     header = format_table(run).splitlines()[1].split()
     assert header[:3] == ["check", "epoch", "step"]
 

@@ -159,15 +159,17 @@ def test_a_report_is_redrawn_from_its_history_alone(tmp_path):
         monitor.step(nn.Linear(4, 2), epoch=epoch)
     [header] = headers_in(tmp_path / HISTORY_FILE)
     settings = header["settings"]
-    assert settings["calibration"] == {"alpha": 0.1, "horizon": 3, "bands": {
-        "moderate": 0.3, "high": 0.6, "critical": 0.9, "on": "strict"}}
+    assert settings["calibration"] == {"alpha": 0.1, "horizon": 3, "statistic": "auc+strict",
+                                       "bands": {"moderate": 0.3, "high": 0.6,
+                                                 "critical": 0.9, "on": "strict"}}
     assert settings["budget"]["max_level"] == "moderate"
     assert settings["probe"]["permutations"] == 19
     assert settings["canaries"]["fingerprint"] == canaries().fingerprint()
     from fesmia_hooks.history import load_runs
 
     [run_] = load_runs(tmp_path)
-    budget_line = [a for a in leakage_figure(run_).axes[0].get_lines() if a.get_gid() == "budget"]
+    figure = leakage_figure(run_)
+    budget_line = [a for ax in figure.axes for a in ax.get_lines() if a.get_gid() == "budget"]
     assert budget_line[0].get_ydata()[0] == pytest.approx(0.6)  # where "high" starts
     from fesmia_hooks.cli import main
 

@@ -38,8 +38,13 @@ def header(run_id: str | None, settings=SETTINGS, **extra) -> dict:
 
 
 def check(n: int, run_id: str | None = None, *, strict: float = 0.2, level: str = "low",
-          breached: bool = False, epoch: int | None = None) -> dict:
-    """A check line as the monitor writes it, spelled out (independent of the monitor)."""
+          breached: bool = False, epoch: int | None = None,
+          share: float | None = None) -> dict:
+    """A check line as the monitor writes it, spelled out (independent of the monitor).
+
+    Without ``share``, a line of a history written before the share beyond chance was
+    recorded; with it, the line carries ``share_beyond_chance`` and the members named.
+    """
     line = {
         "check": n, "epoch": n - 1 if epoch is None else epoch, "step": None,
         "global_step": 10 * n, "method": "simpleshot", "shots": 5, "queries": 15,
@@ -51,6 +56,10 @@ def check(n: int, run_id: str | None = None, *, strict: float = 0.2, level: str 
         "significant": True, "level": level, "breached": breached,
         "action": "stop" if breached else "none",
     }
+    if share is not None:
+        line.update(members_named=3.0, chance_members_named=0.94, members_named_relaxed=9.0,
+                    chance_members_named_relaxed=4.69, share_beyond_chance=share,
+                    can_alarm=True, statistic="relaxed")
     if run_id is not None:
         line["run_id"] = run_id
     return line
@@ -70,9 +79,21 @@ def write(folder, lines) -> object:
     return path
 
 
-def artists(fig):
-    ax = fig.axes[0]
-    return {a.get_gid(): a for a in [*ax.lines, *ax.collections] if a.get_gid()}
+def artists(fig, panel=None):
+    """The figure's artists by gid: on every axes, or on ``fig.axes[panel]`` only."""
+    axes = fig.axes if panel is None else [fig.axes[panel]]
+    found = [a for ax in axes for a in [*ax.lines, *ax.collections] if a.get_gid()]
+    by_gid = {a.get_gid(): a for a in found}
+    assert len(by_gid) == len(found)  # no gid drawn twice
+    return by_gid
+
+
+def budget_at(fig) -> float:
+    """The share where the budget line is drawn, checked to be flat and on the share panel."""
+    assert len(fig.axes) == 2 and "budget" not in artists(fig, 0)
+    [y, same] = artists(fig, 1)["budget"].get_ydata()
+    assert y == same
+    return y
 
 
 # ---------------------------------------------------------------------------- reading
@@ -129,7 +150,17 @@ def test_an_old_file_reads_as_before(tmp_path):
     heading = format_table(first, name="run").splitlines()[0]
     assert heading == ("run (run 1 of 2 in privacy_history.jsonl): 2 checks, 1 failed "
                        "(simpleshot, 5 shots, 15 queries, 100 episodes, 499 permutations)")
-    assert list(artists(leakage_figure(first))["budget"].get_ydata()) == [0.25, 0.25]
+    fig = leakage_figure(first)  # no share recorded: the Log-MIA panel only, no budget line
+    assert len(fig.axes) == 1 and "log_mia_strict" in artists(fig)
+    assert "budget" not in artists(fig) and "share" not in artists(fig)
+
+
+def test_a_headerless_file_with_shares_puts_the_budget_at_the_defaults(tmp_path):
+    [run] = read_history(write(tmp_path, [check(1, share=0.05), check(2, share=0.12)]))
+    assert run.bands == LevelBands() and run.max_level is Level.LOW
+    fig = leakage_figure(run)
+    assert budget_at(fig) == 0.1  # where "moderate" starts on LevelBands()
+    assert list(artists(fig, 1)["share"].get_ydata()) == pytest.approx([0.05, 0.12])
 
 
 def test_a_header_without_run_id_starts_an_untagged_run(tmp_path):
@@ -141,7 +172,7 @@ def test_a_header_without_run_id_starts_an_untagged_run(tmp_path):
 
 def test_lenient_header_missing_and_unknown_keys(tmp_path, caplog):
     path = write(tmp_path, [
-        header("a1", {"calibration": {"bands": {"high": 0.7}}, "future": {"x": 1}},
+        header("a1", {"calibration": {"bands": {"high": 0.5}}, "future": {"x": 1}},
                format=3, extra="ignored"),
         check(1, "a1"),
         {"record": "run", "run_id": "b2"}, check(1, "b2"),
@@ -150,7 +181,7 @@ def test_lenient_header_missing_and_unknown_keys(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fesmia_hooks")
     a, b, c = read_history(path)
     assert "newer than this version reads" in caplog.text
-    assert a.bands == LevelBands(high=0.7) and a.max_level is Level.LOW  # budget unsaid
+    assert a.bands == LevelBands(high=0.5) and a.max_level is Level.LOW  # budget unsaid
     assert b.settings == {} and b.bands == LevelBands() and b.max_level is Level.LOW
     assert c.max_level is Level.LOW  # LeakageBudget's default max_level
     assert "; budget" not in format_table(a) and "; budget" not in format_table(b)
@@ -224,36 +255,56 @@ def test_the_table_heading_names_the_recorded_budget(tmp_path):
 
 # ---------------------------------------------------------------------------- picture
 def test_the_plot_reads_bands_max_level_and_ceilings_from_the_header(tmp_path):
-    [run] = read_history(write(tmp_path, [header("aa"), check(1, "aa"),
+    [run] = read_history(write(tmp_path, [header("aa"), check(1, "aa", share=0.1),
                                           check(2, "aa", strict=0.7, level="high",
-                                                breached=True)]))
-    found = artists(leakage_figure(run))
-    assert list(found["budget"].get_ydata()) == [0.6, 0.6]  # where "high" starts on 0.3/0.6/0.9
-    assert list(found["ceiling_strict"].get_ydata()) == [0.4, 0.4]
-    assert "ceiling_relaxed" not in found
-    labels = [t.get_text() for t in leakage_figure(run).legends[0].get_texts()]
-    assert "budget: strict >= 0.6 (level above 'moderate')" in labels
+                                                breached=True, share=0.65)]))
+    fig = leakage_figure(run)
+    assert budget_at(fig) == 0.6  # where "high" starts on 0.3/0.6/0.9
+    top, bottom = artists(fig, 0), artists(fig, 1)
+    assert list(top["ceiling_strict"].get_ydata()) == [0.4, 0.4]  # a Log-MIA ceiling: on top
+    assert "ceiling_relaxed" not in top and not {"ceiling_strict", "ceiling_relaxed"} & set(bottom)
+    assert [bottom[f"band_{lv}"].get_ydata()[0] for lv in ("moderate", "high", "critical")] == [
+        0.3, 0.6, 0.9]  # the recorded bands
+    assert list(bottom["breaches"].get_xdata()) == [1]
+    assert list(bottom["breaches"].get_ydata()) == pytest.approx([0.65])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "budget: share >= 0.6 (level above 'moderate')" in labels
     assert "budget: log_mia_strict > 0.4" in labels
     # the arguments still override the history, one at a time
-    found = artists(leakage_figure(run, max_level="high"))
-    assert list(found["budget"].get_ydata()) == [0.9, 0.9]
-    found = artists(leakage_figure(run, bands=LevelBands()))
-    assert list(found["budget"].get_ydata()) == [0.5, 0.5]
+    assert budget_at(leakage_figure(run, max_level="high")) == 0.9
+    assert budget_at(leakage_figure(run, bands=LevelBands())) == 0.3  # "high" on the defaults
     found = artists(leakage_figure(run, max_level=None))
     assert "budget" not in found and "ceiling_strict" in found
-    assert "budget" in artists(leakage_figure(run, max_level=FROM_HISTORY))
+    assert budget_at(leakage_figure(run, max_level=FROM_HISTORY)) == 0.6
 
 
 def test_the_plot_of_a_run_without_a_budget_has_no_budget_line(tmp_path):
     settings = {**SETTINGS, "budget": None}
-    [run] = read_history(write(tmp_path, [header("aa", settings), check(1, "aa")]))
-    found = artists(leakage_figure(run))
+    [run] = read_history(write(tmp_path, [header("aa", settings), check(1, "aa", share=0.2)]))
+    fig = leakage_figure(run)
+    found = artists(fig)
+    assert len(fig.axes) == 2 and "share" in found  # the share panel, without a budget on it
     assert not {"budget", "ceiling_strict", "ceiling_relaxed"} & set(found)
     relaxed = {**SETTINGS, "budget": {"max_level": None,
                                       "max_values": {"log_mia_relaxed": 0.8}}}
-    [run] = read_history(write(tmp_path, [header("aa", relaxed), check(1, "aa")]))
+    [run] = read_history(write(tmp_path, [header("aa", relaxed), check(1, "aa", share=0.2)]))
     found = artists(leakage_figure(run))
-    assert "budget" not in found and list(found["ceiling_relaxed"].get_ydata()) == [0.8, 0.8]
+    assert "budget" not in found
+    assert list(artists(leakage_figure(run), 0)["ceiling_relaxed"].get_ydata()) == [0.8, 0.8]
+
+
+def test_an_old_record_keeps_its_ceilings_but_gets_no_budget_line(tmp_path):
+    [run] = read_history(write(tmp_path, [header("aa"), check(1, "aa"),
+                                          check(2, "aa", strict=0.7, level="high",
+                                                breached=True)]))
+    assert run.max_level is Level.MODERATE  # a budget on levels is recorded...
+    for max_level in (FROM_HISTORY, "low", "high"):
+        fig = leakage_figure(run, max_level=max_level)
+        found = artists(fig)
+        assert len(fig.axes) == 1 and "budget" not in found  # ...but has no axes to go on
+        assert list(found["ceiling_strict"].get_ydata()) == [0.4, 0.4]
+        assert list(found["breaches"].get_ydata()) == pytest.approx([0.7])
+        assert fig.axes[-1].get_xlabel() == "epoch"
 
 
 def test_the_drawing_is_re_exported_by_the_reader(tmp_path):
@@ -287,36 +338,40 @@ def drawn(monkeypatch):
 
 
 def test_report_without_flags_redraws_from_the_history(tmp_path, capsys, drawn):
-    write(tmp_path / "a", [header("aa"), check(1, "aa"), check(2, "aa", strict=0.7,
-                                                                level="high", breached=True)])
-    write(tmp_path / "b", [check(1), check(2)])  # an old file: the defaults
+    write(tmp_path / "a", [header("aa"), check(1, "aa", share=0.1),
+                           check(2, "aa", strict=0.7, level="high", breached=True, share=0.65)])
+    write(tmp_path / "b", [check(1), check(2)])  # an old file: no share, no header
+    write(tmp_path / "c", [check(1, share=0.05), check(2, share=0.2)])  # no header: defaults
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "; budget: max_level moderate, log_mia_strict > 0.4, auc > 0.7, action stop" in out
-    assert out.count("wrote ") == 2 and (tmp_path / "a" / "leakage.png").exists()
-    (_, kwargs, fig_a), (_, _, fig_b) = drawn
+    assert out.count("wrote ") == 3 and (tmp_path / "a" / "leakage.png").exists()
+    (run_a, kwargs, fig_a), (run_b, _, fig_b), (run_c, _, fig_c) = drawn
+    assert [r.folder.name for r in (run_a, run_b, run_c)] == ["a", "b", "c"]
     assert kwargs["max_level"] is FROM_HISTORY
-    assert list(artists(fig_a)["budget"].get_ydata()) == [0.6, 0.6]
-    assert list(artists(fig_a)["ceiling_strict"].get_ydata()) == [0.4, 0.4]
-    assert list(artists(fig_b)["budget"].get_ydata()) == [0.25, 0.25]
+    assert budget_at(fig_a) == 0.6
+    assert list(artists(fig_a, 0)["ceiling_strict"].get_ydata()) == [0.4, 0.4]
+    assert len(fig_b.axes) == 1 and "budget" not in artists(fig_b)
+    assert budget_at(fig_c) == 0.1  # LevelBands() and "low": where "moderate" starts
 
 
 def test_report_max_level_still_overrides_the_history(tmp_path, capsys, drawn):
-    write(tmp_path, [header("aa"), check(1, "aa")])
+    write(tmp_path, [header("aa"), check(1, "aa", share=0.2)])
     assert main(["report", str(tmp_path), "--max-level", "low"]) == 0
     assert main(["report", str(tmp_path), "--max-level", "none"]) == 0
     capsys.readouterr()
     (_, _, low), (_, _, none) = drawn
-    assert list(artists(low)["budget"].get_ydata()) == [0.3, 0.3]  # the recorded bands still
-    assert "budget" not in artists(none) and "ceiling_strict" in artists(none)
+    assert budget_at(low) == 0.3  # where "moderate" starts on the recorded bands still
+    assert len(none.axes) == 2
+    assert "budget" not in artists(none) and "ceiling_strict" in artists(none, 0)
 
 
 def test_report_draws_the_latest_of_interleaved_runs(tmp_path, capsys, drawn):
     write(tmp_path, [header("aa"), header("bb", {**SETTINGS, "budget": None}),
-                     check(1, "bb"), check(1, "aa")])
+                     check(1, "bb", share=0.2), check(1, "aa", share=0.2)])
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "(run 1 of 2 in privacy_history.jsonl, id aa)" in out
     assert "(run 2 of 2 in privacy_history.jsonl, id bb)" in out
     [(run, _, fig)] = drawn
-    assert run.run_id == "bb" and "budget" not in artists(fig)
+    assert run.run_id == "bb" and len(fig.axes) == 2 and "budget" not in artists(fig)

@@ -7,20 +7,29 @@ import torch
 from torch import nn
 
 import fesmia_hooks as fh
-from fesmia_hooks.report import _example_report
 
 
 def measured(strict, leaking):
-    """A measurement whose permutation null makes it clearly significant (or clearly not)."""
-    null = torch.zeros(499) if leaking else torch.linspace(0, 2, 499)
-    readings = _example_report().as_dict()
+    """A measurement whose permutation null makes it clearly significant (or clearly not).
+
+    The members named (and so the share beyond chance the level reads) rise with ``strict``:
+    share = strict - 0.2, so 0.1 reads low, 0.3 moderate, 0.6 high and 0.9 critical.
+    """
+    null = torch.zeros(499, 4) if leaking else torch.linspace(0, 2, 499)[:, None].repeat(1, 4)
+    chance = 15 / 16
+    stat = 1.0 if leaking else 0.5
     return fh.Measurement(
         strict=strict, strict_low=strict - 0.05, strict_high=strict + 0.05,
         relaxed=1.0 if leaking else 0.5, relaxed_low=0.45, relaxed_high=1.0,
-        chance_strict=readings["chance_strict"], chance_relaxed=readings["chance_relaxed"],
-        auc=0.8, auc_low=0.75, auc_high=0.85, tpr_at_fpr={0.01: 0.2, 0.05: 0.4, 0.1: 0.5},
-        statistic=1.0 if leaking else 0.5, null=null, method="simpleshot", shots=5,
-        queries=15, episodes=5, permutations=499,
+        chance_strict=0.178, chance_relaxed=0.588,
+        auc=0.8, auc_low=0.75, auc_high=0.85, tpr_at_fpr={0.0: 0.2, 0.05: 0.4, 0.1: 0.5},
+        strict_episode_low=strict - 0.02, strict_episode_high=strict + 0.02,
+        relaxed_episode_low=0.45, relaxed_episode_high=1.0, auc_episode_low=0.78,
+        auc_episode_high=0.82, members_named=chance + (strict - 0.2) * (15 - chance),
+        chance_members_named=chance, members_named_relaxed=6.0,
+        chance_members_named_relaxed=4.6875,
+        statistics=dict.fromkeys(("relaxed", "strict", "auc", "pooled_auc"), stat), null=null,
+        method="simpleshot", shots=5, queries=15, episodes=5, permutations=499,
     )
 
 
@@ -263,4 +272,5 @@ def test_only_leakage_readings_can_be_budgeted():
     for key in ("p_value", "shots", "seconds_attack", "chance_strict"):
         with pytest.raises(fh.ConfigurationError, match=f"'{key}' is not a leakage reading"):
             fh.LeakageBudget(max_values={key: 0.5})
-    fh.LeakageBudget(max_values={"auc_low": 0.7, "tpr_at_fpr_0.01": 0.2, "members_named": 3})
+    fh.LeakageBudget(max_values={"auc_low": 0.7, "tpr_at_fpr_0": 0.2, "members_named": 3,
+                                 "share_beyond_chance": 0.2})

@@ -45,13 +45,14 @@ def test_every_learner_stays_near_chance_without_leakage(method):
 
 def test_report_fields_and_interval():
     measured = fh.FeSMIA(episodes=40, permutations=49).measure(nn.Linear(6, 3), canaries())
-    assert measured.null.shape == (49,)
+    assert measured.null.shape == (49, 4)  # each statistic of the test, per permutation
     report = fh.Calibration().single_check(measured)
     assert not hasattr(report, "null_statistics")  # the null stays with the measurement
     assert report.strict_low <= report.strict <= report.strict_high
     assert report.relaxed_low <= report.relaxed <= report.relaxed_high
     assert report.chance_strict == pytest.approx(fh.chance_log_mia(15).strict)
-    assert set(report.tpr_at_fpr) == {0.01, 0.05, 0.1}
+    assert set(report.tpr_at_fpr) == {0.0, 0.05, 0.1}
+    assert report.strict_low <= report.strict_episode_low <= report.strict_episode_high
     assert len(report.member_scores) + len(report.non_member_scores) <= 64
     assert report.seconds_forward >= 0 and report.seconds_attack > 0
     flat = report.as_dict()

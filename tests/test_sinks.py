@@ -48,7 +48,7 @@ def test_scalars_hold_every_metric_at_every_check(run):
             assert events[report.epoch] == pytest.approx(value, rel=1e-6, abs=1e-6)
     for key in ("log_mia_strict", "log_mia_strict_low", "log_mia_strict_high", "chance_strict",
                 "log_mia_relaxed", "chance_relaxed", "auc", "p_value", "p_threshold",
-                "level_index", "tpr_at_fpr_0.01"):
+                "level_index", "tpr_at_fpr_0.05", "members_named", "share_beyond_chance"):
         assert f"privacy/{key}" in tags
         assert len(acc.Scalars(f"privacy/{key}")) == 3
 

@@ -1,0 +1,190 @@
+"""Readings people can act on: chance-aware levels, the interval's meaning, the alarm
+statistic under the null, checks that cannot alarm, the pre-flight check, permutations."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fesmia_hooks as fh
+from fesmia_hooks.calibration import alarm_statistic
+from fesmia_hooks.logmia import chance_counts
+from fesmia_hooks.report import share_beyond_chance
+from fesmia_hooks.sequential import permutation_p_values
+
+
+def pool(seed, shift=0.0, n=64, features=2):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(2 * n, features, generator=g)
+    f[:n] += shift
+    return f
+
+
+@pytest.mark.parametrize("queries", [5, 10, 15, 30])
+def test_at_chance_no_level_above_low_for_any_number_of_queries(queries):
+    chance = chance_counts(queries)[0]
+    assert share_beyond_chance(chance, chance, queries) == 0.0
+    assert fh.LevelBands().classify(0.0, significant=True) is fh.Level.LOW
+    named, shares, levels = [], [], []
+    for seed in range(20):
+        probe = fh.FeSMIA(shots=3, queries=queries, episodes=40, permutations=99, seed=seed)
+        report = fh.Calibration().single_check(probe.attack(pool(seed), 64))
+        named.append(report.members_named)
+        shares.append(report.share_beyond_chance)
+        levels.append(report.level)
+    # above none only when a 5 % test rejects by chance
+    assert sum(level > fh.Level.NONE for level in levels) <= 3
+    # the mean count named with no false accusation sits at its exact chance level, so the
+    # share beyond chance, the level's reading, sits at 0 whatever the number of queries
+    assert abs(sum(named) / len(named) - chance) < 0.35
+    assert abs(sum(shares) / len(shares)) < 0.05
+
+
+def test_members_named_is_the_mean_count_not_a_geometric_reading():
+    m = fh.FeSMIA(episodes=200, permutations=9, seed=1).attack(pool(1), 64)
+    geometric = (m.queries + 1) ** m.strict - 1
+    assert m.members_named > geometric  # Jensen: the mean count exceeds the geometric reading
+
+
+def test_the_canary_interval_is_wider_than_the_episode_interval_and_covers_the_population():
+    truth = fh.FeSMIA(episodes=3000, permutations=1, seed=0).attack(pool(999, 0.5, 3000), 3000)
+    covered = {"strict": 0, "auc": 0}
+    episode_covered = {"strict": 0, "auc": 0}
+    for seed in range(40):
+        m = fh.FeSMIA(episodes=100, permutations=9, seed=seed).attack(pool(seed, 0.5), 64)
+        for r in covered:
+            low, high = getattr(m, f"{r}_low"), getattr(m, f"{r}_high")
+            e_low, e_high = getattr(m, f"{r}_episode_low"), getattr(m, f"{r}_episode_high")
+            assert high - low > e_high - e_low
+            covered[r] += low <= getattr(truth, r) <= high
+            episode_covered[r] += e_low <= getattr(truth, r) <= e_high
+    assert min(covered.values()) >= 0.85 * 40  # the interval over canary draws covers
+    assert max(episode_covered.values()) < 0.75 * 40  # the episode interval does not
+
+
+@pytest.mark.parametrize("statistic", ["auc+strict", "relaxed", "pooled_auc+strict"])
+def test_every_statistic_keeps_its_size_under_the_null(statistic):
+    rejected = 0
+    pools = 150
+    for seed in range(pools):
+        m = fh.FeSMIA(episodes=20, permutations=99, seed=seed).attack(pool(seed), 64)
+        observed, null = alarm_statistic(statistic, m)
+        rank, _ = permutation_p_values(observed, null)
+        rejected += rank / 100 <= 0.05
+    # 5 % expected; a valid test stays under about 10 % in 150 pools
+    assert rejected <= 15
+
+
+def test_the_min_p_statistic_finds_a_low_tail_that_strict_misses():
+    found = {"auc+strict": 0, "strict": 0}
+    for seed in range(30):
+        f = pool(seed)
+        g = torch.Generator().manual_seed(seed)
+        tail = (torch.rand(64, generator=g) < 0.3)
+        f[64:][tail] -= 3.0  # non-members with a low tail; the top of the ranking is unchanged
+        m = fh.FeSMIA(episodes=50, permutations=99, seed=seed).attack(f, 64)
+        for statistic in found:
+            found[statistic] += fh.Calibration(statistic=statistic).single_check(m).significant
+    assert found["auc+strict"] > 2 * found["strict"]
+
+
+def test_a_check_that_cannot_alarm_says_so():
+    # 20 permutations allow 0.05 * 20 = 1 trajectory to alarm in the whole run; spread over a
+    # horizon of 50 checks, the first checks get none of it, and their reports say so.
+    calibration = fh.Calibration(horizon=50)
+    probe = fh.FeSMIA(episodes=10, permutations=19)
+    first = calibration.report(probe.attack(pool(0, 3.0), 64), check=1)
+    assert not first.can_alarm and not first.significant and first.p_value == 0.05
+    assert "could not raise an alarm" in first.summary()
+    assert first.as_dict()["can_alarm"] is False
+
+
+def test_early_checks_can_alarm_under_a_long_horizon():
+    # LightningCLI's default max_epochs=1000 with 999 permutations: the allowance is
+    # front-loaded, so the first checks can alarm (a linear spending would starve them).
+    calibration = fh.Calibration(horizon=1000)
+    probe = fh.FeSMIA(episodes=10, permutations=999)
+    first = calibration.report(probe.attack(pool(0, 3.0), 64), check=1)
+    assert first.can_alarm and first.significant and first.p_threshold > 0
+
+
+def test_auto_permutations_follow_the_horizon_and_a_mismatched_state_is_refused():
+    canaries = fh.CanarySet(members=(pool(0)[:64], torch.zeros(64, dtype=torch.long)),
+                            non_members=(pool(0)[64:], torch.ones(64, dtype=torch.long)))
+    monitor = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5))
+    assert monitor.probe.permutations == 999
+    monitor.reset(horizon=100)
+    assert monitor.probe.permutations == 1999  # horizon / alpha - 1
+    monitor.reset(horizon=10)
+    assert monitor.probe.permutations == 999  # never fewer
+    monitor.reset(horizon=10_000)
+    assert monitor.probe.permutations == 4999  # never more
+    fixed = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5, permutations=99))
+    fixed.step(nn.Linear(2, 2), epoch=0)
+    other = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5, permutations=199))
+    with pytest.raises(fh.ConfigurationError, match="tested with 99 label permutations"):
+        other.load_state_dict(fixed.state_dict())
+    auto = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5))
+    auto.load_state_dict(fixed.state_dict())
+    assert auto.probe.permutations == 99
+
+
+def test_preflight_refuses_a_split_that_is_not_exchangeable():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    x[64:] += 2.0  # non-members from elsewhere
+    y = torch.randint(0, 3, (128,), generator=g)
+    split = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    probe = fh.FeSMIA(episodes=20, permutations=999)
+    with pytest.raises(fh.CanaryError, match="before training, the attack already tells"):
+        fh.PrivacyMonitor(split, probe=probe).preflight(model)
+    warned = fh.PrivacyMonitor(split, probe=probe, preflight="warn")
+    with pytest.warns(UserWarning, match="split is not exchangeable"):
+        baseline = warned.preflight(model)
+    assert warned.baseline is baseline and baseline.significant
+    assert warned.header()["baseline"]["significant"]
+    assert fh.PrivacyMonitor(split, probe=probe, preflight="off").preflight(model) is None
+    fair = fh.CanarySet(members=(x[:32], y[:32]), non_members=(x[32:64], y[32:64]))
+    report = fh.PrivacyMonitor(fair, probe=fh.FeSMIA(episodes=20, permutations=999,
+                                                     shots=3, queries=10)).preflight(model)
+    assert not report.significant
+
+
+def test_attach_runs_the_preflight_check_before_training():
+    from fesmia_hooks.integrations.torch import attach
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    x[64:] += 2.0
+    y = torch.randint(0, 3, (128,), generator=g)
+    split = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+    model = nn.Linear(4, 3)
+    monitor = fh.PrivacyMonitor(split, probe=fh.FeSMIA(episodes=20, permutations=999),
+                                every_n_steps=5)
+    with pytest.raises(fh.CanaryError, match="not exchangeable"):
+        attach(model, torch.optim.SGD(model.parameters(), lr=0.1), monitor)
+
+
+def test_below_chance_readings_say_so():
+    report = fh.report._example_report().with_updates(strict=0.16)
+    assert "(below chance 0.18)" in report.summary()
+
+
+def test_tpr_at_a_rate_the_pool_cannot_resolve_is_nan():
+    m = fh.FeSMIA(episodes=20, permutations=9).attack(pool(0), 64)
+    assert set(m.tpr_at_fpr) == {0.0, 0.05, 0.1}
+    small = fh.FeSMIA(episodes=20, permutations=9, shots=2, queries=5).attack(pool(0, n=10), 10)
+    assert math.isnan(small.tpr_at_fpr[0.05])  # 1 false positive of 10 is already 10 %
+    assert not math.isnan(small.tpr_at_fpr[0.1])
+
+
+def test_statistic_must_name_known_statistics():
+    with pytest.raises(fh.ConfigurationError, match="`statistic` must be one of"):
+        fh.Calibration(statistic="auc+loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fh.Calibration(statistic="pooled_auc")
