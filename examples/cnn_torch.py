@@ -35,6 +35,7 @@ def main(epochs=40, log_dir="runs/example-cnn"):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = fh.PrivacyMonitor(canaries, budget=fh.LeakageBudget(), horizon=epochs,
                                 log_dir=log_dir)
+    monitor.preflight(model)  # before training: members and non-members must look alike
     for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(x)).split(32):

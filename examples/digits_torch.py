@@ -24,6 +24,7 @@ def main(epochs=60, log_dir="runs/example-torch"):
         horizon=epochs,  # checks expected: alpha is spent evenly over them
         log_dir=log_dir,
     )
+    monitor.preflight(model)  # before training: members and non-members must look alike
     for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(x)).split(32):

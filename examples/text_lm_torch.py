@@ -32,6 +32,7 @@ monitor = fh.PrivacyMonitor(
     horizon=EPOCHS,
     log_dir="runs/example-text-torch",
 )
+monitor.preflight(model)  # before training: members and non-members must look alike
 
 for epoch in range(EPOCHS):
     loss = train_epoch(model, optimizer, task.train)  # next-character cross-entropy

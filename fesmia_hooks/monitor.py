@@ -79,8 +79,10 @@ class PrivacyMonitor:
             this costs the model's size in device memory.
         on_error: ``"warn"`` records a failed check and carries on; ``"raise"`` re-raises.
         alpha: False-alarm rate allowed per training run when nothing leaks.
-        horizon: Expected number of checks; spends ``alpha`` evenly over them. ``None``
-            lets an integration set it from the run's limits (or spends ``alpha`` as
+        horizon: Expected number of checks; ``alpha`` is spent over them (evenly when the
+            probe's permutations allow one alarm per check, front-loaded on a log scale
+            otherwise; see ``docs/science.md#run-level-test``). ``None`` lets an
+            integration set it from the run's limits (or spends ``alpha`` as
             ``alpha * c / (c + 10)``).
         bands: Where the qualitative levels start (on the share beyond chance).
         statistic: The alarm statistic (see :func:`fesmia_hooks.calibration.alarm_statistic`).

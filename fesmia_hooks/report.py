@@ -91,7 +91,7 @@ class LevelBands:
     ``low`` below ``moderate``, and so on. The defaults, at ``N = 15`` on the strict
     reading: ``moderate`` from 0.1 (about 2.3 members named with no false accusation,
     where chance names 0.94), ``high`` from 0.3 (about 5.2) and ``critical`` from 0.6
-    (about 9.1). These bands are this project's own (the paper's were not available) and
+    (about 9.4). These bands are this project's own (the paper's were not available) and
     are configurable.
 
     Example:
@@ -301,9 +301,10 @@ class Readings:
 class LeakageReport(Readings):
     """The result of one privacy check: the probe's readings, calibrated for the run.
 
-    Log-MIA values are means over episodes with 95 % intervals (mean ± 1.96 sd/√episodes,
-    as in the paper's code; see ``docs/science.md#intervals`` for what they cover) and
-    always travel with their chance level. ``p_value`` tests "no leakage" by permuting the
+    Log-MIA values are means over episodes with 95 % intervals over canary draws (the
+    paper's mean ± 1.96 sd/√episodes is kept as the ``_episode_`` interval; see
+    ``docs/science.md#intervals`` for what each covers) and always travel with their chance
+    level; the level reads ``share_beyond_chance``. ``p_value`` tests "no leakage" by permuting the
     membership labels of the canary pool; ``significant`` compares it with
     ``p_threshold``, which the run's :class:`~fesmia_hooks.Calibration` lowers to keep the
     false-alarm rate per training run (see ``docs/science.md#run-level-test``).

@@ -269,11 +269,17 @@ def custom_scalar_layout() -> dict[str, Any]:
 
     return {
         "Privacy leakage (FeS-MIA)": {
-            "Log-MIA strict (95% interval)": margin("log_mia_strict"),
-            "Log-MIA relaxed (95% interval)": margin("log_mia_relaxed"),
-            "AUC (95% interval)": margin("auc"),
+            "Log-MIA strict (95% interval over canary draws)": margin("log_mia_strict"),
+            "Log-MIA relaxed (95% interval over canary draws)": margin("log_mia_relaxed"),
+            "AUC (95% interval over canary draws)": margin("auc"),
             "Log-MIA against chance": lines(
                 "log_mia_strict", "chance_strict", "log_mia_relaxed", "chance_relaxed"
+            ),
+            "Members named with no false accusation, against chance": lines(
+                "members_named", "chance_members_named"
+            ),
+            "Share beyond chance (the level's reading; 0 = chance)": lines(
+                "share_beyond_chance"
             ),
             "Significance (p-value and run-level threshold)": lines("p_value", "p_threshold"),
             "Level (0 none … 4 critical)": lines("level_index"),
@@ -349,14 +355,20 @@ def _markdown(report: LeakageReport) -> str:
         ("Log-MIA relaxed", f"{report.relaxed:.3f} [{report.relaxed_low:.3f}, "
          f"{report.relaxed_high:.3f}]", f"{report.chance_relaxed:.3f}"),
         ("AUC", f"{report.auc:.3f} [{report.auc_low:.3f}, {report.auc_high:.3f}]", "0.500"),
+        ("members named, no false accusation", f"{report.members_named:.2f} of "
+         f"{report.queries}", f"{report.chance_members_named:.2f}"),
+        ("share beyond chance (level)", f"{report.share_beyond_chance:.3f}", "0"),
     ]
-    table = "| measure | value [95% interval] | chance |\n|---|---|---|\n" + "\n".join(
-        f"| {a} | {b} | {c} |" for a, b, c in rows
+    table = (
+        "| measure | value [95% interval over canary draws] | chance |\n|---|---|---|\n"
+        + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     )
     return (
         f"**{report.summary()}**\n\n{table}\n\n"
-        f"p-value {report.p_value:.4g} (threshold {report.p_threshold:.4g}, "
-        f"{report.permutations} permutations); level **{report.level.value}**; "
+        f"p-value {report.p_value:.4g} (run-level threshold {report.p_threshold:.4g}, "
+        f"{report.permutations} permutations, statistic {report.statistic}"
+        f"{'' if report.can_alarm else '; this check could not raise an alarm'}); "
+        f"level **{report.level.value}**; "
         f"{report.method}, {report.shots} shots, {report.queries} queries, "
         f"{report.episodes} episodes."
     )

@@ -141,7 +141,8 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         >>> monitor = PrivacyMonitor(canaries, probe=FeSMIA(),  # doctest: +SKIP
         ...                          budget=LeakageBudget(max_level="low"))
         >>> stop = pl.callbacks.EarlyStopping(  # doctest: +SKIP
-        ...     "privacy/log_mia_strict", mode="max", stopping_threshold=0.75)
+        ...     "privacy/share_beyond_chance", mode="max", stopping_threshold=0.3,
+        ...     patience=10**9)  # the threshold alone stops it
         >>> trainer = pl.Trainer(max_epochs=100, callbacks=[monitor, stop])  # doctest: +SKIP
         >>> trainer.fit(model, train_loader)  # doctest: +SKIP
         >>> monitor.stopped_epoch, monitor.stop_reason  # doctest: +SKIP

@@ -66,7 +66,7 @@ def test_histograms_pr_curve_text_and_layout(run):
     layout_tags = [t for t in tensors if "custom_scalars" in t]
     assert layout_tags, tensors
     layout = custom_scalar_layout()["Privacy leakage (FeS-MIA)"]
-    assert layout["Log-MIA strict (95% interval)"][1] == [
+    assert layout["Log-MIA strict (95% interval over canary draws)"][1] == [
         "privacy/log_mia_strict", "privacy/log_mia_strict_low", "privacy/log_mia_strict_high"]
 
 

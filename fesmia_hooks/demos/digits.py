@@ -85,9 +85,10 @@ def format_row(report: LeakageReport, loss: float | None = None) -> str:
     return (
         f"epoch {report.epoch if report.epoch is not None else '-':>3}  {lost}"
         f"strict {report.strict:.2f} [{report.strict_low:.2f},{report.strict_high:.2f}] "
-        f"(chance {report.chance_strict:.2f})  relaxed {report.relaxed:.2f} "
-        f"(chance {report.chance_relaxed:.2f})  AUC {report.auc:.2f}  "
-        f"p {report.p_value:.3f}/{report.p_threshold:.3f}  {report.level.value:<8}"
+        f"(chance {report.chance_strict:.2f})  named {report.members_named:4.1f} of "
+        f"{report.queries} (chance {report.chance_members_named:.2f}, share "
+        f"{report.share_beyond_chance:+.2f})  AUC {report.auc:.2f}  "
+        f"p {report.p_value:.4f}/{report.p_threshold:.4f}  {report.level.value:<8}"
         f"{'  -> ' + report.action.upper() if report.breached else ''}"
     )
 
@@ -150,6 +151,7 @@ def run_torch_demo(
     out(f"fesmia-hooks demo: digits MLP, {len(x)} training samples with 20% label noise, "
         f"{task.canaries}")
     out(f"probe {monitor.probe!r}; budget {monitor.budget!r}")
+    monitor.preflight(model)  # before training: the split must not be told apart yet
     start = time.perf_counter()
     loss_value = float("nan")
     for epoch in range(epochs):

@@ -256,6 +256,7 @@ def _run(
     out(f"fesmia-hooks demo (text): character-level GRU on {len(task.train[0])} passages of "
         f"the Python reference manual (pydoc_data.topics), {task.canaries}")
     out(f"probe {monitor.probe!r} on {monitor.probe.signal_fn!r}; budget {monitor.budget!r}")
+    monitor.preflight(model)  # before training: the split must not be told apart yet
     start = time.perf_counter()
     for epoch in range(epochs):
         loss = train_epoch(model, optimizer, task.train)
