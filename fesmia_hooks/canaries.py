@@ -414,8 +414,8 @@ class CanarySet(Canaries):
         the second half is never trained on. A model can only fit a wrong label by memorising
         that one sample, so these canaries measure *worst-case memorisation* (how much the
         model can reveal about an outlier it was given), not what an attacker learns about
-        ordinary data (natural canaries, :meth:`split`). Measured on the benchmark's clean
-        digits MLP: attack AUC 1.00 on crafted canaries against 0.68 on natural ones.
+        ordinary data (natural canaries, :meth:`split`); BENCHMARKS.md compares the two on
+        the same models.
 
         Args:
             data: A ``Dataset`` yielding ``(input, label)`` or a pair ``(inputs, labels)``,

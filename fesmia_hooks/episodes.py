@@ -45,10 +45,9 @@ class EpisodePlan:
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         per_side = shots + queries
-        mem = torch.rand(episodes, num_members, generator=g).argsort(1)[:, :per_side]
-        non = torch.rand(episodes, num_non_members, generator=g).argsort(1)[:, :per_side]
-        non = non + num_members
-        self.slots = torch.cat([mem[:, :shots], non[:, :shots], mem[:, shots:], non[:, shots:]], 1)
+        mem = _draw(episodes, num_members, per_side, g)
+        non = _draw(episodes, num_non_members, per_side, g) + num_members
+        self.slots = _layout(mem, non, shots)
         n = num_members + num_non_members
         self.perms = torch.rand(permutations, n, generator=g).argsort(1)
         self.shots = shots
@@ -115,10 +114,9 @@ class HalfPlan:
         for _ in range(halves if self.fits else 0):
             mem = torch.randperm(num_members, generator=g)[: sizes[0]]
             non = torch.randperm(num_non_members, generator=g)[: sizes[1]] + num_members
-            pick_m = torch.rand(episodes, sizes[0], generator=g).argsort(1)[:, :per_side]
-            pick_n = torch.rand(episodes, sizes[1], generator=g).argsort(1)[:, :per_side]
-            m, n = mem[pick_m], non[pick_n]
-            rows.append(torch.cat([m[:, :shots], n[:, :shots], m[:, shots:], n[:, shots:]], 1))
+            pick_m = _draw(episodes, sizes[0], per_side, g)
+            pick_n = _draw(episodes, sizes[1], per_side, g)
+            rows.append(_layout(mem[pick_m], non[pick_n], shots))
         width = 2 * per_side
         self.slots = torch.cat(rows) if rows else torch.empty(0, width, dtype=torch.long)
         self._cache: dict[str, torch.Tensor] = {}
@@ -129,3 +127,16 @@ class HalfPlan:
         if key not in self._cache:
             self._cache[key] = self.slots.to(device)
         return self._cache[key]
+
+
+def _draw(episodes: int, pool: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """``[episodes, size]`` draws without replacement from ``range(pool)``."""
+    return torch.rand(episodes, pool, generator=g).argsort(1)[:, :size]
+
+
+def _layout(members: torch.Tensor, non_members: torch.Tensor, shots: int) -> torch.Tensor:
+    """Rows of support members, support non-members, query members, query non-members."""
+    return torch.cat(
+        [members[:, :shots], non_members[:, :shots], members[:, shots:], non_members[:, shots:]],
+        1,
+    )

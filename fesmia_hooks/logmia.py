@@ -23,12 +23,14 @@ from fesmia_hooks.exceptions import ConfigurationError
 
 __all__ = [
     "LogMIA",
+    "auc_float64",
     "batched_tp_counts",
     "chance_counts",
     "chance_log_mia",
     "log_mia",
     "relaxed_false_positives",
     "roc_counts",
+    "tp_at_fp_limits",
 ]
 
 
@@ -67,10 +69,10 @@ def _as_1d_tensor(name: str, values: Any, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _tp_at_fp_limits(
+def tp_at_fp_limits(
     scores: torch.Tensor, is_member: torch.Tensor, limits: tuple[int, ...]
 ) -> list[torch.Tensor]:
-    """Max true positives at ``FP <= limit`` for each row of ``scores`` ([G, n]).
+    """Max true positives at ``FP <= limit`` for each row of ``scores`` (``[G, n]``).
 
     ``is_member`` is ``[n]`` booleans shared by all rows. With ROC points at the end of each
     run of equal scores (as ``sklearn.metrics.roc_curve(drop_intermediate=False)`` places
@@ -110,7 +112,7 @@ def batched_tp_counts(
         [[1], [2]]
     """
     k = relaxed_false_positives(scores.shape[-1])
-    tp0, tpk = _tp_at_fp_limits(scores, is_member, (0, k))
+    tp0, tpk = tp_at_fp_limits(scores, is_member, (0, k))
     return tp0, tpk
 
 
@@ -294,6 +296,11 @@ def batched_auc(scores: torch.Tensor, is_member: torch.Tensor) -> torch.Tensor:
         >>> batched_auc(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), torch.tensor([1, 1, 0, 0]).bool())
         tensor([0.8750])
     """
+    return auc_float64(scores, is_member).to(torch.float32)
+
+
+def auc_float64(scores: torch.Tensor, is_member: torch.Tensor) -> torch.Tensor:
+    """:func:`batched_auc` in float64: exact for every pool size this library meets."""
     ordered = scores.sort(-1).values
     low = torch.searchsorted(ordered, scores, right=False)
     high = torch.searchsorted(ordered, scores, right=True)
@@ -301,4 +308,4 @@ def batched_auc(scores: torch.Tensor, is_member: torch.Tensor) -> torch.Tensor:
     n_pos = int(is_member.sum())
     n_neg = is_member.numel() - n_pos
     u = ranks[..., is_member].sum(-1) - n_pos * (n_pos + 1) / 2
-    return (u / (n_pos * n_neg)).to(torch.float32)
+    return u / (n_pos * n_neg)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fesmia_hooks.logmia import auc_float64, tp_at_fp_limits
+
 __all__ = ["HAVE_NUMBA", "row_readings", "row_readings_torch"]
 
 try:  # pragma: no cover - depends on the environment
@@ -32,22 +34,9 @@ HAVE_NUMBA = _numba is not None
 def row_readings_torch(
     scores: torch.Tensor, is_member: torch.Tensor, relaxed_fp: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference implementation of :func:`row_readings`, in torch."""
-    pos = scores[..., is_member]
-    neg = scores[..., ~is_member]
-    n_pos, n_neg = pos.shape[-1], neg.shape[-1]
-    cut = neg.topk(min(relaxed_fp + 1, n_neg), dim=-1).values
-    tp = []
-    for limit in (0, relaxed_fp):
-        if limit >= n_neg:
-            tp.append(torch.full(scores.shape[:-1], n_pos, dtype=torch.int64,
-                                 device=scores.device))
-        else:
-            tp.append((pos > cut[..., limit : limit + 1]).sum(-1))
-    greater = (pos[..., :, None] > neg[..., None, :]).sum((-1, -2))
-    equal = (pos[..., :, None] == neg[..., None, :]).sum((-1, -2))
-    auc = (greater.double() + 0.5 * equal.double()) / (n_pos * n_neg)
-    return tp[0], tp[1], auc
+    """Reference implementation of :func:`row_readings`, in torch (any device)."""
+    tp0, tpk = tp_at_fp_limits(scores, is_member, (0, relaxed_fp))
+    return tp0.to(torch.int64), tpk.to(torch.int64), auc_float64(scores, is_member)
 
 
 def _compiled() -> Any:

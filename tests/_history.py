@@ -1,4 +1,4 @@
-"""Reading a history file in tests: its run headers and its check lines apart."""
+"""Test helpers: a history file's run headers and check lines apart, a recording sink."""
 
 import json
 from pathlib import Path
@@ -17,3 +17,30 @@ def checks_in(path):
 def headers_in(path):
     """The run headers of a history file."""
     return [line for line in lines_of(path) if line.get("record") == "run"]
+
+
+class RecordingSink:
+    """A user's sink: remembers every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start_run(self, header):
+        self.calls.append(("start_run", header["run_id"]))
+
+    def resume(self, run_id, check, errors=None, header=None):
+        self.calls.append(("resume", run_id, check))
+
+    def log(self, report, step):
+        self.calls.append(("log", report.check, step))
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def logged(self):
+        return [c[1:] for c in self.calls if c[0] == "log"]
+
+
+def readings(report):
+    """What a check measured and decided (its timings left out)."""
+    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}

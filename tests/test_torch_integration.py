@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from _history import checks_in, headers_in  # noqa: E402
+from _history import RecordingSink, checks_in, headers_in, readings  # noqa: E402
 from torch import nn
 
 import fesmia_hooks
@@ -303,31 +303,6 @@ def test_module_docstring_example_runs():
 
 
 # ---------------------------------------------------------------------- the run-start rule
-class RecordingSink:
-    """A user's sink: remembers every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def start_run(self, header):
-        self.calls.append(("start_run", header["run_id"]))
-
-    def resume(self, run_id, check, errors=None, header=None):
-        self.calls.append(("resume", run_id, check))
-
-    def log(self, report, step):
-        self.calls.append(("log", report.check, step))
-
-    def close(self):
-        self.calls.append(("close",))
-
-    def logged(self):
-        return [c[1:] for c in self.calls if c[0] == "log"]
-
-
-def readings(report):
-    """What a check measured and decided (its timings left out)."""
-    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
 
 
 def full_batch(model, optimizer, data, steps: int) -> None:

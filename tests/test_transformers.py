@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from _history import checks_in, headers_in  # noqa: E402
+from _history import RecordingSink, checks_in, headers_in, readings  # noqa: E402
 
 import fesmia_hooks as fh
 from fesmia_hooks.integrations.transformers import STATE_FILE
@@ -255,31 +255,6 @@ def crash_at(hf, step):
     return CrashAt()
 
 
-class RecordingSink:
-    """A user's sink: remembers every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def start_run(self, header):
-        self.calls.append(("start_run", header["run_id"]))
-
-    def resume(self, run_id, check, errors=None, header=None):
-        self.calls.append(("resume", run_id, check))
-
-    def log(self, report, step):
-        self.calls.append(("log", report.check, step))
-
-    def close(self):
-        self.calls.append(("close",))
-
-    def logged(self):
-        return [c[1:] for c in self.calls if c[0] == "log"]
-
-
-def readings(report):
-    """What a check measured and decided (its timings left out)."""
-    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
 
 
 RESUMABLE = dict(epochs=2, save_strategy="steps", save_steps=4)  # 8 steps, checkpoints 4, 8
