@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fesmia_hooks.exceptions import ConfigurationError
@@ -58,3 +59,24 @@ def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
         listed = ", ".join(repr(o) for o in options)
         raise ConfigurationError(f"`{name}` must be one of {listed}, got {value!r}")
     return str(value)
+
+
+def writable_folder(name: str, value: Any) -> Path:
+    """``value`` as a folder that exists and is writable, or can be created; nothing is made.
+
+    Raises:
+        ConfigurationError: When it is a file, lies below a file, or cannot be written.
+    """
+    path = Path(optional_path(name, value))
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(f"`{name}` must be a folder, got an existing file: {path}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"`{name}` cannot be created: {existing} is a file, not a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"`{name}` cannot be written: no permission in {existing}")
+    return path

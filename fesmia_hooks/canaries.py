@@ -16,6 +16,7 @@ the :meth:`~Canaries.fingerprint` is a hash that identifies a set without reveal
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
@@ -45,15 +46,66 @@ Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
+    """``value`` as a tensor of numbers with real storage, or a :class:`CanaryError`.
+
+    Refused up front, each with its own message: tensors on the ``meta`` device (no data),
+    sparse, quantized and nested tensors, SciPy sparse matrices, and arrays whose dtype holds
+    no numbers (objects, strings, dates). Messages name types, dtypes and layouts, never values.
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach()
-    try:
-        return torch.as_tensor(np.ascontiguousarray(value))
-    except (TypeError, ValueError, RuntimeError) as exc:
+        tensor = value.detach()
+    else:
+        if hasattr(value, "toarray") and hasattr(value, "nnz"):  # a SciPy sparse matrix
+            raise CanaryError(
+                f"{name} are a sparse matrix ({type(value).__name__}), which is not supported: "
+                "call .toarray()"
+            )
+        try:
+            array = np.ascontiguousarray(value)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+            raise CanaryError(
+                f"{name} must be a tensor, an array or a sequence of numbers, "
+                f"got {type(value).__name__}"
+            ) from exc
+        if array.dtype.kind not in "biufc":
+            dtype = f" of dtype {array.dtype}" if isinstance(value, np.ndarray) else ""
+            raise CanaryError(
+                f"{name} must be a tensor, an array or a sequence of numbers, got "
+                f"{type(value).__name__}{dtype}"
+            )
+        try:
+            tensor = torch.as_tensor(array)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CanaryError(
+                f"{name} must be a tensor, an array or a sequence of numbers, got "
+                f"{type(value).__name__} of dtype {array.dtype}, which torch does not support"
+            ) from exc
+    _check_storage(name, tensor)
+    return tensor
+
+
+def _check_storage(name: str, tensor: torch.Tensor) -> None:
+    """Refuse tensors whose values cannot be read as one dense block of numbers."""
+    if tensor.is_meta:
         raise CanaryError(
-            f"{name} must be a tensor, an array or a sequence of numbers, "
-            f"got {type(value).__name__}"
-        ) from exc
+            f"{name} are on the 'meta' device, which holds no data: give tensors with real "
+            "values"
+        )
+    if tensor.is_nested:
+        raise CanaryError(
+            f"{name} are a nested tensor, which is not supported: pad the samples into one "
+            "dense tensor"
+        )
+    if tensor.layout != torch.strided:
+        raise CanaryError(
+            f"{name} are a sparse tensor ({tensor.layout}), which is not supported: call "
+            ".to_dense()"
+        )
+    if tensor.is_quantized:
+        raise CanaryError(
+            f"{name} are a quantized tensor ({tensor.dtype}), which is not supported: call "
+            ".dequantize()"
+        )
 
 
 def _stack_dataset(name: str, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,7 +127,9 @@ def _stack_dataset(name: str, dataset: Dataset) -> tuple[torch.Tensor, torch.Ten
         x = torch.stack(xs)
         y = torch.stack(ys) if ys else None
     except RuntimeError as exc:
-        raise CanaryError(f"{name}: samples of the Dataset do not all have one shape") from exc
+        spread = any(len({t.device for t in part}) > 1 for part in (xs, ys))
+        what = "device" if spread else "shape"
+        raise CanaryError(f"{name}: samples of the Dataset do not all have one {what}") from exc
     if y is not None and y[0].numel() == 1:
         y = y.reshape(len(ys))  # one label per sample, even if each came as a [1] tensor
     return x, y
@@ -93,6 +147,11 @@ def _is_number_sequence(side: Sequence[Any]) -> bool:
     return all(isinstance(v, (int, float)) for v in side)
 
 
+_WIDE_UNSIGNED = tuple(
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+)
+
+
 def _class_indices(name: str, y: torch.Tensor | None, num_classes: int | None) -> Any:
     """Labels as one class index per sample: one-hot rows ``[n, C]`` become their argmax.
 
@@ -105,6 +164,8 @@ def _class_indices(name: str, y: torch.Tensor | None, num_classes: int | None) -
 
     Messages give counts and shapes, never label values: canary labels stay private.
     """
+    if y is not None and y.dtype in _WIDE_UNSIGNED:
+        y = y.long()  # torch compares uint16/32/64 on few backends; a wrapped value is < 0
     if y is None or y.dim() != 2:
         return y
     if y.shape[1] == 1 and not (y.is_floating_point() or y.is_complex()):
@@ -132,7 +193,17 @@ def _class_indices(name: str, y: torch.Tensor | None, num_classes: int | None) -
 
 
 def _fingerprints(x: torch.Tensor) -> list[bytes]:
-    flat = x.reshape(x.shape[0], -1).contiguous().cpu().view(torch.uint8).numpy()
+    """A 16-byte hash of each sample (row) of ``x``: equal samples, equal hashes.
+
+    Floating values are normalised first: ``x + 0.0`` turns ``-0.0`` into ``0.0`` (IEEE 754
+    addition rounds ``-0.0 + 0.0`` to ``+0.0``, and leaves every other finite value as it
+    is), so two samples that compare equal hash equal although their bytes differ. (Not
+    float8, which torch cannot add and :class:`CanarySet` refuses.)
+    """
+    if (x.is_floating_point() or x.is_complex()) and x.element_size() >= 2:
+        x = x + 0.0
+    width = math.prod(x.shape[1:])
+    flat = x.reshape(x.shape[0], width).contiguous().cpu().view(torch.uint8).numpy()
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 
@@ -303,6 +374,21 @@ class CanarySet(Canaries):
         for name, x in (("members", xm), ("non_members", xn)):
             if x.dim() == 0 or x.shape[0] == 0:
                 raise CanaryError(f"{name} must hold at least one sample, got none")
+            if x.numel() == 0:
+                raise CanaryError(
+                    f"{name} samples must hold at least one value each, got samples of shape "
+                    f"{tuple(x.shape[1:])}"
+                )
+            if x.is_complex():
+                raise CanaryError(
+                    f"{name} inputs are complex ({x.dtype}), which is not supported: give "
+                    "real-valued inputs"
+                )
+            if x.is_floating_point() and x.element_size() < 2:
+                raise CanaryError(
+                    f"{name} inputs are {x.dtype}, which is not supported: give float16, "
+                    "bfloat16, float32 or float64 inputs"
+                )
         if xm.shape[1:] != xn.shape[1:]:
             raise CanaryError(
                 "members and non_members must have the same sample shape, got "
@@ -314,6 +400,12 @@ class CanarySet(Canaries):
             )
         if (ym is None) != (yn is None):
             raise CanaryError("give labels for both members and non_members, or for neither")
+        for what, a, b in (("inputs", xm, xn), ("labels", ym, yn)):
+            if a is not None and b is not None and a.device != b.device:
+                raise CanaryError(
+                    f"members and non_members {what} must be on one device, got {a.device} and "
+                    f"{b.device}: move both sides to one device (.cpu(), say)"
+                )
         for name, x in (("members", xm), ("non_members", xn)):
             if x.is_floating_point() and not torch.isfinite(x).all():
                 bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
@@ -463,6 +555,7 @@ class CanarySet(Canaries):
         size: int = 64,
         seed: int = 0,
         num_classes: int | None = None,
+        check_overlap: bool = True,
     ) -> tuple[Any, CanarySet]:
         """Carve a canary set out of one dataset.
 
@@ -470,15 +563,34 @@ class CanarySet(Canaries):
         part keeps the members and drops the non-members, so training on it makes the
         members real members.
 
+        A dataset that holds the same sample twice could leave a copy of a drawn non-member
+        in the training part: that "non-member" would then be trained on, and the check
+        would understate the leak. So every sample of the training part is hashed (as the
+        overlap check of :class:`CanarySet` hashes; ``-0.0`` and ``0.0`` count as equal) and
+        ``split`` *refuses*, with a :class:`CanaryError` giving the count, when a drawn
+        non-member has an exact duplicate left there: deduplicate the data first (for
+        tensors, ``torch.unique(x, dim=0, return_inverse=True)`` finds the copies). It
+        refuses rather than drops the copies, so that the training part is always the
+        dataset less exactly the non-members drawn. Data without duplicates gives the same
+        split as ever. For a ``Dataset`` the check reads every sample once; pass
+        ``check_overlap=False`` to skip it (a large dataset read from disk, or one with
+        random transforms, where two reads of one sample differ anyway).
+
         Args:
             dataset: A ``Dataset`` yielding ``(input, label)`` or a pair ``(inputs, labels)``.
             size: Canaries per side.
             seed: Seed of the draw.
             num_classes: Passed to the :class:`CanarySet` checks.
+            check_overlap: Refuse a drawn non-member that has a duplicate in the training
+                part (see above).
 
         Returns:
             ``(train_part, canaries)``: a ``Subset`` for a Dataset, a pair of tensors for a
             pair.
+
+        Raises:
+            CanaryError: On too few samples, on the checks of :class:`CanarySet`, or on a
+                drawn non-member with a duplicate in the training part.
 
         Example:
             >>> import torch
@@ -488,6 +600,7 @@ class CanarySet(Canaries):
             (184, 16, 16)
         """
         positive_int("size", size)
+        check_overlap = _flag("check_overlap", check_overlap)
         n = _length(dataset)
         if 2 * size > n:
             raise CanaryError(f"split(size={size}) needs at least {2 * size} samples, got {n}")
@@ -495,9 +608,22 @@ class CanarySet(Canaries):
         member_idx, non_member_idx = order[:size], order[size : 2 * size]
         dropped = set(non_member_idx)
         keep = [i for i in range(n) if i not in dropped]
+        non_members = _select(dataset, non_member_idx)
+        if check_overlap:
+            # Before the CanarySet checks: a non-member equal to a member is such a copy too,
+            # and this message says what to do about it.
+            inputs, _ = _unpack("non_members", non_members)
+            copies = _present_in(inputs, dataset, keep) if inputs.dim() > 0 else 0
+            if copies:
+                raise CanaryError(
+                    f"split: {copies} of the {size} drawn non-member(s) have an exact "
+                    "duplicate left in the training part (the dataset holds the same sample "
+                    "more than once), so they would be trained on: deduplicate the data "
+                    "first, or pass check_overlap=False to accept it"
+                )
         canaries = cls(
             members=_select(dataset, member_idx),
-            non_members=_select(dataset, non_member_idx),
+            non_members=non_members,
             num_classes=num_classes,
         )
         return _select(dataset, keep), canaries
@@ -511,8 +637,24 @@ class CanarySet(Canaries):
         size: int = 64,
         seed: int = 0,
         num_classes: int | None = None,
+        check_overlap: bool = True,
     ) -> CanarySet:
         """Draw members from the training set and non-members from a held-out set.
+
+        The non-members must never be trained on, so ``holdout`` may not be ``train``
+        itself, and a drawn non-member equal to any sample of ``train`` (hashed as the
+        overlap check of :class:`CanarySet` hashes) is refused with a :class:`CanaryError`
+        giving the count. For a ``Dataset`` that check reads every sample of ``train``
+        once; pass ``check_overlap=False`` to skip it (a large training set read from disk,
+        or one with random transforms).
+
+        Args:
+            train: The training data (a ``Dataset`` or a pair ``(inputs, labels)``).
+            holdout: Data of the same distribution, never trained on.
+            size: Canaries per side.
+            seed: Seed of the draw.
+            num_classes: Passed to the :class:`CanarySet` checks.
+            check_overlap: Refuse non-members equal to a sample of ``train`` (see above).
 
         Example:
             >>> import torch
@@ -522,6 +664,12 @@ class CanarySet(Canaries):
             20
         """
         positive_int("size", size)
+        check_overlap = _flag("check_overlap", check_overlap)
+        if _same_data(train, holdout):
+            raise CanaryError(
+                "from_datasets: `holdout` is the training set itself, so its samples are "
+                "trained on: give data held out from training as `holdout`"
+            )
         picks = []
         g = torch.Generator().manual_seed(seed)
         for name, data in (("train", train), ("holdout", holdout)):
@@ -531,8 +679,18 @@ class CanarySet(Canaries):
                     f"from_datasets(size={size}) needs {size} {name} samples, got {n}"
                 )
             picks.append(_select(data, torch.randperm(n, generator=g)[:size].tolist()))
+        if check_overlap:
+            # Before the CanarySet checks: a non-member equal to a drawn member is such a
+            # sample too, and this message says where the trouble lies.
+            inputs, _ = _unpack("non_members", picks[1])
+            copies = _present_in(inputs, train, None) if inputs.dim() > 0 else 0
+            if copies:
+                raise CanaryError(
+                    f"from_datasets: {copies} of the {size} non-member(s) drawn from `holdout` "
+                    "equal a sample of `train`, so they are trained on: draw non-members from "
+                    "data held out from training (deduplicate `holdout` against `train`)"
+                )
         return cls(members=picks[0], non_members=picks[1], num_classes=num_classes)
-
 
     @classmethod
     def from_sequences(
@@ -593,6 +751,64 @@ def _length(data: Any) -> int:
         raise CanaryError(
             f"expected a Dataset or a pair (inputs, labels), got {type(data).__name__}"
         ) from exc
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"`{name}` must be True or False, got {type(value).__name__}")
+    return value
+
+
+def _same_data(train: Any, holdout: Any) -> bool:
+    """Whether ``holdout`` is ``train`` itself (the same object, or pairs of one tensor)."""
+    if train is holdout:
+        return True
+    pairs = all(isinstance(d, (tuple, list)) and len(d) == 2 for d in (train, holdout))
+    return pairs and train[0] is holdout[0]
+
+
+_BLOCK_BYTES = 2**26  # at most this many bytes of a pair's inputs are hashed at once
+
+
+def _present_in(targets: torch.Tensor, data: Any, indices: list[int] | None) -> int:
+    """How many rows of ``targets`` equal a sample of ``data`` (its ``indices`` if given).
+
+    Samples are compared by :func:`_fingerprints`; one of another shape or dtype than the
+    rows never equals one. ``data`` is a pair ``(inputs, labels)``, hashed in blocks of
+    about 64 MiB, or a ``Dataset``, read one sample at a time. Only a count comes out.
+    """
+    wanted = _fingerprints(targets)
+    pending = set(wanted)
+    found: set[bytes] = set()
+    shape, dtype = tuple(targets.shape[1:]), targets.dtype
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x = _to_tensor("data inputs", data[0])
+        if x.dim() == 0 or tuple(x.shape[1:]) != shape or x.dtype != dtype:
+            return 0
+        allowed = None
+        if indices is not None:
+            allowed = [False] * x.shape[0]
+            for i in indices:
+                allowed[i] = True
+        rows = max(1, _BLOCK_BYTES // max(1, math.prod(shape) * x.element_size()))
+        for start in range(0, x.shape[0], rows):
+            for i, h in enumerate(_fingerprints(x[start : start + rows]), start):
+                if h in pending and (allowed is None or allowed[i]):
+                    found.add(h)
+    else:
+        for i in range(len(data)) if indices is None else indices:
+            item = data[i]
+            sample = item[0] if isinstance(item, (tuple, list)) and len(item) >= 2 else item
+            t = _to_tensor("data inputs", sample)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                continue
+            h = _fingerprints(t[None])[0]
+            if h in pending:
+                found.add(h)
+                pending.discard(h)
+                if not pending:
+                    break
+    return sum(h in found for h in wanted)
 
 
 def _select(data: Any, idx: list[int]) -> Any:

@@ -13,10 +13,19 @@ finished early.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree_on_failure", "any_rank", "gather_rows", "is_distributed", "shard"]
+__all__ = [
+    "agree_across_ranks",
+    "agree_on_failure",
+    "any_rank",
+    "gather_rows",
+    "is_distributed",
+    "shard",
+]
 
 
 def is_distributed() -> bool:
@@ -78,3 +87,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def agree_across_ranks(what: str, value: str, device: torch.device) -> None:
+    """Raise on every rank, with one clear message, unless every rank holds the same ``value``.
+
+    Ranks that probe different canary sets (or with different probe settings) would either
+    abort inside a collective or compute different reports and decide differently. A hash
+    of ``value`` is compared with two small ``all_reduce`` calls (its minimum and maximum),
+    so every rank learns the outcome at once; no value leaves any rank.
+    """
+    from fesmia_hooks.exceptions import ConfigurationError
+
+    digest = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=7).digest(), "big")
+    if dist.get_backend() == "nccl" and device.type != "cuda":  # pragma: no cover
+        device = torch.device("cuda", torch.cuda.current_device())
+    low = torch.tensor([digest], dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if int(low.item()) != int(high.item()):
+        raise ConfigurationError(
+            f"the processes of this run disagree on the {what} (rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}): give every rank the same canaries and probe"
+        )

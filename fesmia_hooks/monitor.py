@@ -10,8 +10,11 @@ and the monitor *acts* (stop flag, safe weights, ``on_breach``, raise).
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -22,16 +25,24 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fesmia_hooks._validation import boolean, choice, optional_path, optional_positive_int
+from fesmia_hooks._validation import (
+    boolean,
+    choice,
+    optional_path,
+    optional_positive_int,
+    writable_folder,
+)
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
 from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration
 from fesmia_hooks.canaries import Canaries
+from fesmia_hooks.distributed import agree_across_ranks, is_distributed
 from fesmia_hooks.exceptions import (
     CanaryError,
     ConfigurationError,
     FesmiaError,
     PrivacyBudgetExceeded,
 )
+from fesmia_hooks.guard import model_device
 from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.sinks import Sink, sinks_for
@@ -204,18 +215,23 @@ class PrivacyMonitor:
         closed; sinks given to the constructor stay. The sinks come from
         :func:`~fesmia_hooks.sinks.sinks_for`.
 
+        Raises:
+            ConfigurationError: When ``log_dir`` is a file or cannot be created.
+
         Args:
             log_dir: Folder of ``privacy_history.jsonl`` (and of the event files when no
-                ``writer`` is given).
+                ``writer`` is given). It need not exist yet, but must be creatable.
             tensorboard: Write TensorBoard content.
             writer: An existing ``SummaryWriter`` to write TensorBoard content through.
             scalars: Write scalars to TensorBoard too (off when the framework's logger
                 already writes them).
         """
+        folder = None if log_dir is None else writable_folder("log_dir", log_dir)
         for sink in self._dir_sinks:
             self.sinks.remove(sink)
-            sink.close()
-        self.log_dir = None if log_dir is None else Path(log_dir)
+            self._call([sink], "close")
+        self._dir_sinks = []
+        self.log_dir = folder
         self._dir_sinks = sinks_for(self.log_dir, tensorboard=tensorboard, writer=writer,
                                     scalars=scalars)
         self.sinks.extend(self._dir_sinks)
@@ -237,6 +253,9 @@ class PrivacyMonitor:
         self.stopped_step: int | None = None
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
+        #: What went wrong writing outputs (sinks, on_breach callbacks) in this run.
+        self.output_errors: list[str] = []
+        self._ranks_agree = False
         self._header_sent = False
         self._resumed = False
         #: A state was loaded and no run has begun since: the next run continues it.
@@ -393,16 +412,20 @@ class PrivacyMonitor:
             raise ConfigurationError(
                 "the monitor has no canaries: pass `canaries` or call set_canaries() first"
             )
-        if self.every_n_steps is not None and step is not None:
-            self._checked.add(("step", step))
-        elif epoch is not None:
-            self._checked.add(("epoch", epoch))
+        mark = (("step", step) if self.every_n_steps is not None and step is not None
+                else ("epoch", epoch) if epoch is not None else None)
         index = self.checks + 1
+        self._agree_across_ranks(model)  # a configuration error: raised on every rank
         try:
             measured = self.probe.measure(model, self.canaries)
         except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
+            if mark is not None:
+                self._checked.add(mark)  # a failed check is done: the next one moves on
             self._record_error(exc, epoch=epoch, step=step, index=index)
             return None
+        # An interrupted check (KeyboardInterrupt, SystemExit) is not marked: a retry runs it.
+        if mark is not None:
+            self._checked.add(mark)
         self.checks = index
         report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
         decision = self.budget.update(report) if self.budget is not None else _NO_BUDGET
@@ -414,8 +437,7 @@ class PrivacyMonitor:
         log.info("fesmia-hooks check %d: %s", index, report.summary())
         global_step = step if step is not None else (epoch if epoch is not None else index)
         self._start_run()
-        for sink in self._writing():
-            sink.log(report, global_step)
+        self._call(self._writing(), "log", report, global_step)
         self._act(model, report, decision)
         return report
 
@@ -427,35 +449,61 @@ class PrivacyMonitor:
             self._header_sent = True
             self._call(self._writing(), "start_run", self.header())
 
-    @staticmethod
-    def _call(sinks: Sequence[Sink], hook: str, *args: Any) -> None:
+    def _call(self, sinks: Sequence[Sink], hook: str, *args: Any) -> None:
+        """Call ``hook`` on every sink that has it; a failing sink is reported, not fatal.
+
+        Outputs are secondary: a full disk or a broken writer must not lose the check's
+        decision, which is made and acted on whatever the sinks do.
+        """
         for sink in sinks:
             method = getattr(sink, hook, None)
-            if callable(method):
+            if not callable(method):
+                continue
+            try:
                 method(*args)
+            except Exception as exc:  # noqa: BLE001 - reported below, decisions go on
+                message = (f"fesmia-hooks: {type(sink).__name__}.{hook} failed and its output "
+                           f"was skipped: {_describe(exc)}")
+                self.output_errors.append(message)
+                warnings.warn(message, stacklevel=3)
+
+    def _agree_across_ranks(self, model: nn.Module) -> None:
+        """Under several processes, check once per run that every rank probes alike."""
+        if self._ranks_agree or not is_distributed():
+            return
+        assert self.canaries is not None
+        agree_across_ranks(
+            "canary set and probe settings",
+            json.dumps([self.canaries.fingerprint(), self.probe.settings()], sort_keys=True,
+                       default=str),
+            model_device(model),
+        )
+        self._ranks_agree = True
 
     def _act(self, model: nn.Module, report: LeakageReport, decision: Decision) -> None:
         if not decision.breached:
             if self.restore_safe_weights and self.streak == 0:
-                self._safe_state = {
-                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                    for k, v in model.state_dict().items()
-                }
+                self._safe_state = _copy_state(model)
             return
         assert self.budget is not None
         log.warning("fesmia-hooks: %s", decision.message)
+        if decision.should_stop:  # the decision first: nothing below can lose it
+            if not self.should_stop:
+                self.stopped_epoch, self.stopped_step = report.epoch, report.step
+            self.should_stop = True
+            self.stop_reason = decision.reason
+            self.stop_message = decision.message
+            if self.restore_safe_weights:
+                self.restore_weights(model)
         for fn in self.budget.on_breach:
-            fn(report, decision)
-        if not decision.should_stop:
-            return
-        if not self.should_stop:
-            self.stopped_epoch, self.stopped_step = report.epoch, report.step
-        self.should_stop = True
-        self.stop_reason = decision.reason
-        self.stop_message = decision.message
-        if self.restore_safe_weights:
-            self.restore_weights(model)
-        if self.budget.action == "raise":
+            try:
+                fn(report, decision)
+            except Exception as exc:  # noqa: BLE001 - the user's callback; reported
+                message = (f"fesmia-hooks: the on_breach callback {_name(fn)} failed: "
+                           f"{type(exc).__name__}: {exc}")
+                self.output_errors.append(message)
+                warnings.warn(message, stacklevel=3)
+        if decision.should_stop and self.budget.action == "raise":
             raise PrivacyBudgetExceeded(decision.message, report)
 
     def restore_weights(self, model: nn.Module) -> bool:
@@ -475,8 +523,7 @@ class PrivacyMonitor:
         if self.on_error == "raise" or isinstance(exc, PrivacyBudgetExceeded):
             raise exc
         kind = type(exc).__name__
-        # Messages of fesmia-hooks errors never hold canary data; others are not trusted.
-        text = str(exc) if isinstance(exc, FesmiaError) else "(message withheld)"
+        text = _describe(exc, with_kind=False)
         record = {"check": index, "epoch": epoch, "step": step, "error": f"{kind}: {text}"}
         self.errors.append(record)
         self._start_run()
@@ -500,6 +547,8 @@ class PrivacyMonitor:
             "stopped_epoch": self.stopped_epoch,
             "stopped_step": self.stopped_step,
             "checked": sorted([k, v] for k, v in self._checked),
+            "probe": self.probe.settings(),
+            "canaries": None if self.canaries is None else self.canaries.fingerprint(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,6 +558,7 @@ class PrivacyMonitor:
         other runs, and of this run up to the saved check (see
         :meth:`~fesmia_hooks.JsonlSink.resume`).
         """
+        self._validate_state(state)
         self._reset_state()
         self.run_id = str(state.get("run_id") or self.run_id)
         self.history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
@@ -544,18 +594,110 @@ class PrivacyMonitor:
         self.restored = True
         self._resume(self.sinks)
 
+    def _validate_state(self, state: Any) -> None:
+        """Refuse, before touching anything, a state that is not this monitor's."""
+        if not isinstance(state, dict):
+            raise ConfigurationError(
+                f"a monitor's state must be a dict from state_dict(), got {type(state).__name__}"
+            )
+        version = state.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or not (
+            1 <= version <= STATE_VERSION
+        ):
+            raise ConfigurationError(
+                f"not a monitor's state (version {version!r}; this fesmia-hooks reads versions "
+                f"1 to {STATE_VERSION})"
+            )
+        unknown = sorted(set(state) - _STATE_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"not a monitor's state: unknown keys {unknown} (known: {sorted(_STATE_KEYS)})"
+            )
+        for key, kind in (("history", list), ("errors", list), ("checked", list)):
+            if key in state and not isinstance(state[key], kind):
+                raise ConfigurationError(
+                    f"the state's {key!r} must be a list, got {type(state[key]).__name__}"
+                )
+        saved = state.get("probe")
+        if isinstance(saved, dict):
+            mine = self.probe.settings()
+            differ = sorted(k for k in ("method", "shots", "queries", "episodes", "features",
+                                        "signals", "seed")
+                            if k in saved and k in mine and saved[k] != mine[k])
+            if differ:
+                raise ConfigurationError(
+                    f"the saved run's probe differs in {differ}: its run-level test cannot "
+                    "continue with another probe; build the monitor with the run's probe"
+                )
+        fingerprint = state.get("canaries")
+        if fingerprint is not None and self.canaries is not None and (
+            fingerprint != self.canaries.fingerprint()
+        ):
+            raise ConfigurationError(
+                "the saved run watched another canary set (its fingerprint differs): a run "
+                "cannot continue on other canaries; give the monitor the run's canaries"
+            )
+
     def _resume(self, sinks: Sequence[Sink]) -> None:
         if not self.writes:
             return
         self._call(sinks, "resume", self.run_id, self.checks, list(self.errors), self.header())
 
     def close(self) -> None:
-        """Flush and close every sink this process writes to."""
-        for sink in self._writing():
-            sink.close()
+        """Flush and close every sink this process writes to (a failing one is reported)."""
+        self._call(self._writing(), "close")
 
     def __enter__(self) -> PrivacyMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_STATE_KEYS = frozenset({
+    "version", "run_id", "history", "errors", "checks", "calibration", "budget",
+    "should_stop", "stop_reason", "stop_message", "stopped_epoch", "stopped_step", "checked",
+    "probe", "canaries", "sequential", "streak",  # the last two: version 1
+})
+# Messages of these kinds can quote values of the failing input (an index, a token id):
+# their numbers are withheld.
+_VALUE_BEARING = (IndexError, KeyError, OverflowError)
+
+
+def _describe(exc: BaseException, *, with_kind: bool = True) -> str:
+    """One line about an error that tells its cause without quoting canary data.
+
+    fesmia-hooks' own messages never hold canary data. Others keep their first line (a dtype,
+    shape, device or missing-argument error is useful as it is), with every number withheld
+    when the error is of a kind whose message quotes input values (an index or a token id).
+
+    Example:
+        >>> _describe(RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)"))
+        'RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)'
+        >>> _describe(IndexError("index 987 is out of bounds for dimension 0 with size 50"))
+        'IndexError: index # is out of bounds for dimension # with size #'
+    """
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+    if not isinstance(exc, FesmiaError):
+        if isinstance(exc, _VALUE_BEARING) or "index" in text.lower():
+            text = re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", text)
+        text = text[:300]
+    return f"{type(exc).__name__}: {text}" if with_kind else text
+
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def _copy_state(model: nn.Module) -> dict[str, Any]:
+    """A copy of ``model.state_dict()`` that survives later training steps.
+
+    Tensors are cloned (quantized ones too); other entries (a module's extra state) are
+    deep-copied.
+    """
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        out[key] = value.detach().clone() if isinstance(value, torch.Tensor) else (
+            copy.deepcopy(value)
+        )
+    return out

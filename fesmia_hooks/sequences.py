@@ -279,7 +279,10 @@ def _integer_tokens(name: str, value: Any) -> torch.Tensor:
     t = _to_tensor(name, value)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise CanaryError(f"{name} must be integer token ids, got {t.dtype}")
-    return t.long()
+    # Token sequences are small and their checks run on the CPU (the probe moves them to the
+    # model's device once, see Canaries.on): ids of one side on a GPU and of the other on the
+    # CPU, or padding made on the CPU, then meet on one device.
+    return t.long().cpu()
 
 
 def _token_side(

@@ -18,10 +18,12 @@ Only aggregates are written: never a canary input or label.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -123,9 +125,23 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.run_id: str | None = None
+        self._lock: Any = None
+
+    def _claim(self) -> None:
+        """Hold the history file until :meth:`close`; warn when another writer holds it.
+
+        Runs sharing one file are kept apart by their run ids (a resume rewrites only its own
+        run's lines), but two monitors writing one folder also mix their TensorBoard charts:
+        the first write of a run takes an exclusive lock on ``<file>.lock`` (released on
+        close, or when the process ends; across processes where the platform has
+        ``fcntl``), and a second writer is warned.
+        """
+        if self._lock is None:
+            self._lock = _lock_file(self.path.with_name(self.path.name + ".lock"))
 
     def start_run(self, header: dict[str, Any]) -> None:
         """Write the header line of a new run and tag the following lines with its id."""
+        self._claim()
         self.run_id = header.get("run_id")
         self.write({"record": "run", "format": HISTORY_FORMAT, **header})
 
@@ -165,6 +181,7 @@ class JsonlSink:
         rewritten to a temporary file and renamed over the old one, so a crash leaves either
         the old file or the new one.
         """
+        self._claim()
         self.run_id = run_id
         known = {_failure_key(e) for e in errors or ()}
         kept: list[str] = []
@@ -212,7 +229,32 @@ class JsonlSink:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        """Nothing stays open between writes."""
+        """Release the claim on the file (nothing else stays open between writes)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+            with contextlib.suppress(OSError):  # tidy: the lock file is only a lock
+                self.path.with_name(self.path.name + ".lock").unlink()
+
+
+def _lock_file(path: Path) -> Any:
+    """An open handle holding an exclusive lock on ``path``; a warning if another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - platforms without fcntl: no lock
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        warnings.warn(
+            f"fesmia-hooks: another monitor is writing {path.name[: -len('.lock')]} in "
+            f"{path.parent}; runs stay apart in the history (by run id), but give each "
+            "monitor its own log_dir to keep their TensorBoard charts apart",
+            stacklevel=5,
+        )
+    return handle
 
 
 def _int(value: Any) -> int:

@@ -176,10 +176,12 @@ def token_statistics(
     flat_targets = targets.reshape(-1)
     where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     scored = flat_targets[where]
-    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= v):
+    # Messages give counts, never token ids: canary text stays private.
+    outside = int(((scored < 0) | (scored >= v)).sum()) if scored.numel() else 0
+    if outside:
         raise ProbeError(
-            f"canary token targets lie in [{int(scored.min())}, {int(scored.max())}] but the "
-            f"model's vocabulary has {v} tokens"
+            f"{outside} canary token target(s) lie outside the model's vocabulary of {v} "
+            f"tokens (allowed: [0, {v}), or -100 where nothing is scored)"
         )
     rows, cols = where // t, where % t  # index the logits in place: no flattened copy
     values = {s: torch.empty(where.numel(), dtype=torch.float32, device=logits.device)
@@ -491,6 +493,9 @@ def zlib_lengths(
     that hold the largest id of ``input_ids`` (one byte for a byte- or character-level
     vocabulary, where that is the text itself).
 
+    A ``decode`` that raises gives a :class:`~fesmia_hooks.ConfigurationError` naming the
+    exception's type only: its message, which may quote canary tokens, is left out.
+
     Example:
         >>> ids = torch.tensor([[7] * 64, list(range(64))])
         >>> repetitive, varied = zlib_lengths(ids, torch.ones_like(ids)).tolist()
@@ -506,7 +511,18 @@ def zlib_lengths(
         if decode is None:
             sizes.append(zlib_length(tokens.numpy().astype(dtype).tobytes()))
             continue
-        text = decode([int(v) for v in tokens])
+        failed = None
+        try:
+            text = decode([int(v) for v in tokens])
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's decode
+            failed = type(exc).__name__
+        if failed is not None:
+            # Its message may quote the canary tokens it failed on: give its type only, raised
+            # outside the handler so that no traceback chains the original.
+            raise ConfigurationError(
+                f"`decode` raised {failed} on a canary sequence (its message is left out: it "
+                "may quote canary tokens); check that it takes a list of token ids"
+            )
         if not isinstance(text, (str, bytes)):
             raise ConfigurationError(
                 f"`decode` must return str or bytes, got {type(text).__name__}"

@@ -525,5 +525,7 @@ class PrivacyMonitor(MonitorDriver, keras.callbacks.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output: the next ``fit`` continues that run."""
-        super().load_state_dict(state_dict)
-        self._steps = int(state_dict.get("keras_steps", 0))
+        core = dict(state_dict)
+        steps = core.pop("keras_steps", 0)
+        super().load_state_dict(core)
+        self._steps = int(steps)

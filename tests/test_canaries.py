@@ -1,5 +1,7 @@
 """CanarySet: accepted inputs, constructors, caching and every validation error."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,190 @@ def test_labels_that_are_not_one_hot_are_refused_without_their_values(labels, kw
     with pytest.raises(fh.CanaryError, match=message) as info:
         fh.CanarySet(members=(x[:20], bad), non_members=(x[20:], y[20:]), **kwargs)
     assert str(SECRET)[:4] not in str(info.value) and "0.78" not in str(info.value)
+
+
+# ---------------------------------------------------------------------- storage, dtypes
+PLANT = 987.25  # a canary value that must never appear in a message
+
+
+def planted(n=10, d=4, seed=0):
+    x, y = data(n, d, seed=seed)
+    x[:, 0] = PLANT
+    return x, y
+
+
+def no_value_in(message):
+    return "987" not in message and "0.25" not in message
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        (lambda x: torch.empty(5, 4, device="meta"),
+         r"^members inputs are on the 'meta' device, which holds no data: give tensors with "
+         r"real values$"),
+        (lambda x: (x[:5], torch.empty(5, dtype=torch.long, device="meta")),
+         r"^members labels are on the 'meta' device"),
+        (lambda x: x[:5].to_sparse(),
+         r"^members inputs are a sparse tensor \(torch.sparse_coo\), which is not supported: "
+         r"call .to_dense\(\)$"),
+        (lambda x: x[:5].to_sparse_csr(), r"sparse tensor \(torch.sparse_csr\).*\.to_dense\(\)"),
+        (lambda x: (x[:5], torch.zeros(5, dtype=torch.long).to_sparse()),
+         r"^members labels are a sparse tensor"),
+        (lambda x: torch.quantize_per_tensor(x[:5], 0.5, 0, torch.qint8),
+         r"^members inputs are a quantized tensor \(torch.qint8\).*\.dequantize\(\)$"),
+        (lambda x: x[:5].to(torch.complex64),
+         r"^members inputs are complex \(torch.complex64\), which is not supported: give "
+         r"real-valued inputs$"),
+        (lambda x: x[:5].to(torch.float8_e4m3fn),
+         r"^members inputs are torch.float8_e4m3fn, which is not supported"),
+        (lambda x: x[:5].numpy().astype(object),
+         r"^members inputs must be a tensor, an array or a sequence of numbers, got ndarray of "
+         r"dtype object$"),
+        (lambda x: x[:5].numpy().astype(str), r"got ndarray of dtype <U\d+$"),
+        (lambda x: torch.empty(5, 0), r"^members samples must hold at least one value each, got "
+                                      r"samples of shape \(0,\)$"),
+    ],
+    ids=["meta", "meta-labels", "sparse", "csr", "sparse-labels", "quantized", "complex",
+         "float8", "object", "str", "empty-samples"],
+)
+def test_inputs_without_dense_real_values_are_refused_up_front(members, message):
+    x, y = planted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that sparse CSR tensors are in beta
+        side = members(x)
+    non_members = (x[5:], y[5:]) if isinstance(side, tuple) else x[5:]
+    with pytest.raises(fh.CanaryError, match=message) as info:
+        fh.CanarySet(members=side, non_members=non_members)
+    assert no_value_in(str(info.value))
+
+
+def test_sequence_canaries_refuse_the_same_storage():
+    ids = torch.randint(1, 9, (3, 5), generator=torch.Generator().manual_seed(0))
+    for members, message in [
+        (ids.to("meta"), r"^members token ids are on the 'meta' device"),
+        (ids.to_sparse(), r"^members token ids are a sparse tensor \(torch.sparse_coo\)"),
+        ({"input_ids": ids, "attention_mask": torch.ones_like(ids, device="meta")},
+         r"^members attention_mask are on the 'meta' device"),
+        ([ids[0].to("meta")], r"^members token ids are on the 'meta' device"),
+        (ids.numpy().astype(object), r"got ndarray of dtype object$"),
+    ]:
+        with pytest.raises(fh.CanaryError, match=message):
+            fh.SequenceCanarySet(members, ids + 10)
+
+
+def test_wide_unsigned_labels_are_read_as_class_indices():
+    x, y = data()
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        canaries = fh.CanarySet(members=(x[:20], y[:20].to(dtype)),
+                                non_members=(x[20:], y[20:].to(dtype)), num_classes=3)
+        assert torch.equal(canaries.labels, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sides_on_two_devices_are_refused():
+    x, y = data()
+    with pytest.raises(fh.CanaryError, match=r"inputs must be on one device, got cuda:0 and cpu"):
+        fh.CanarySet(members=(x[:20].cuda(), y[:20]), non_members=(x[20:], y[20:]))
+
+
+# ---------------------------------------------------------------------- overlaps
+def test_negative_zero_equals_zero_in_the_overlap_check():
+    x, y = planted(4)
+    x[:, 1] = 0.0
+    other = x[:2].clone()
+    other[:, 1] = -0.0  # equal values, other bytes
+    assert torch.equal(other, x[:2]) and other.numpy().tobytes() != x[:2].numpy().tobytes()
+    with pytest.raises(fh.CanaryError, match=r"^2 sample\(s\) appear among both") as info:
+        fh.CanarySet(members=(x[:2], y[:2]), non_members=(other, y[:2]))
+    assert no_value_in(str(info.value))
+    half = other.half(), x[:2].half()
+    with pytest.raises(fh.CanaryError, match=r"^2 sample\(s\) appear among both"):
+        fh.CanarySet(members=half[0], non_members=half[1])
+
+
+def test_from_datasets_refuses_the_training_set_as_holdout():
+    x, y = planted(60)
+    for train in [(x, y), TensorDataset(x, y)]:
+        with pytest.raises(fh.CanaryError, match=r"^from_datasets: `holdout` is the training "
+                                                 r"set itself, so its samples are trained on"):
+            fh.CanarySet.from_datasets(train, train, size=10)
+        with pytest.raises(fh.CanaryError, match="training set itself"):  # even unchecked
+            fh.CanarySet.from_datasets(train, train, size=10, check_overlap=False)
+    with pytest.raises(fh.CanaryError, match="training set itself"):
+        fh.CanarySet.from_datasets((x, y), (x, y.clone()), size=10)
+
+
+@pytest.mark.parametrize("form", ["pair", "dataset"])
+def test_from_datasets_refuses_non_members_found_in_train(form):
+    x, y = planted(60)
+    holdout_x = torch.randn(30, 4, generator=torch.Generator().manual_seed(9))
+    holdout_x[:, 0] = PLANT
+    holdout_x[:30:3] = x[40:50]  # 10 of the 30 held-out samples are training samples
+    holdout_x[0, 1:] = 0.0
+    x[40, 1:] = -0.0  # equal all the same
+    wrap = (lambda a, b: (a, b)) if form == "pair" else TensorDataset
+    with pytest.raises(fh.CanaryError) as info:
+        fh.CanarySet.from_datasets(wrap(x, y), wrap(holdout_x, y[:30]), size=30, seed=1)
+    message = str(info.value)
+    assert message == (
+        "from_datasets: 10 of the 30 non-member(s) drawn from `holdout` equal a sample of "
+        "`train`, so they are trained on: draw non-members from data held out from training "
+        "(deduplicate `holdout` against `train`)"
+    )
+    assert no_value_in(message)
+    copies = wrap(x.clone(), y)  # another object, the very same samples
+    with pytest.raises(fh.CanaryError, match=r"30 of the 30 non-member\(s\)"):
+        fh.CanarySet.from_datasets(wrap(x, y), copies, size=30)
+    # check_overlap=False skips the hashing (here the members still meet some copies)
+    with pytest.raises(fh.CanaryError, match=r"appear among both members and non_members"):
+        fh.CanarySet.from_datasets(wrap(x, y), copies, size=30, check_overlap=False)
+    with pytest.raises(fh.ConfigurationError, match="`check_overlap` must be True or False"):
+        fh.CanarySet.from_datasets(wrap(x, y), copies, size=30, check_overlap=1)
+
+
+def duplicated(n=40, size=5, seed=0):
+    """Data with one copy of a drawn non-member where split keeps it in the training part."""
+    x, y = planted(n)
+    x[:, 1] = 0.0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    x[order[-1]] = x[order[size]]  # order[size] is the first non-member, order[-1] is kept
+    x[order[-1], 1] = -0.0  # a copy all the same
+    return x, y, order
+
+
+@pytest.mark.parametrize("form", ["pair", "dataset"])
+def test_split_refuses_a_non_member_whose_copy_stays_in_training(form):
+    x, y, order = duplicated()
+    dataset = (x, y) if form == "pair" else TensorDataset(x, y)
+    with pytest.raises(fh.CanaryError) as info:
+        fh.CanarySet.split(dataset, size=5)
+    message = str(info.value)
+    assert message == (
+        "split: 1 of the 5 drawn non-member(s) have an exact duplicate left in the training "
+        "part (the dataset holds the same sample more than once), so they would be trained "
+        "on: deduplicate the data first, or pass check_overlap=False to accept it"
+    )
+    assert no_value_in(message)
+    # Opting out gives the plain split, copy included.
+    train, canaries = fh.CanarySet.split(dataset, size=5, check_overlap=False)
+    assert len(train[0] if form == "pair" else train) == 35
+    assert canaries.num_non_members == 5
+    # A copy among the members is caught with this message too.
+    x[order[0]] = x[order[6]]  # member 0 copies non-member 2
+    with pytest.raises(fh.CanaryError, match=r"^split: 2 of the 5 drawn non-member\(s\)"):
+        fh.CanarySet.split((x, y) if form == "pair" else TensorDataset(x, y), size=5)
+
+
+def test_split_of_data_without_duplicates_is_unchanged():
+    x, y = data(100)
+    (x_train, y_train), canaries = fh.CanarySet.split((x, y), size=10, seed=3)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3))
+    keep = torch.tensor(sorted(set(range(100)) - set(order[10:20].tolist())))
+    assert torch.equal(x_train, x[keep]) and torch.equal(y_train, y[keep])
+    assert torch.equal(canaries.inputs, x[order[:20]])
+    assert torch.equal(canaries.labels, y[order[:20]])
+    # the duplicates of one non-member among themselves are no training copy
+    x[order[19]] = x[order[18]]
+    _, canaries = fh.CanarySet.split((x, y), size=10, seed=3)
+    assert canaries.num_non_members == 10

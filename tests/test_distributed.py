@@ -75,8 +75,8 @@ def test_two_ranks_stop_together_and_match_the_single_process_report(tmp_path):
 
     assert [numbers(r) for r in ranks[0]["reports"]] == [numbers(r) for r in ranks[1]["reports"]]
     # Only rank zero wrote files.
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())[-1] == (
-        "privacy_history.jsonl")
+    files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())
+    assert "privacy_history.jsonl" in files and not (tmp_path / "run" / "rank1").exists()
     assert len(checks_in(tmp_path / "run" / "privacy_history.jsonl")) == len(ranks[0]["reports"])
     # The gathered report equals the single-process one on the same weights and seed.
     model = digits_mlp(hidden=256)

@@ -158,7 +158,7 @@ def test_state_dict_round_trip_continues_history_and_counters(tmp_path):
     assert resumed.should_stop and resumed.stopped_epoch == 3
     assert [r.check for r in resumed.history] == [1, 2, 3, 4]
     older = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([]), budget=budget)
-    older.load_state_dict({"history": state["history"]})  # an older, smaller state
+    older.load_state_dict({"version": 1, "history": state["history"]})  # an older, smaller state
     assert older.checks == 2 and older.streak == 0
 
 

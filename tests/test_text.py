@@ -129,8 +129,44 @@ def test_signal_errors_are_clear():
         sequence_signals(logits, targets, ["zlib"])
     with pytest.raises(fh.ProbeError, match=r"\[batch, length, vocab\] logits, got shape \(4, 9\)"):
         sequence_signals(logits[..., 0], targets)
-    with pytest.raises(fh.ProbeError, match=r"lie in \[\d+, 12\] but the model's vocabulary has 12"):
+    with pytest.raises(fh.ProbeError, match=r"^\d+ canary token target\(s\) lie outside the "
+                                            r"model's vocabulary of 12 tokens"):
         sequence_signals(logits, targets.masked_fill(targets == 3, 12), ["log_prob"])
+
+
+@pytest.mark.parametrize("planted", [987, -987])
+def test_out_of_vocabulary_targets_are_counted_never_shown(planted):
+    logits, targets = hand_made()
+    targets[0, 2], targets[1, 4] = planted, 988
+    with pytest.raises(fh.ProbeError) as info:
+        token_statistics(logits, targets)
+    message = str(info.value)
+    assert message == (
+        "2 canary token target(s) lie outside the model's vocabulary of 12 tokens (allowed: "
+        "[0, 12), or -100 where nothing is scored)"
+    )
+    assert "987" not in message and "988" not in message
+
+
+def test_a_failing_decode_is_named_without_its_message():
+    def decode(ids):
+        raise KeyError(f"no token {ids}")  # quotes the canary tokens
+
+    for call in (
+        lambda: zlib_lengths(torch.tensor([[987, 5, 6]]), torch.ones(1, 3), decode=decode),
+        lambda: fh.SequenceCanarySet([[987, 5, 6]], [[1, 2, 3]], decode=decode),
+    ):
+        with pytest.raises((fh.ConfigurationError, fh.CanaryError)) as info:
+            call()
+        assert str(info.value) == (
+            "`decode` raised KeyError on a canary sequence (its message is left out: it may "
+            "quote canary tokens); check that it takes a list of token ids"
+        )
+        chained, seen = info.value, []
+        while chained is not None:  # nothing in the chain a traceback prints quotes them
+            seen.append(str(chained))
+            chained = chained.__cause__ or chained.__context__
+        assert not any("987" in text for text in seen)
 
 
 # ---------------------------------------------------------------------- canary sets
@@ -207,6 +243,43 @@ def test_padding_differently_does_not_make_two_sequences_different():
 def test_from_sequences_validation_messages(members, kwargs, error, match):
     with pytest.raises(error, match=match):
         fh.CanarySet.from_sequences(members, torch.tensor([[4, 5, 6]]), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("members", "match"),
+    [
+        (lambda ids: ids.to("meta"), r"^members token ids are on the 'meta' device, which "
+                                     r"holds no data"),
+        (lambda ids: ids.to_sparse(), r"^members token ids are a sparse tensor "
+                                      r"\(torch.sparse_coo\), which is not supported: call "
+                                      r"\.to_dense\(\)$"),
+        (lambda ids: {"input_ids": ids, "attention_mask": torch.ones_like(ids, device="meta")},
+         r"^members attention_mask are on the 'meta' device"),
+        (lambda ids: {"input_ids": ids, "labels": ids.to_sparse()},
+         r"^members labels are a sparse tensor"),
+        (lambda ids: [row.to("meta") for row in ids], r"^members token ids are on the 'meta'"),
+        (lambda ids: ids.numpy().astype(object), r"^members token ids must be a tensor, an array "
+                                                 r"or a sequence of numbers, got ndarray of "
+                                                 r"dtype object$"),
+        (lambda ids: ids.to(torch.complex64), r"^members token ids must be integer token ids, "
+                                              r"got torch.complex64$"),
+    ],
+    ids=["meta", "sparse", "meta-mask", "sparse-labels", "meta-rows", "object", "complex"],
+)
+def test_token_sequences_without_dense_integer_storage_are_refused(members, match):
+    ids = torch.tensor([[987, 5, 6, 7], [8, 987, 9, 10]])
+    with pytest.raises(fh.CanaryError, match=match) as info:
+        fh.SequenceCanarySet(members(ids), torch.tensor([[1, 2, 3, 4]]))
+    assert "987" not in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_token_sequences_on_a_gpu_meet_the_cpu_side():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    c = fh.SequenceCanarySet(ids[:1].cuda(), [[4, 5]], pad_token_id=0)
+    assert c.inputs.tolist() == [[1, 2, 3], [4, 5, 0]]
+    with pytest.raises(fh.CanaryError, match=r"1 sequence\(s\) appear among both"):
+        fh.SequenceCanarySet(ids.cuda(), ids[1:])
 
 
 def test_canary_tokens_never_appear_in_messages():
