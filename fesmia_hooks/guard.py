@@ -11,11 +11,11 @@ same numbers with or without the probe. On exit, also after an exception, each m
 Buffers. A module may write a buffer during an eval-mode forward (a layer that updates a
 running statistic whatever its mode, a cache); the canary-derived values must not stay in the
 model. On entry :func:`untouched` records, for every module, which tensors its ``_buffers``
-and ``_parameters`` hold, and for every buffer its storage, shape, strides and version
-counter. On exit:
+hold, and for every buffer its storage, shape, strides and version counter. On exit:
 
-- a buffer or parameter that was rebound (``self.x = new_tensor``), deleted or added is put
-  back as it was, the original tensor object included;
+- a buffer that was rebound (``self.x = new_tensor``), deleted or added is put back as it
+  was, the original tensor object included (parameters are left to their owners: sharding
+  wrappers such as FSDP swap parameter objects during a forward);
 - a buffer of at most :data:`BUFFER_COPY_LIMIT` bytes was copied on entry; when its bytes
   differ on exit it is written back in place, bit for bit (a buffer that did not change is
   not written, so its version counter and any autograd graph saving it are left alone);
@@ -202,7 +202,9 @@ class _Snapshot:
     def restore(self) -> list[str]:
         """Put everything back; the large buffers that changed, which cannot be."""
         for module, buffers, parameters, non_persistent in self.bindings:
-            for store, before in ((module._buffers, buffers), (module._parameters, parameters)):
+            # Buffers only: parameters belong to the optimizer, and sharding wrappers (FSDP)
+            # legitimately swap their objects during a forward and its lazy initialisation.
+            for store, before in ((module._buffers, buffers),):
                 now = dict(store.items())
                 if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
                     continue

@@ -137,3 +137,50 @@ def test_a_check_failing_on_one_rank_fails_on_all_without_hanging(tmp_path):
     assert all(r["result"] for r in results)
     assert "non-finite" in results[1]["errors"][0]["error"]
     assert "failed on another process" in results[0]["errors"][0]["error"]
+
+
+def fsdp_worker(rank, world, folder):
+    import datetime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/fsdp", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+        fully_shard(model)  # parameters sharded: every forward needs both ranks
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        canaries = fh.CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
+        monitor = fh.PrivacyMonitor(
+            canaries, probe=fh.FeSMIA(episodes=10, permutations=19, batch_size=5))
+        monitor.preflight(model)
+        report = monitor.step(model, epoch=0)
+        out = {"report": None if report is None else report.as_dict(),
+               "errors": monitor.errors}
+        with open(os.path.join(folder, f"fsdp{rank}.json"), "w") as fh_:
+            json.dump(out, fh_)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_sharded_model_is_probed_in_lockstep(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    import time
+
+    context = mp.spawn(fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank hung while probing a sharded model")
+    results = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in range(2)]
+    assert all(r["errors"] == [] and r["report"] is not None for r in results)
+    # every rank forwarded its share in the same number of batches and got the same report
+    readings = [{k: v for k, v in r["report"].items() if not k.startswith("seconds")}
+                for r in results]
+    assert readings[0] == readings[1]
