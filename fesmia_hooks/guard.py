@@ -176,7 +176,7 @@ class _Snapshot:
     """What :func:`untouched` puts back on exit (see the module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.bindings: list[tuple[nn.Module, dict, dict, set]] = []
+        self.bindings: list[tuple[nn.Module, dict, set]] = []
         self.buffers: list[_Buffer] = []
         seen: set[int] = set()
         for path, module in model.named_modules():
@@ -184,7 +184,6 @@ class _Snapshot:
                 (
                     module,
                     dict(module._buffers),
-                    dict(module._parameters),
                     set(getattr(module, "_non_persistent_buffers_set", ())),
                 )
             )
@@ -201,13 +200,12 @@ class _Snapshot:
 
     def restore(self) -> list[str]:
         """Put everything back; the large buffers that changed, which cannot be."""
-        for module, buffers, parameters, non_persistent in self.bindings:
+        for module, before, non_persistent in self.bindings:
             # Buffers only: parameters belong to the optimizer, and sharding wrappers (FSDP)
             # legitimately swap their objects during a forward and its lazy initialisation.
-            for store, before in ((module._buffers, buffers),):
-                now = dict(store.items())
-                if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
-                    continue
+            store = module._buffers
+            now = dict(store.items())
+            if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
                 for name in now.keys() - before.keys():
                     del store[name]
                 for name, value in before.items():

@@ -275,6 +275,9 @@ class PrivacyMonitor:
         self._safe_state = None
         self.baseline = None
         self._size_permutations()
+        start_run = getattr(self.probe, "start_run", None)
+        if callable(start_run):
+            start_run()
 
     def _size_permutations(self) -> None:
         """Give a ``permutations="auto"`` probe as many as the run's horizon needs."""

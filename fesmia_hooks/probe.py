@@ -113,6 +113,11 @@ class FeSMIA:
         batch_size: Canaries per forward pass.
         seed: Seed of the episode draws and permutations; same seed, same device, same
             inputs give the same report.
+        trajectory: Also give the learners each canary's change in features since each of
+            the last ``trajectory`` checks of the run (0: the current check only). A
+            training-time monitor sees every check: members' signals may move differently
+            over training than non-members'. The features stay label-free, so the
+            permutation test is unchanged. Off by default: see BENCHMARKS.md.
 
     Raises:
         ConfigurationError: On any argument outside its allowed range.
@@ -150,6 +155,7 @@ class FeSMIA:
         learner_options: Mapping[str, Any] | None = None,
         batch_size: int = 256,
         seed: int = 0,
+        trajectory: int = 0,
     ) -> None:
         self._learner_fn = method
         self.method = learner_name(method)
@@ -198,6 +204,8 @@ class FeSMIA:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"`seed` must be an int, got {seed!r}")
         self.seed = seed
+        self.trajectory = positive_int("trajectory", trajectory, minimum=0)
+        self._past: list[torch.Tensor] = []  # the last `trajectory` checks' raw features
         self._plans: dict[tuple[int, int], EpisodePlan] = {}
         self._half_plans: dict[tuple[int, int], HalfPlan] = {}
         chance = chance_log_mia(self.queries)
@@ -230,6 +238,7 @@ class FeSMIA:
             "embedding_layer": self.embedding_layer,
             "custom_signal_fn": self.signal_fn is not None,
             "seed": self.seed,
+            "trajectory": self.trajectory,
         }
 
     def set_permutations(self, permutations: int) -> None:
@@ -289,7 +298,8 @@ class FeSMIA:
         """
         self.check_canaries(canaries)
         start = time.perf_counter()
-        matrix = self.features_of(model, canaries).matrix()
+        features = self.features_of(model, canaries)
+        matrix = self._with_trajectory(features).matrix()
         _sync(matrix)
         forward = time.perf_counter() - start
         measured = self.attack(matrix, canaries.num_members)
@@ -374,7 +384,24 @@ class FeSMIA:
             non_member_scores=non_members[np.isfinite(non_members)],
         )  # fmt: skip
 
+    def start_run(self) -> None:
+        """Forget the features of earlier checks (a monitor calls it when a run starts)."""
+        self._past = []
+
     # ------------------------------------------------------------------ internals
+    def _with_trajectory(self, features: Features) -> Features:
+        """``features`` with their changes since each of the last ``trajectory`` checks."""
+        if not self.trajectory or features.signals is None:
+            return features
+        now = features.signals
+        past = [p for p in self._past if p.shape == now.shape and p.device == now.device]
+        changes = [now - p for p in past] + [torch.zeros_like(now)] * (
+            self.trajectory - len(past)
+        )
+        self._past = [now.detach().clone(), *past][: self.trajectory]
+        return Features(signals=torch.cat([now, *changes], dim=1),
+                        embeddings=features.embeddings)
+
     def _plan(self, num_members: int, num_non_members: int) -> EpisodePlan:
         key = (num_members, num_non_members)
         if key not in self._plans:

@@ -244,3 +244,23 @@ def test_any_object_with_the_probe_methods_can_be_a_monitors_probe():
     monitor = fh.PrivacyMonitor(canaries(), probe=Constant())
     assert monitor.step(nn.Linear(6, 3), epoch=0).strict > 0.9
     assert monitor.header()["settings"]["probe"] == {"method": "constant"}
+
+
+def test_trajectory_features_add_each_canarys_change_since_earlier_checks():
+    probe = fh.FeSMIA(episodes=10, permutations=9, trajectory=2)
+    model, c = nn.Linear(6, 3), canaries()
+    first = probe._with_trajectory(probe.features_of(model, c))
+    assert first.signals.shape[1] == 3 * 4 and torch.all(first.signals[:, 4:] == 0)
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    second = probe._with_trajectory(probe.features_of(model, c))
+    now = probe.features_of(model, c).signals
+    assert torch.allclose(second.signals[:, :4], now)
+    assert torch.allclose(second.signals[:, 4:8], now - first.signals[:, :4])
+    assert probe.settings()["trajectory"] == 2
+    probe.start_run()  # a new run forgets the old checks
+    assert torch.all(probe._with_trajectory(probe.features_of(model, c)).signals[:, 4:] == 0)
+    monitor = fh.PrivacyMonitor(c, probe=fh.FeSMIA(episodes=10, permutations=9, trajectory=1))
+    assert monitor.step(model, epoch=0) is not None and monitor.step(model, epoch=1) is not None
+    monitor.reset()
+    assert monitor.probe._past == []
