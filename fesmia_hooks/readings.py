@@ -13,6 +13,7 @@ torch's ABI; the kernels are compiled on first use and cached.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,8 @@ from fesmia_hooks.logmia import auc_float64, tp_at_fp_limits
 
 __all__ = ["HAVE_NUMBA", "row_readings", "row_readings_torch"]
 
-try:  # pragma: no cover - depends on the environment
-    import numba as _numba
-except ImportError:  # pragma: no cover
-    _numba = None
-
-#: Whether the compiled implementation is available.
-HAVE_NUMBA = _numba is not None
+#: Whether the compiled implementation is available (numba is imported on first use only).
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def row_readings_torch(
@@ -41,9 +37,9 @@ def row_readings_torch(
 
 def _compiled() -> Any:
     """The numba kernel, compiled on first use (and cached on disk)."""
-    assert _numba is not None
+    import numba
 
-    @_numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True)
     def kernel(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma: no cover
         g, n = scores.shape
         tp0 = np.empty(g, np.int64)
@@ -120,7 +116,7 @@ def row_readings(
         ([1, 0], [2, 1], [0.75, 0.5])
     """
     global _KERNEL
-    if _numba is None or scores.device.type != "cpu" or scores.shape[0] == 0:
+    if not HAVE_NUMBA or scores.device.type != "cpu" or scores.shape[0] == 0:
         return row_readings_torch(scores, is_member, relaxed_fp)
     if _KERNEL is None:
         _KERNEL = _compiled()
