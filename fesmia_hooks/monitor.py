@@ -503,7 +503,7 @@ class PrivacyMonitor:
                 fn(report, decision)
             except Exception as exc:  # noqa: BLE001 - the user's callback; reported
                 message = (f"fesmia-hooks: the on_breach callback {_name(fn)} failed: "
-                           f"{type(exc).__name__}: {exc}")
+                           f"{_describe(exc)}")
                 self.output_errors.append(message)
                 warnings.warn(message, stacklevel=3)
         if decision.should_stop and self.budget.action == "raise":
@@ -517,7 +517,7 @@ class PrivacyMonitor:
                 stacklevel=2,
             )
             return False
-        model.load_state_dict(self._safe_state)
+        model.load_state_dict(_copy_values(self._safe_state))  # the safe copy stays safe
         return True
 
     def _record_error(
@@ -571,15 +571,8 @@ class PrivacyMonitor:
         if calibration is None:  # version 1 kept the run-level test at the top level
             calibration = {"horizon": self.calibration.horizon,
                            "sequential": state.get("sequential", {})}
-        saved = int((calibration.get("sequential") or {}).get("permutations", 0) or 0)
-        current = int(getattr(self.probe, "permutations", saved) or saved)
-        if saved and saved != current:
-            if not getattr(self.probe, "auto_permutations", False):
-                raise ConfigurationError(
-                    f"the saved run was tested with {saved} label permutations but this "
-                    f"monitor's probe draws {current}: the run-level test cannot continue "
-                    f"across them; build the probe with permutations={saved} (or 'auto')"
-                )
+        saved = _saved_permutations(state)
+        if saved and saved != getattr(self.probe, "permutations", saved):
             self.probe.set_permutations(saved)  # type: ignore[attr-defined]
         self.calibration.load_state_dict(calibration)
         if self.budget is not None:
@@ -632,6 +625,14 @@ class PrivacyMonitor:
                     f"the saved run's probe differs in {differ}: its run-level test cannot "
                     "continue with another probe; build the monitor with the run's probe"
                 )
+        saved = _saved_permutations(state)
+        current = int(getattr(self.probe, "permutations", saved) or saved)
+        if saved and saved != current and not getattr(self.probe, "auto_permutations", False):
+            raise ConfigurationError(
+                f"the saved run was tested with {saved} label permutations but this "
+                f"monitor's probe draws {current}: the run-level test cannot continue "
+                f"across them; build the probe with permutations={saved} (or 'auto')"
+            )
         fingerprint = state.get("canaries")
         if fingerprint is not None and self.canaries is not None and (
             fingerprint != self.canaries.fingerprint()
@@ -662,29 +663,30 @@ _STATE_KEYS = frozenset({
     "should_stop", "stop_reason", "stop_message", "stopped_epoch", "stopped_step", "checked",
     "probe", "canaries", "sequential", "streak",  # the last two: version 1
 })
-# Messages of these kinds can quote values of the failing input (an index, a token id):
-# their numbers are withheld.
-_VALUE_BEARING = (IndexError, KeyError, OverflowError)
+# A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape).
+_BARE_NUMBER = re.compile(r"(?<![\w.:])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
 
 
 def _describe(exc: BaseException, *, with_kind: bool = True) -> str:
     """One line about an error that tells its cause without quoting canary data.
 
-    fesmia-hooks' own messages never hold canary data. Others keep their first line (a dtype,
-    shape, device or missing-argument error is useful as it is), with every number withheld
-    when the error is of a kind whose message quotes input values (an index or a token id).
+    fesmia-hooks' own messages never hold canary data. Any other message may quote the
+    values of the input that failed (an index, a token id, a value a model's assertion
+    printed), so only its first line is kept, and every number standing alone is withheld;
+    names with digits in them stay (``float32``, ``cuda:0``, a ``64x4`` shape), so a dtype,
+    device, shape or missing-argument error still says what is wrong.
 
     Example:
         >>> _describe(RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)"))
         'RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)'
         >>> _describe(IndexError("index 987 is out of bounds for dimension 0 with size 50"))
         'IndexError: index # is out of bounds for dimension # with size #'
+        >>> _describe(ValueError("input out of range: 987.25 (expected float32)"))
+        'ValueError: input out of range: # (expected float32)'
     """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
     if not isinstance(exc, FesmiaError):
-        if isinstance(exc, _VALUE_BEARING) or "index" in text.lower():
-            text = re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", text)
-        text = text[:300]
+        text = _BARE_NUMBER.sub("#", text)[:300]
     return f"{type(exc).__name__}: {text}" if with_kind else text
 
 
@@ -693,14 +695,22 @@ def _name(fn: Any) -> str:
 
 
 def _copy_state(model: nn.Module) -> dict[str, Any]:
-    """A copy of ``model.state_dict()`` that survives later training steps.
+    """A copy of ``model.state_dict()`` that survives later training steps."""
+    return _copy_values(model.state_dict())
 
-    Tensors are cloned (quantized ones too); other entries (a module's extra state) are
-    deep-copied.
-    """
-    out: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
-        out[key] = value.detach().clone() if isinstance(value, torch.Tensor) else (
-            copy.deepcopy(value)
-        )
-    return out
+
+def _copy_values(state: dict[str, Any]) -> dict[str, Any]:
+    """Tensors cloned (quantized ones too), anything else (a module's extra state) deep-copied."""
+    return {
+        key: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+        for key, value in state.items()
+    }
+
+
+def _saved_permutations(state: dict[str, Any]) -> int:
+    """Label permutations the saved run was tested with (0 if it made no check)."""
+    calibration = state.get("calibration") or {}
+    sequential = calibration.get("sequential") if isinstance(calibration, dict) else None
+    sequential = sequential if isinstance(sequential, dict) else state.get("sequential") or {}
+    value = sequential.get("permutations", 0) if isinstance(sequential, dict) else 0
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0

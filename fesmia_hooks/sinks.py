@@ -18,7 +18,6 @@ Only aggregates are written: never a canary input or label.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ __all__ = [
     "HISTORY_FILE",
     "HISTORY_FORMAT",
     "JsonlSink",
+    "PENDING_LINES",
     "NullSink",
     "PREFIX",
     "Sink",
@@ -50,6 +50,8 @@ HISTORY_FILE = "privacy_history.jsonl"
 #: Format of the history's lines: a ``{"record": "run", ...}`` header opens each run and
 #: every line carries the run's ``run_id``.
 HISTORY_FORMAT = 2
+#: Most lines a history sink keeps while the disk refuses them.
+PENDING_LINES = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,10 @@ class JsonlSink:
 
     Each run opens with a header line (``{"record": "run", "run_id": ..., "settings":
     ...}``, see :meth:`start_run`) and every line carries its run's ``run_id``, so runs that
-    share a file are told apart and a resumed run rewrites only its own lines.
+    share a file are told apart and a resumed run rewrites only its own lines. A line the
+    disk refuses (full, gone) is kept and written before the next one, and a resume that
+    could not rewrite the file is done again before the next write: a failure loses at most
+    what is still waiting when the process ends (at most :data:`PENDING_LINES` lines).
 
     Args:
         path: The history file; its folder is created on first write.
@@ -126,6 +131,8 @@ class JsonlSink:
         self.path = Path(path)
         self.run_id: str | None = None
         self._lock: Any = None
+        self._pending: list[str] = []
+        self._pending_resume: tuple[Any, ...] | None = None
 
     def _claim(self) -> None:
         """Hold the history file until :meth:`close`; warn when another writer holds it.
@@ -154,15 +161,25 @@ class JsonlSink:
         self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record as a JSON line (tagged with the run id when there is one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Append one record as a JSON line (tagged with the run id when there is one).
+
+        Raises:
+            OSError: When the line (and those still waiting) cannot be written now; they
+                are kept and written before the next record.
+        """
         if self.run_id is not None and "run_id" not in record:
             record = {**record, "run_id": self.run_id}
         line = json.dumps({k: _json_value(v) for k, v in record.items()}, sort_keys=False)
+        self._pending.append(line)
+        del self._pending[:-PENDING_LINES]
+        if self._pending_resume is not None:
+            self._rewrite(*self._pending_resume)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write("".join(pending + "\n" for pending in self._pending))
             fh.flush()
             os.fsync(fh.fileno())
+        self._pending = []
 
     def resume(
         self,
@@ -175,15 +192,22 @@ class JsonlSink:
 
         Lines of that run written after the saved state (checks numbered above ``check``,
         failed checks the state does not know) are dropped, since they will be made again;
-        lines of every other run are kept as they are. Lines that cannot be read are moved
-        to ``<file>.unreadable`` with a warning, never deleted. The header is written when
-        the file does not hold the run's yet (a run resumed into a new folder). The file is
-        rewritten to a temporary file and renamed over the old one, so a crash leaves either
-        the old file or the new one.
+        lines of every other run are kept as they are. Lines that cannot be read (not JSON,
+        or JSON that is not a record) are moved to ``<file>.unreadable`` with a warning,
+        never deleted. The header is written when the file does not hold the run's yet (a
+        run resumed into a new folder). The file is rewritten to a temporary file and
+        renamed over the old one, so a crash leaves either the old file or the new one; a
+        rewrite the disk refuses is done again before the next write.
         """
         self._claim()
         self.run_id = run_id
-        known = {_failure_key(e) for e in errors or ()}
+        self._pending_resume = (run_id, check, list(errors or ()), header)
+        self._rewrite(*self._pending_resume)
+
+    def _rewrite(
+        self, run_id: str, check: int, errors: list[dict[str, Any]], header: Any
+    ) -> None:
+        known = {_failure_key(e) for e in errors}
         kept: list[str] = []
         unreadable: list[str] = []
         has_header = False
@@ -198,7 +222,10 @@ class JsonlSink:
             except json.JSONDecodeError:
                 unreadable.append(line)
                 continue
-            if not isinstance(record, dict) or record.get("run_id") != run_id:
+            if not isinstance(record, dict):
+                unreadable.append(line)
+                continue
+            if record.get("run_id") != run_id:
                 kept.append(line)
                 continue
             if record.get("record") == "run":
@@ -209,52 +236,62 @@ class JsonlSink:
                     kept.append(line)
             elif _int(record.get("check")) <= check:
                 kept.append(line)
-        if unreadable:
+        if not has_header and header is not None:
+            kept.insert(0, json.dumps({"record": "run", "format": HISTORY_FORMAT, **header,
+                                       "run_id": run_id}))
+        if kept or self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in kept))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        self._pending_resume = None
+        if unreadable:  # moved aside only once the file no longer holds them
             aside = self.path.with_name(self.path.name + ".unreadable")
             with open(aside, "a", encoding="utf-8") as fh:
                 fh.write("".join(line + "\n" for line in unreadable))
             log.warning("%s: %d unreadable line(s) moved to %s", self.path, len(unreadable),
                         aside)
-        if not has_header and header is not None:
-            kept.insert(0, json.dumps({"record": "run", "format": HISTORY_FORMAT, **header,
-                                       "run_id": run_id}))
-        if not kept and not self.path.exists():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in kept))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
 
     def close(self) -> None:
         """Release the claim on the file (nothing else stays open between writes)."""
         if self._lock is not None:
-            self._lock.close()
+            # The lock file stays: another writer may hold it open, and a new file would let
+            # a third writer lock it unwarned.
+            self._lock[0].close()
             self._lock = None
-            with contextlib.suppress(OSError):  # tidy: the lock file is only a lock
-                self.path.with_name(self.path.name + ".lock").unlink()
 
 
-def _lock_file(path: Path) -> Any:
-    """An open handle holding an exclusive lock on ``path``; a warning if another holds it."""
+def _lock_file(path: Path) -> tuple[Any, bool]:
+    """An open handle on ``path`` marking this writer's presence; a warning if others write.
+
+    Every writer holds a shared lock while it is open. A new writer first tries the
+    exclusive lock: it fails while any other writer is present, which is what warns.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
     try:
         import fcntl
     except ImportError:  # pragma: no cover - platforms without fcntl: no lock
-        return handle
+        return handle, False
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
     except OSError:
+        alone = False
         warnings.warn(
             f"fesmia-hooks: another monitor is writing {path.name[: -len('.lock')]} in "
             f"{path.parent}; runs stay apart in the history (by run id), but give each "
             "monitor its own log_dir to keep their TensorBoard charts apart",
             stacklevel=5,
         )
-    return handle
+    try:  # present from now on, for the writers that come next
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # pragma: no cover - another writer is taking its exclusive lock
+        pass
+    return handle, alone
 
 
 def _int(value: Any) -> int:
