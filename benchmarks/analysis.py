@@ -18,6 +18,7 @@ TARGETS = {
     "rho": 0.9,
     "lira_tpr": 0.10,
     "placebo": 0.05,
+    "agreement": 0.9,
 }
 
 

@@ -67,12 +67,17 @@ def plot_fidelity(runs: list[dict[str, Any]], path: Path) -> bool:
             epochs = [c["epoch"] + 1 for c in run["checks"]]
             ax.plot(epochs, [c["probe"]["relaxed"] for c in run["checks"]], lw=1,
                     label="probe: relaxed Log-MIA")
-            ax.plot(epochs, [c["probe"]["strict"] for c in run["checks"]], lw=1,
-                    label="probe: strict Log-MIA")
+            share = "share" in run["checks"][0]["probe"]
+            key = "share" if share else "strict"
+            what = "share beyond chance" if share else "strict Log-MIA"
+            ax.plot(epochs, [c["probe"][key] for c in run["checks"]], lw=1,
+                    label=f"probe: {what}")
             ax.plot(epochs, [c["population"]["auc"] for c in run["checks"]], lw=1.5, color="k",
                     label="population attack: AUC")
-            ax.plot(epochs, [c["population"]["strict"] for c in run["checks"]], lw=1,
-                    color="grey", ls="--", label="population attack: strict Log-MIA")
+            ax.plot(epochs, [c["population"].get(key) for c in run["checks"]], lw=1,
+                    color="grey", ls="--", label=f"population attack: {what}")
+            if share:
+                ax.axhline(0.1, color="orange", ls=":", lw=1, label="moderate band (0.1)")
             summ = run["summary"]
             if summ["probe_first_alarm_epoch"] is not None:
                 ax.axvline(summ["probe_first_alarm_epoch"] + 1, color="r", lw=1,
@@ -81,7 +86,7 @@ def plot_fidelity(runs: list[dict[str, Any]], path: Path) -> bool:
                 ax.axvline(summ["population_first_crossing_epoch"] + 1, color="g", ls=":",
                            lw=1, label="population crosses the budget")
             ax.set_title(run["spec"]["name"], fontsize=9)
-            ax.set_ylim(0, 1.02)
+            ax.set_ylim(-0.05, 1.02)
             ax.set_xlabel("epoch", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == 0:

@@ -25,18 +25,29 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+# Run as a script, Python puts benchmarks/ first on the path, where statistics.py would
+# shadow the standard library's `statistics`: drop it, and make `benchmarks` importable.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import cost, overhead, panel, placebo, report, text_bench  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cost,
+    overhead,
+    panel,
+    placebo,
+    report,
+    statistics,
+    text_bench,
+)
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.panel import RunSpec  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ("cost", "overhead", "panel", "placebo", "text")
+SECTIONS = ("cost", "overhead", "panel", "placebo", "text", "statistics")
 RESULTS = ROOT / "benchmarks" / "results.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
 PLOTS = ROOT / "benchmarks" / "plots"
@@ -100,13 +111,18 @@ class Config:
     alt_probe_kwargs: dict[str, Any] = field(default_factory=lambda: {"permutations": 99})
     cost_only_runs: tuple[str, ...] = ("digits-clean", "cnn-noise20")
     # item 5 (and the honesty half of item 6)
-    placebo_runs: int = 50
+    placebo_runs: int = 100
     placebo_epochs: int = 30
     placebo_alt_checks: int = 5
     placebo_runs_heavy: int = 8
     # language models (issue 5): the text demo's GRU, read every epoch
     text_epochs: int = 40
     text_repeats: int = 15
+    # the alarm statistic and the interval (benchmarks/statistics.py): synthetic 64 + 64 pools
+    stat_pools: int = 300
+    stat_permutations: int = 499
+    stat_population: int = 4_000
+    stat_pop_episodes: int = 2_000
 
     @classmethod
     def full(cls) -> Config:
@@ -151,6 +167,7 @@ class Config:
             placebo_runs_heavy=2,
             text_epochs=20,
             text_repeats=5,
+            stat_pools=60,
         )
 
     @classmethod
@@ -192,6 +209,10 @@ class Config:
             placebo_runs_heavy=1,
             text_epochs=2,
             text_repeats=1,
+            stat_pools=4,
+            stat_permutations=19,
+            stat_population=200,
+            stat_pop_episodes=50,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,7 +229,7 @@ def _text(cfg: Config) -> dict[str, Any]:
 
 
 RUNNERS = {"cost": cost.run, "overhead": overhead.run, "panel": panel.run, "placebo": placebo.run,
-           "text": _text}
+           "text": _text, "statistics": statistics.run}
 
 
 def _clean(value: Any) -> Any:

@@ -184,7 +184,7 @@ def _readings(name: str, field: str, required: bool) -> tuple[Metric, ...]:
 
 
 #: The shared vocabulary, in the order of :meth:`LeakageReport.as_dict`. ``tpr_at_fpr``
-#: stands for one key per false-positive rate of :data:`TPR_FPRS` (``tpr_at_fpr_0.01`` ...).
+#: stands for one key per false-positive rate of :data:`TPR_FPRS` (``tpr_at_fpr_0`` ...).
 METRICS: tuple[Metric, ...] = (
     Metric("check", "check", "position", False, True),
     Metric("step", "step", "position", False),
