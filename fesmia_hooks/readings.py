@@ -50,9 +50,18 @@ def _compiled() -> Any:
             if is_member[j]:
                 n_pos += 1
         n_neg = n - n_pos
+        order = np.empty(n, np.int64)
         for r in range(g):
             row = scores[r]
-            order = np.argsort(-row, kind="mergesort")  # descending
+            if n <= 64:  # small rows (episodes): an insertion sort, no allocation
+                for i in range(n):
+                    j = i
+                    while j > 0 and row[order[j - 1]] < row[i]:
+                        order[j] = order[j - 1]
+                        j -= 1
+                    order[j] = i
+            else:
+                order[:] = np.argsort(-row, kind="mergesort")  # descending
             # Walk the ranking from the top, one run of equal scores at a time.
             fp = 0
             named = 0
