@@ -52,7 +52,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from fesmia_hooks.exceptions import ConfigurationError, ProbeError
 
-__all__ = ["model_device", "untouched"]
+__all__ = ["model_device", "random_streams_forked", "untouched"]
 
 BUFFER_COPY_LIMIT = 1 << 20
 """Buffers of at most this many bytes are copied on entry to :func:`untouched` and restored."""
@@ -253,6 +253,26 @@ def _differ(buffers: list[_Buffer]) -> list[bool]:
         for (i, _), value in zip(items, values, strict=True):
             out[i] = bool(value)
     return out
+
+
+@contextlib.contextmanager
+def random_streams_forked(devices: list[int] | None = None) -> Iterator[None]:
+    """Context whose random draws (torch, NumPy's global, Python's) leave the caller's alone.
+
+    Example:
+        >>> before = torch.random.get_rng_state()
+        >>> with random_streams_forked():
+        ...     _ = torch.rand(3), np.random.rand(), random.random()
+        >>> torch.equal(before, torch.random.get_rng_state())
+        True
+    """
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices or [], enabled=True):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 @contextlib.contextmanager

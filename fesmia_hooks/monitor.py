@@ -177,8 +177,9 @@ class PrivacyMonitor:
         if canaries is not None:
             self.set_canaries(canaries)
         self.sinks: list[Sink] = list(sinks)
-        #: Whether this process writes to the sinks (integrations turn it off off rank zero).
-        self.writes = True
+        #: Whether this process writes to the sinks: under ``torch.distributed``, rank zero
+        #: only (integrations set it from their framework's rank).
+        self.writes = not is_distributed() or torch.distributed.get_rank() == 0
         self.log_dir: Path | None = None
         self._dir_sinks: list[Sink] = []
         self.set_log_dir(log_dir, tensorboard=tensorboard)
@@ -310,6 +311,7 @@ class PrivacyMonitor:
             raise ConfigurationError(
                 "the monitor has no canaries: pass `canaries` or call set_canaries() first"
             )
+        self._agree_across_ranks(model)  # before the first collective of the run
         try:
             measured = self.probe.measure(model, self.canaries)
         except Exception as exc:  # noqa: BLE001 - reported like a failed check
@@ -562,29 +564,44 @@ class PrivacyMonitor:
         :meth:`~fesmia_hooks.JsonlSink.resume`).
         """
         self._validate_state(state)
+        try:  # read everything first: a refused state changes nothing
+            history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
+            errors = [dict(e) for e in state.get("errors", [])]
+            checks = int(state.get("checks", len(history)))
+            calibration = state.get("calibration")
+            if calibration is None:  # version 1 kept the run-level test at the top level
+                calibration = {"horizon": self.calibration.horizon,
+                               "sequential": state.get("sequential", {})}
+            counters = state.get("budget") or {"checks": checks,
+                                               "streak": state.get("streak", 0)}
+            stop_reason = StopReason(state.get("stop_reason", StopReason.NOT_STOPPED.value))
+            checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
+            trial = Calibration(self.calibration.alpha, horizon=self.calibration.fixed_horizon,
+                                bands=self.calibration.bands,
+                                statistic=self.calibration.statistic)
+            trial.load_state_dict(calibration)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"not a monitor's state: {type(exc).__name__} while reading it ({_describe(exc)})"
+            ) from None
         self._reset_state()
         self.run_id = str(state.get("run_id") or self.run_id)
-        self.history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
-        self.errors = list(state.get("errors", []))
-        self.checks = int(state.get("checks", len(self.history)))
-        calibration = state.get("calibration")
-        if calibration is None:  # version 1 kept the run-level test at the top level
-            calibration = {"horizon": self.calibration.horizon,
-                           "sequential": state.get("sequential", {})}
+        self.history, self.errors, self.checks = history, errors, checks
         saved = _saved_permutations(state)
         if saved and saved != getattr(self.probe, "permutations", saved):
             self.probe.set_permutations(saved)  # type: ignore[attr-defined]
-        self.calibration.load_state_dict(calibration)
+        self.calibration = trial
         if self.budget is not None:
-            counters = state.get("budget") or {"checks": self.checks,
-                                               "streak": state.get("streak", 0)}
             self.budget.load_state_dict(counters)
         self.should_stop = bool(state.get("should_stop", False))
-        self.stop_reason = StopReason(state.get("stop_reason", StopReason.NOT_STOPPED.value))
+        self.stop_reason = stop_reason
         self.stop_message = str(state.get("stop_message", ""))
         self.stopped_epoch = state.get("stopped_epoch")
         self.stopped_step = state.get("stopped_step")
-        self._checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
+        self._checked = checked
+        start_run = getattr(self.probe, "start_run", None)
+        if callable(start_run):  # trajectories restart: earlier checks' features are not saved
+            start_run()
         self._resumed = True
         self._header_sent = True
         self.restored = True
@@ -618,12 +635,22 @@ class PrivacyMonitor:
         if isinstance(saved, dict):
             mine = self.probe.settings()
             differ = sorted(k for k in ("method", "shots", "queries", "episodes", "features",
-                                        "signals", "seed")
+                                        "signals", "seed", "trajectory")
                             if k in saved and k in mine and saved[k] != mine[k])
             if differ:
                 raise ConfigurationError(
                     f"the saved run's probe differs in {differ}: its run-level test cannot "
                     "continue with another probe; build the monitor with the run's probe"
+                )
+        calibration = state.get("calibration")
+        if isinstance(calibration, dict):
+            mine = self.calibration.settings()
+            differ = sorted(k for k in ("alpha", "statistic")
+                            if k in calibration and calibration[k] != mine[k])
+            if differ:
+                raise ConfigurationError(
+                    f"the saved run was calibrated with another {' and '.join(differ)}: its "
+                    "run-level test cannot continue under other settings"
                 )
         saved = _saved_permutations(state)
         current = int(getattr(self.probe, "permutations", saved) or saved)
@@ -664,7 +691,9 @@ _STATE_KEYS = frozenset({
     "probe", "canaries", "sequential", "streak",  # the last two: version 1
 })
 # A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape).
-_BARE_NUMBER = re.compile(r"(?<![\w.:])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+_BARE_NUMBER = re.compile(
+    r"(?<![\w.])(?<!cuda:)(?<!mps:)(?<!xpu:)[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)"
+)
 
 
 def _describe(exc: BaseException, *, with_kind: bool = True) -> str:
@@ -683,6 +712,8 @@ def _describe(exc: BaseException, *, with_kind: bool = True) -> str:
         'IndexError: index # is out of bounds for dimension # with size #'
         >>> _describe(ValueError("input out of range: 987.25 (expected float32)"))
         'ValueError: input out of range: # (expected float32)'
+        >>> _describe(ValueError("token id 50257. value:0.5 on cuda:0"))
+        'ValueError: token id #. value:# on cuda:0'
     """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
     if not isinstance(exc, FesmiaError):
@@ -713,4 +744,7 @@ def _saved_permutations(state: dict[str, Any]) -> int:
     sequential = calibration.get("sequential") if isinstance(calibration, dict) else None
     sequential = sequential if isinstance(sequential, dict) else state.get("sequential") or {}
     value = sequential.get("permutations", 0) if isinstance(sequential, dict) else 0
+    if not value:  # no check yet: the probe's own record (an "auto" one was sized already)
+        probe = state.get("probe")
+        value = probe.get("permutations", 0) if isinstance(probe, dict) else 0
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0

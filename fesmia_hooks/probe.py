@@ -25,7 +25,7 @@ from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distribut
 from fesmia_hooks.episodes import EpisodePlan, HalfPlan
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, FeatureSpec, compute_features
-from fesmia_hooks.guard import model_device
+from fesmia_hooks.guard import model_device, random_streams_forked
 from fesmia_hooks.learners import Learner, get_learner, learner_name
 from fesmia_hooks.logmia import chance_counts, chance_log_mia
 from fesmia_hooks.measurement import (
@@ -302,7 +302,9 @@ class FeSMIA:
         matrix = self._with_trajectory(features).matrix()
         _sync(matrix)
         forward = time.perf_counter() - start
-        measured = self.attack(matrix, canaries.num_members)
+        # A learner of the user's may draw random numbers: training's streams stay its own.
+        with random_streams_forked(_cuda_indices(matrix)):
+            measured = self.attack(matrix, canaries.num_members)
         return replace(measured, seconds_forward=forward)
 
     def evaluate(
@@ -472,3 +474,7 @@ def _pooled_scores(scores: torch.Tensor, query_slots: torch.Tensor, n: int) -> t
 def _sync(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)
+
+
+def _cuda_indices(t: torch.Tensor) -> list[int]:
+    return [t.device.index or 0] if t.device.type == "cuda" else []

@@ -118,6 +118,9 @@ def row_readings(
         ``(tp_strict, tp_relaxed, auc)``, each ``[G]`` on ``scores``' device (counts as
         int64, AUC as float64).
 
+    Raises:
+        ProbeError: When a score is NaN or infinite.
+
     Example:
         >>> s = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.5, 0.5, 0.1, 0.1]])
         >>> tp0, tpk, auc = row_readings(s, torch.tensor([True, False, True, False]), 1)
@@ -125,6 +128,14 @@ def row_readings(
         ([1, 0], [2, 1], [0.75, 0.5])
     """
     global _KERNEL
+    if not bool(torch.isfinite(scores).all()):
+        from fesmia_hooks.exceptions import ProbeError
+
+        bad = int((~torch.isfinite(scores)).any(-1).sum())
+        raise ProbeError(
+            f"the learner gave non-finite scores (NaN or infinity) in {bad} of "
+            f"{scores.shape[0]} rankings; a learner must return finite scores"
+        )
     if not HAVE_NUMBA or scores.device.type != "cpu" or scores.shape[0] == 0:
         return row_readings_torch(scores, is_member, relaxed_fp)
     if _KERNEL is None:

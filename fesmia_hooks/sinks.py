@@ -3,9 +3,10 @@
 Three optional hooks complete it; a sink that has them is told about the run around the
 checks: ``start_run(header)`` before the first check of a run (the header holds the run's
 id and the settings that interpret it), ``log_failure(record)`` for a check that failed,
-and ``resume(run_id, check, errors)`` when a run continues from a saved state at check
-``check``. :func:`sinks_for` builds the sinks of a folder, so a monitor never needs to know
-which sinks those are.
+and ``resume(run_id, check, errors, header)`` when a run continues from a saved state at
+check ``check`` (``errors``: its failed checks; ``header``: as for ``start_run``).
+:func:`sinks_for` builds the sinks of a folder, so a monitor never needs to know which sinks
+those are.
 
 * :class:`TensorBoardSink` writes scalars under ``privacy/``, a custom-scalars layout that
   draws each Log-MIA with its interval and its chance level, histograms of member and

@@ -209,6 +209,7 @@ class MonitorDriver:
         steps_per_epoch: int | None = None,
         canary_sources: Iterable[Any] = (),
         model: Any = None,
+        fresh: bool = True,
     ) -> None:
         """Start a run, or continue the one whose state was loaded: the one rule of every adapter.
 
@@ -230,6 +231,9 @@ class MonitorDriver:
                 callable returning one) may hold the canaries when none were given.
             model: The model about to be trained: a new run checks it before training
                 (:meth:`fesmia_hooks.PrivacyMonitor.preflight`).
+            fresh: Training starts from step 0. A new run on a model already trained (a
+                framework resuming without this monitor's state) skips the pre-flight check:
+                a model that has memorised would fail it for the wrong reason.
 
         Raises:
             CanaryError: When the pre-flight check finds the split not exchangeable (with
@@ -259,7 +263,7 @@ class MonitorDriver:
         else:
             core.set_log_dir(None)
         core.restored = False
-        if new_run and model is not None:
+        if new_run and fresh and model is not None:
             core.preflight(model)
 
     def _find_canaries(self, sources: Iterable[Any]) -> Canaries:

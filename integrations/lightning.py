@@ -187,6 +187,7 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             steps_per_epoch=_steps_per_epoch(trainer),
             canary_sources=(getattr(trainer, "datamodule", None), pl_module),
             model=pl_module,
+            fresh=trainer.global_step == 0 and trainer.current_epoch == 0,
         )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -116,7 +116,8 @@ class AttachedMonitor(MonitorDriver):
         self.steps = start_step
         rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
         self.begin_run(rank_zero=rank_zero, max_steps=_steps_for_horizon(
-            monitor, start_step=start_step, total_steps=total_steps), model=model)
+            monitor, start_step=start_step, total_steps=total_steps), model=model,
+            fresh=start_step == 0)
         self._handle: Any = optimizer.register_step_post_hook(self._on_step)
 
     def _on_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

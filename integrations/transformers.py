@@ -188,6 +188,7 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             steps_per_epoch=per_epoch,
             canary_sources=(self._model,),
             model=self._model,
+            fresh=int(state.global_step) == 0,
         )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -188,3 +188,93 @@ def test_statistic_must_name_known_statistics():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fh.Calibration(statistic="pooled_auc")
+
+
+def test_min_p_ties_at_the_smallest_p_are_broken_so_one_trajectory_can_alarm():
+    from fesmia_hooks.measurement import Measurement
+    from fesmia_hooks.report import _example_report
+
+    base = {k: v for k, v in _example_report().__dict__.items()
+            if k in Measurement.__dataclass_fields__}
+    null = torch.rand(1999, 4, generator=torch.Generator().manual_seed(0))
+    observed = {"relaxed": 2.0, "strict": 2.0, "auc": 2.0, "pooled_auc": 2.0}
+    m = Measurement(**base, statistics=observed, null=null)
+    report = fh.Calibration(horizon=100).report(m, check=1)
+    assert report.p_value == pytest.approx(1 / 2000)  # alone at the top
+    assert report.significant and report.can_alarm
+    value, null_values = alarm_statistic("auc+strict", m)
+    ranks = [(null_values >= v).sum().item() for v in null_values.tolist()]
+    assert len(set(ranks)) > len(ranks) * 0.9  # (almost) no ties left among the permutations
+
+
+def test_a_learner_returning_nan_fails_the_check_instead_of_hanging():
+    def broken(support, query, shots):
+        return torch.full(query.shape[:2], float("nan"))
+
+    with pytest.raises(fh.ProbeError, match="non-finite scores"):
+        fh.FeSMIA(broken, episodes=5, permutations=9).attack(pool(0), 64)
+
+
+def test_a_learners_random_draws_leave_trainings_streams_alone():
+    import random
+
+    import numpy as np
+
+    def noisy(support, query, shots):
+        return query[..., 0] + torch.rand(query.shape[:2]) + float(np.random.rand() + random.random())
+
+    canaries = fh.CanarySet(members=(pool(1)[:64], torch.zeros(64, dtype=torch.long)),
+                            non_members=(pool(1)[64:], torch.ones(64, dtype=torch.long)))
+    model, probe = nn.Linear(2, 2), fh.FeSMIA(noisy, episodes=5, permutations=9)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    probe.measure(model, canaries)
+    after = torch.rand(1), np.random.rand(), random.random()
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    assert (torch.rand(1), np.random.rand(), random.random()) == after
+
+
+def test_a_state_is_refused_whole_or_loaded_whole():
+    canaries = fh.CanarySet(members=(pool(2)[:64], torch.zeros(64, dtype=torch.long)),
+                            non_members=(pool(2)[64:], torch.ones(64, dtype=torch.long)))
+    monitor = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5, permutations=99))
+    for epoch in range(2):
+        monitor.step(nn.Linear(2, 2), epoch=epoch)
+    good = monitor.state_dict()
+    for bad in ({**good, "history": [{"check": 1}]}, {**good, "stop_reason": "bogus"}):
+        with pytest.raises(fh.ConfigurationError, match="not a monitor's state"):
+            monitor.load_state_dict(bad)
+        assert monitor.checks == 2 and len(monitor.history) == 2  # nothing changed
+        assert not monitor.is_due(epoch=1)
+    other = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5, permutations=99),
+                              statistic="relaxed")
+    with pytest.raises(fh.ConfigurationError, match="calibrated with another statistic"):
+        other.load_state_dict(good)
+
+
+def test_auto_permutations_survive_a_state_saved_before_the_first_check():
+    canaries = fh.CanarySet(members=(pool(3)[:64], torch.zeros(64, dtype=torch.long)),
+                            non_members=(pool(3)[64:], torch.ones(64, dtype=torch.long)))
+    first = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5))
+    first.reset(horizon=100)
+    assert first.probe.permutations == 1999
+    resumed = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5))
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.probe.permutations == 1999 and resumed.calibration.horizon == 100
+
+
+def test_a_run_that_starts_on_a_trained_model_skips_the_preflight_check():
+    from fesmia_hooks.integrations.driver import MonitorDriver
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    x[64:] += 2.0  # what a model that memorised its members would show, say
+    y = torch.randint(0, 3, (128,), generator=g)
+    split = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+    driver = MonitorDriver(split, probe=fh.FeSMIA(episodes=20, permutations=999))
+    driver.begin_run(model=nn.Linear(4, 3), fresh=False)  # resumed training: not checked
+    with pytest.raises(fh.CanaryError):
+        driver.begin_run(model=nn.Linear(4, 3))  # from step 0: checked
