@@ -184,3 +184,17 @@ def strict_flat_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def lira_misses(runs: list[dict[str, Any]]) -> list[str]:
     """Names of the runs where LiRA reaches the target and the probe never alarms."""
     return [r["spec"]["name"] for r in lira_hits(runs) if not r["summary"]["alarmed"]]
+
+
+def first_significant(run: dict[str, Any]) -> int | None:
+    """First epoch whose check is significant at the run-level threshold (any level)."""
+    for c in run["checks"]:
+        if c["probe"].get("significant"):
+            return int(c["epoch"])
+    return None
+
+
+def max_share(run: dict[str, Any]) -> float | None:
+    """Largest share beyond chance the probe read over the run (None in older results)."""
+    vals = [c["probe"]["share"] for c in run["checks"] if c["probe"].get("share") is not None]
+    return max(vals) if vals else None

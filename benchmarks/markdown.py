@@ -24,9 +24,11 @@ from benchmarks.analysis import (
     cost_fits,
     costlier_alternatives,
     count_checks,
+    first_significant,
     full_set_break_even,
     lira_hits,
     lira_misses,
+    max_share,
     mean,
     score_learners,
     section,
@@ -151,9 +153,12 @@ def _summary(results: dict[str, Any]) -> list[str]:
                      met(None if low is None else low >= TARGETS["rho"])])
         hits = lira_hits(runs)
         flagged = [r for r in hits if r["summary"]["alarmed"]]
-        rows.append(["4", "probe flags every run where LiRA has TPR ≥ 10 % at 1 % FPR",
-                     "all", f"{len(flagged)} of {len(hits)}",
+        rows.append(["4", "probe flags (breaches the default budget) every run where LiRA "
+                     "has TPR ≥ 10 % at 1 % FPR", "all", f"{len(flagged)} of {len(hits)}",
                      met(len(flagged) == len(hits))])
+        sig = [r for r in hits if first_significant(r) is not None]
+        rows.append(["4", "… the same runs where the run-level test is significant at some "
+                     "check (any level)", "–", f"{len(sig)} of {len(hits)}", "–"])
         power = [r["summary"]["alarmed"] for r in leaky]
         delays = [r["summary"]["alarm_delay_epochs"] for r in leaky
                   if r["summary"]["alarm_delay_epochs"] is not None]
@@ -354,23 +359,48 @@ def _fidelity(results: dict[str, Any], plots: Path, md_dir: Path) -> list[str]:
             f"{num(f.get('probe_share'))} / {num(f.get('population_share'))}",
             f["probe_level"], num(f["population_auc"]), pct(f["population_tpr_at_1pct_fpr"]),
             f"{pct(li.get('tpr_at_1pct_fpr'))} ({li.get('shadows', '–')})",
-            num(li.get("auc")), num(s["alarmed"]),
+            num(li.get("auc")), num(first_significant(run)), num(max_share(run)),
+            num(s["alarmed"]),
             met(None if not li else (s["alarmed"] or li["tpr_at_1pct_fpr"] < TARGETS["lira_tpr"])),
         ])
     out.append(table(["run", "epochs", "leaky", "ρ relaxed (target ≥ 0.9 if leaky)",
                       "ρ strict", "probe at end: strict / relaxed",
                       "share beyond chance at end: probe / population", "level at end",
                       "population AUC at end", "population TPR @ 1 % FPR",
-                      "LiRA TPR @ 1 % FPR (shadows)", "LiRA AUC", "probe alarmed",
+                      "LiRA TPR @ 1 % FPR (shadows)", "LiRA AUC",
+                      "first significant check (epoch)", "largest share beyond chance",
+                      "probe alarmed",
                       "flags if LiRA ≥ 10 %"], rows))
     plain = [r for r in pan["runs"] if not r["spec"]["crafted"]]
-    weak = [r["summary"]["rho_relaxed"] for r in plain if not r["summary"]["leaky"]]
+    weak_runs = [r for r in plain if not r["summary"]["leaky"]]
+    weak = [r["summary"]["rho_relaxed"] for r in weak_runs]
     if weak:
+        first = mean([r["checks"][0]["population"]["auc"] for r in weak_runs])
+        last = mean([r["checks"][-1]["population"]["auc"] for r in weak_runs])
+        share = mean([r["summary"]["final"].get("population_share") for r in weak_runs])
         out.append(
             f"On the {len(weak)} run(s) that the population attack does not flag at the end, "
-            f"the population AUC barely moves after the first epochs and ρ measures little "
-            f"but noise (mean {num(mean(weak))}); LiRA still finds leakage there, which the "
-            "threshold-style population attack does not see.")
+            f"its AUC goes from {num(first)} at the first epoch to {num(last)} at the last "
+            f"(means over those runs), but its share beyond chance at the end stays at "
+            f"{num(share)} on average, below the `moderate` band (0.1): the threshold attack "
+            f"separates members at the low-confidence end, not at the top of its ranking. "
+            f"ρ there averages {num(mean(weak))}. LiRA finds leakage on these runs.")
+    hits = lira_hits(plain)
+    quiet = [r for r in hits if not r["summary"]["alarmed"]]
+    if quiet:
+        sig = [r for r in quiet if first_significant(r) is not None]
+        out.append(
+            f"**Why the probe does not flag {len(quiet)} of the {len(hits)} runs where LiRA "
+            f"reaches TPR ≥ 10 % at 1 % FPR.** On {len(sig)} of them the run-level test is "
+            "significant (first at epoch "
+            + ", ".join(f"{first_significant(r)} on {r['spec']['name']}" for r in sig)
+            + "), so the probe does detect leakage; but the level reads the strict share "
+            "beyond chance, which stays below the `moderate` band (largest value "
+            + ", ".join(f"{num(max_share(r))} on {r['spec']['name']}" for r in sig)
+            + "), so the check is `low` and the default budget (`max_level=\"low\"`) is not "
+            "breached. A budget that should fire on significance alone is "
+            "`LeakageBudget(max_level=\"none\")`; whether the default ceiling should be lower "
+            "is a product decision these numbers inform, not one made here.")
     if plot_fidelity(pan["runs"], plots / "fidelity.png"):
         rel = os.path.relpath(plots / "fidelity.png", md_dir)
         out.append(f"![probe readings and the population attack, per epoch]({rel})")
@@ -398,7 +428,12 @@ def _honesty(results: dict[str, Any]) -> list[str]:
         out.append(table(["probe", "checks per run", "false alarms per run [95 % CI]",
                           "bound", "target", ""], rows))
         hi = pl["default"]["ci95"][1]
-        if pl["default"]["rate"] <= 0.05 < hi:
+        if hi <= 0.05:
+            out.append(f"With {pl['default']['runs']} runs even the upper end of the default's "
+                       f"interval ({pct(hi)}) is below the 5 % target. The default monitor "
+                       f"reads the `{library_default_statistic()}` statistic on "
+                       "`permutations=\"auto\"` (999 here: no horizon is given).")
+        elif pl["default"]["rate"] <= 0.05 < hi:
             out.append(f"The point estimate meets the target; with {pl['default']['runs']} "
                        f"runs the interval cannot exclude rates up to {pct(hi)}. Narrowing it "
                        "to below 5 % would take several hundred runs.")
@@ -695,6 +730,16 @@ def _reco_strict(runs: list[dict[str, Any]]) -> str:
 
 def _reco_misses(runs: list[dict[str, Any]]) -> str:
     missed = lira_misses(runs)
+    byname = {r["spec"]["name"]: r for r in runs}
+    sig = [n for n in missed if first_significant(byname[n]) is not None]
+    if missed and len(sig) == len(missed):
+        return (f"- **What the defaults miss.** LiRA finds TPR ≥ 10 % at 1 % FPR on "
+                f"{', '.join(missed)}; the probe's run-level test is significant on every one "
+                "of them, but its strict share beyond chance stays below the `moderate` band, "
+                "so the default budget (ceiling `low`) never breaches. The alarm, not the "
+                "detection, is what misses: a user who needs an alarm on any significant "
+                "leakage should set `max_level=\"none\"`; the docs should say that `low` "
+                "means *significant but little beyond chance on the strict reading*.")
     if not missed:
         return ("- **Strong attacks.** The probe alarmed on every panel run where LiRA finds "
                 "TPR ≥ 10 % at 1 % FPR.")
