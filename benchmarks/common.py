@@ -24,7 +24,7 @@ from torch import nn
 import fesmia_hooks as fh
 from fesmia_hooks.canaries import wrong_labels as canary_wrong_labels
 from fesmia_hooks.demos.digits import digits_mlp, load_noisy_digits
-from fesmia_hooks.logmia import batched_log_mia, batched_tp_counts, chance_counts
+from fesmia_hooks.logmia import batched_tp_counts, chance_counts
 from fesmia_hooks.report import share_beyond_chance
 
 NUM_CLASSES = 10
@@ -401,23 +401,25 @@ def auc(members: np.ndarray, non_members: np.ndarray) -> float:
 _EPISODES: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def expected_log_mia(
+def expected_readings(
     members: np.ndarray,
     non_members: np.ndarray,
     *,
     queries: int = 15,
     episodes: int = 2000,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Mean (strict, relaxed) Log-MIA of the threshold attack over random query sets.
+) -> dict[str, float]:
+    """The threshold attack read on the probe's scale, over random query sets.
 
     Each episode draws ``queries`` members and ``queries`` non-members from the whole
-    population: the population attack read on the probe's own scale.
+    population (the same draws at every check: common random numbers). Returns the mean
+    strict and relaxed Log-MIA, the mean members named with no false accusation, and its
+    share beyond chance: what the probe's level reads, for the population attack.
     """
     m = torch.as_tensor(members, dtype=torch.float64)
     nm = torch.as_tensor(non_members, dtype=torch.float64)
     key = (len(m), len(nm), queries, episodes, seed)
-    if key not in _EPISODES:  # the same query sets at every check: common random numbers
+    if key not in _EPISODES:
         g = torch.Generator().manual_seed(seed)
         _EPISODES[key] = (
             torch.rand(episodes, len(m), generator=g).argsort(1)[:, :queries],
@@ -427,33 +429,16 @@ def expected_log_mia(
     scores = torch.cat([m[mi], nm[ni]], dim=1)
     is_member = torch.zeros(2 * queries, dtype=torch.bool)
     is_member[:queries] = True
-    strict, relaxed = batched_log_mia(scores, is_member)
-    return float(strict.mean()), float(relaxed.mean())
-
-
-def expected_share(
-    members: np.ndarray,
-    non_members: np.ndarray,
-    *,
-    queries: int = 15,
-    episodes: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Mean members named with no false accusation on random ``queries`` + ``queries`` sets,
-    and its share beyond chance: what the probe's level reads, for the population attack.
-
-    The query sets are those of :func:`expected_log_mia` (same key, same draws).
-    """
-    expected_log_mia(members, non_members, queries=queries, episodes=episodes, seed=seed)
-    m = torch.as_tensor(members, dtype=torch.float64)
-    nm = torch.as_tensor(non_members, dtype=torch.float64)
-    mi, ni = _EPISODES[(len(m), len(nm), queries, episodes, seed)]
-    scores = torch.cat([m[mi], nm[ni]], dim=1)
-    is_member = torch.zeros(2 * queries, dtype=torch.bool)
-    is_member[:queries] = True
-    tp0, _ = batched_tp_counts(scores, is_member)
+    tp0, tpk = batched_tp_counts(scores, is_member)
+    denom = math.log(queries + 1)
     named = float(tp0.double().mean())
-    return named, share_beyond_chance(named, chance_counts(queries)[0], queries)
+    return {
+        # as batched_log_mia reads them (float32), from the counts computed once
+        "strict": float((torch.log1p(tp0.to(torch.float32)) / denom).mean()),
+        "relaxed": float((torch.log1p(tpk.to(torch.float32)) / denom).mean()),
+        "named": named,
+        "share": share_beyond_chance(named, chance_counts(queries)[0], queries),
+    }
 
 
 def population_attack(
@@ -464,8 +449,8 @@ def population_attack(
 
     m = signal(model, *work.train)
     nm = signal(model, *work.non_members)
-    strict, relaxed = expected_log_mia(m, nm, seed=seed, episodes=episodes)
-    named, share = expected_share(m, nm, seed=seed, episodes=episodes)
+    read = expected_readings(m, nm, seed=seed, episodes=episodes)
+    strict, relaxed, named, share = read["strict"], read["relaxed"], read["named"], read["share"]
     return {
         "auc": auc(m, nm),
         "tpr_at_1pct_fpr": tpr_at(m, nm, 0.01),

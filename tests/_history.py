@@ -1,4 +1,5 @@
-"""Test helpers: a history file's run headers and check lines apart, a recording sink."""
+"""Test helpers: a history file's run headers and check lines apart, a recording sink, and
+processes spawned under a deadline."""
 
 import json
 from pathlib import Path
@@ -44,3 +45,19 @@ class RecordingSink:
 def readings(report):
     """What a check measured and decided (its timings left out)."""
     return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
+
+
+def spawn_or_fail(worker, args, *, hang, nprocs=2, seconds=120):
+    """Run ``worker`` on ``nprocs`` processes; kill them and fail with ``hang`` past a deadline."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=2):  # False while a process still runs
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(hang)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _history import checks_in  # noqa: E402
+from _history import checks_in, spawn_or_fail  # noqa: E402
 from torch import nn
 
 import fesmia_hooks as fh
@@ -124,15 +124,8 @@ def failing_worker(rank, world, folder):
 
 
 def test_a_check_failing_on_one_rank_fails_on_all_without_hanging(tmp_path):
-    import time
-
-    context = mp.spawn(failing_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):  # False while a process still runs
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung after another rank's check failed")
+    spawn_or_fail(failing_worker, (2, str(tmp_path)),
+                  hang="a rank hung after another rank's check failed")
     results = [json.loads((tmp_path / f"fail{r}.json").read_text()) for r in range(2)]
     assert all(r["result"] for r in results)
     assert "non-finite" in results[1]["errors"][0]["error"]
@@ -169,15 +162,8 @@ def fsdp_worker(rank, world, folder):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_a_sharded_model_is_probed_in_lockstep(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    import time
-
-    context = mp.spawn(fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung while probing a sharded model")
+    spawn_or_fail(fsdp_worker, (2, str(tmp_path)),
+                  hang="a rank hung while probing a sharded model")
     results = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in range(2)]
     assert all(r["errors"] == [] and r["report"] is not None for r in results)
     # every rank forwarded its share in the same number of batches and got the same report

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import struct
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,8 +36,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _history import checks_in, headers_in, lines_of
+from _history import checks_in, headers_in, lines_of, spawn_or_fail
 from torch import nn
 
 import fesmia_hooks as fh
@@ -741,13 +739,8 @@ def disagreeing_worker(rank, world, folder):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ranks_with_different_canaries_all_raise_without_hanging(tmp_path):
-    context = mp.spawn(disagreeing_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung on a canary set the other ranks do not share")
+    spawn_or_fail(disagreeing_worker, (2, str(tmp_path)),
+                  hang="a rank hung on a canary set the other ranks do not share")
     for rank in range(2):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert outcome["raised"] == "ConfigurationError", outcome
