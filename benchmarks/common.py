@@ -463,10 +463,16 @@ def population_attack(
 
 
 def crosses_budget(pop: dict[str, float], *, looks: int) -> bool:
-    """The population attack crosses the default budget: its share beyond chance (mean
-    members named with no false accusation on random 15 + 15 query sets) reaches the
-    "moderate" band (0.1) and its AUC is above 0.5 at level 0.05 / ``looks``."""
-    return pop["share"] >= BUDGET_SHARE and pop["p_value"] <= 0.05 / max(looks, 1)
+    """The population attack crosses the default budget (``LeakageBudget()``, which
+    tolerates no significant leakage): its AUC is above 0.5 at level 0.05 / ``looks``."""
+    return pop["p_value"] <= 0.05 / max(looks, 1)
+
+
+def reaches_band(pop: dict[str, float], *, looks: int) -> bool:
+    """The population attack leaks beyond the ``moderate`` band: significant, and its share
+    beyond chance (mean members named with no false accusation on random 15 + 15 query
+    sets) at least 0.1. What makes a panel run *leaky* for the tracking target."""
+    return crosses_budget(pop, looks=looks) and pop["share"] >= BUDGET_SHARE
 
 
 def tfp_reference_check(

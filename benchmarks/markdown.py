@@ -280,12 +280,9 @@ def _tfp(results: dict[str, Any]) -> list[str]:
         "TensorFlow Privacy's `MembershipInferenceCallback` runs a threshold attack on the loss "
         "of the *entire* training and test sets after every epoch. It is re-done here (forward "
         "passes over both sets, per-sample loss, ROC, AUC, attacker advantage, PPV). It logs "
-        "numbers and gives no verdict, so its attack is read with the probe's budget: it "
-        "*flags* an epoch when its share beyond chance (the mean count of members its scores "
-        "name with no false accusation on random 15 + 15 query sets, (named - 15/16) / "
-        "(15 - 15/16), the scale of the probe's levels) reaches 0.1 (the `moderate` band that "
-        "the default budget's `low` ceiling stops at) and its AUC is above 0.5 at level "
-        "0.05 / epochs (Mann-Whitney). Loss and "
+        "numbers and gives no verdict, so its attack is read with the probe's default budget "
+        "(`LeakageBudget()`, which tolerates no significant leakage): it *flags* an epoch when "
+        "its AUC is above 0.5 at level 0.05 / epochs (Mann-Whitney, one-sided). Loss and "
         "logit-scaled confidence rank samples alike, so this is also the population attack of "
         "items 4 and 5."
     )
@@ -326,9 +323,9 @@ def _tfp(results: dict[str, Any]) -> list[str]:
         full_only = sum(count_checks(r, True, False) for r in plain)
         probe_only = sum(count_checks(r, False, True) for r in plain)
         text += (f" Over the panel runs, {full_only} check(s) are flagged by the full-set "
-                 f"attack only and {probe_only} by the probe only; the plot of item 4 shows "
-                 "the population attack's share beyond chance against the band edge (0.1), "
-                 "and LiRA (item 4) says which verdict a strong attack supports.")
+                 f"attack only and {probe_only} by the probe only (the full-set attack reads "
+                 "every training sample, so it is significant sooner than a test on 64 + 64 "
+                 "canaries); LiRA (item 4) says which verdict a strong attack supports.")
     out.append(text)
     return out
 
@@ -343,8 +340,9 @@ def _fidelity(results: dict[str, Any], plots: Path, md_dir: Path) -> list[str]:
         "epoch the population attack (a threshold on the logit-scaled confidence over all "
         "members and all non-members) is measured on the same model. ρ is Spearman's rank "
         "correlation over the checks of one run between the probe's reading and the "
-        "population attack's AUC; the target applies to *leaky* runs (the population attack "
-        "crosses the budget at the run's last epoch). At the end, online LiRA (logit-scaled "
+        "population attack's AUC; the target applies to *leaky* runs (at the run's last epoch "
+        "the population attack is significant and its share beyond chance reaches the "
+        "`moderate` band, 0.1). At the end, online LiRA (logit-scaled "
         "confidence, global variance, each pool sample in exactly half the shadows, shadows "
         "trained with the target's recipe on the same pool) gives the strong-attack verdict."
     )
@@ -379,7 +377,7 @@ def _fidelity(results: dict[str, Any], plots: Path, md_dir: Path) -> list[str]:
         last = mean([r["checks"][-1]["population"]["auc"] for r in weak_runs])
         share = mean([r["summary"]["final"].get("population_share") for r in weak_runs])
         out.append(
-            f"On the {len(weak)} run(s) that the population attack does not flag at the end, "
+            f"On the {len(weak)} run(s) that are not leaky in that sense, "
             f"its AUC goes from {num(first)} at the first epoch to {num(last)} at the last "
             f"(means over those runs), but its share beyond chance at the end stays at "
             f"{num(share)} on average, below the `moderate` band (0.1): the threshold attack "
@@ -392,15 +390,9 @@ def _fidelity(results: dict[str, Any], plots: Path, md_dir: Path) -> list[str]:
         out.append(
             f"**Why the probe does not flag {len(quiet)} of the {len(hits)} runs where LiRA "
             f"reaches TPR ≥ 10 % at 1 % FPR.** On {len(sig)} of them the run-level test is "
-            "significant (first at epoch "
+            "significant at some check (first at epoch "
             + ", ".join(f"{first_significant(r)} on {r['spec']['name']}" for r in sig)
-            + "), so the probe does detect leakage; but the level reads the strict share "
-            "beyond chance, which stays below the `moderate` band (largest value "
-            + ", ".join(f"{num(max_share(r))} on {r['spec']['name']}" for r in sig)
-            + "), so the check is `low` and the default budget (`max_level=\"low\"`) is not "
-            "breached. A budget that should fire on significance alone is "
-            "`LeakageBudget(max_level=\"none\")`; whether the default ceiling should be lower "
-            "is a product decision these numbers inform, not one made here.")
+            + ") without the budget acting; see the monitor's settings in this run.")
     if plot_fidelity(pan["runs"], plots / "fidelity.png"):
         rel = os.path.relpath(plots / "fidelity.png", md_dir)
         out.append(f"![probe readings and the population attack, per epoch]({rel})")
@@ -735,11 +727,7 @@ def _reco_misses(runs: list[dict[str, Any]]) -> str:
     if missed and len(sig) == len(missed):
         return (f"- **What the defaults miss.** LiRA finds TPR ≥ 10 % at 1 % FPR on "
                 f"{', '.join(missed)}; the probe's run-level test is significant on every one "
-                "of them, but its strict share beyond chance stays below the `moderate` band, "
-                "so the default budget (ceiling `low`) never breaches. The alarm, not the "
-                "detection, is what misses: a user who needs an alarm on any significant "
-                "leakage should set `max_level=\"none\"`; the docs should say that `low` "
-                "means *significant but little beyond chance on the strict reading*.")
+                "of them, yet the default budget did not act.")
     if not missed:
         return ("- **Strong attacks.** The probe alarmed on every panel run where LiRA finds "
                 "TPR ≥ 10 % at 1 % FPR.")

@@ -38,6 +38,7 @@ from benchmarks.common import (
     lira,
     median,
     population_attack,
+    reaches_band,
     snapshot,
     spearman,
     tfp_reference_check,
@@ -204,6 +205,7 @@ def run_one(spec: RunSpec, cfg: Any) -> dict[str, Any]:
     looks = len(checks)
     for row in checks:
         row["population"]["crosses"] = crosses_budget(row["population"], looks=looks)
+        row["population"]["moderate"] = reaches_band(row["population"], looks=looks)
     out: dict[str, Any] = {
         "spec": asdict(spec),
         "epochs": recipe.epochs,
@@ -283,7 +285,7 @@ def _run_summary(checks: list[dict[str, Any]], key: str = "probe") -> dict[str, 
         "rho_strict": spearman(strict, pop_auc),
         "rho_relaxed_vs_population_log_mia": spearman(
             relaxed, [c["population"]["relaxed"] for c in checks]),
-        "leaky": bool(checks[-1]["population"]["crosses"]),
+        "leaky": bool(checks[-1]["population"].get("moderate", False)),
         "population_first_crossing_epoch": pop_first,
         "probe_first_alarm_epoch": alarm,
         "alarmed": alarm is not None,

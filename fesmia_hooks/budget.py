@@ -60,8 +60,11 @@ class LeakageBudget:
     :class:`~fesmia_hooks.Calibration`, not to the budget.
 
     Args:
-        max_level: Highest level tolerated; a check whose level is above it crosses.
-            ``None`` puts no ceiling on the level.
+        max_level: Highest level tolerated; a check whose level is above it crosses. The
+            default ``"none"`` tolerates no significant leakage: any check whose run-level
+            test is significant crosses, whatever its level (the false-alarm rate per run
+            stays ``alpha``). ``"low"`` tolerates significant leakage whose share beyond
+            chance is below the ``moderate`` band; ``None`` puts no ceiling on the level.
         max_values: Ceilings on leakage readings, by their :meth:`LeakageReport.as_dict`
             key, e.g. ``{"log_mia_strict": 0.4, "auc": 0.7}``.
         patience: Consecutive crossing checks needed for a breach.
@@ -78,7 +81,7 @@ class LeakageBudget:
 
     def __init__(
         self,
-        max_level: Level | str | None = "low",
+        max_level: Level | str | None = "none",
         *,
         max_values: Mapping[str, float] | None = None,
         patience: int = 1,
@@ -131,6 +134,11 @@ class LeakageBudget:
         """Whether one report crosses the ceiling, and why; ``None`` if it does not."""
         if not report.significant:
             return None
+        if self.max_level == Level.NONE:
+            return StopReason.LEVEL_EXCEEDED, (
+                f"significant leakage (level {report.level.value!r}); the budget tolerates "
+                "none"
+            )
         if self.max_level is not None and report.level > self.max_level:
             return StopReason.LEVEL_EXCEEDED, (
                 f"leakage level {report.level.value!r} exceeds the budget "

@@ -149,25 +149,32 @@ def canary_interval(
     """95 % interval of a reading over canary pools, from episodes inside half-pools.
 
     ``half_episodes`` is ``[halves, episodes]`` per-episode values inside random half-pools
-    (see :class:`~fesmia_hooks.episodes.HalfPlan`). The spread of the half-pools' means,
-    less the part their own few episodes add, times ``scale``, estimates the variance of
-    the reading across canary pools; the full pool's episode variance is added on top.
+    (see :class:`~fesmia_hooks.episodes.HalfPlan`). The half-pools' readings spread around
+    their mean as readings of other pools would spread around this one's, plus the noise
+    of their own few episodes. Their deviations are shrunk to remove that noise (the
+    within-half episode variance) and multiplied by ``sqrt(scale)``; the interval runs from
+    their 2.5th to their 97.5th percentile around ``value`` (a percentile interval, so a
+    skewed reading gets a skewed interval), each end widened in quadrature by the full
+    pool's own episode noise (``1.96 sd / sqrt(E)``).
 
     Example:
         >>> rng = np.random.default_rng(0)
-        >>> lo, hi = canary_interval(0.5, rng.random(100), rng.random((50, 20)), 1.0)
+        >>> lo, hi = canary_interval(0.5, rng.random(100), rng.random((200, 20)), 1.0)
         >>> lo < 0.5 < hi
         True
     """
     if half_episodes.size == 0 or not np.isfinite(scale):
         return math.nan, math.nan
     means = half_episodes.mean(1)
-    within = half_episodes.var(1, ddof=1).mean() / half_episodes.shape[1]
-    pool_var = max(float(means.var(ddof=1)) - float(within), 0.0) * scale
-    episode_var = float(full_episodes.var(ddof=1)) / len(full_episodes)
-    half = 1.96 * math.sqrt(pool_var + episode_var)
+    spread = float(means.var(ddof=1))
+    within = float(half_episodes.var(1, ddof=1).mean()) / half_episodes.shape[1]
+    shrink = math.sqrt(max(spread - within, 0.0) / spread) if spread > 0 else 0.0
+    deviations = (means - means.mean()) * shrink * math.sqrt(scale)
+    below, above = np.quantile(deviations, [0.025, 0.975])
+    episode = 1.96 * math.sqrt(float(full_episodes.var(ddof=1)) / len(full_episodes))
     low, high = bounds
-    return round(max(low, value - half), 12), round(min(high, value + half), 12)
+    return (round(max(low, value - math.hypot(float(below), episode)), 12),
+            round(min(high, value + math.hypot(float(above), episode)), 12))
 
 
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray) -> dict[float, float]:

@@ -75,7 +75,7 @@ _BLOCK_ELEMENTS = 2_000_000
 #: Fewest and most label permutations ``permutations="auto"`` draws.
 AUTO_PERMUTATIONS = (999, 4999)
 # Half-pools, and episodes in each, of the interval over canary draws.
-_HALVES, _HALF_EPISODES = 100, 20
+_HALVES, _HALF_EPISODES = 200, 20
 
 
 class FeSMIA:

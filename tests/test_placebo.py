@@ -45,6 +45,8 @@ def test_placebo_runs_raise_no_alarm_in_95_percent_of_runs():
     runs = [placebo_run(seed) for seed in range(40)]
     assert all(m.checks == 30 for m in runs)
     alarmed = sum(any(r.breached for r in m.history) for m in runs)
-    assert alarmed / len(runs) <= 0.05, f"{alarmed} of {len(runs)} placebo runs alarmed"
+    # At a true rate of 5 %, 5 or more alarms in 40 runs happen with probability 0.048: more
+    # is evidence (at the 5 % level) that the per-run rate exceeds alpha.
+    assert alarmed <= 4, f"{alarmed} of {len(runs)} placebo runs alarmed"
     # The control that shows this can fail is in test_demo.py: the same kind of model, trained
     # on its canary members, does raise the alarm.
