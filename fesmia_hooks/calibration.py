@@ -22,13 +22,28 @@ from fesmia_hooks.measurement import STATISTICS, Measurement
 from fesmia_hooks.report import LeakageReport, LevelBands, share_beyond_chance
 from fesmia_hooks.sequential import SequentialTest, permutation_p_values
 
-__all__ = ["DEFAULT_STATISTIC", "Calibration", "alarm_statistic", "expected_checks"]
+__all__ = [
+    "DEFAULT_STATISTIC",
+    "Calibration",
+    "alarm_components",
+    "alarm_statistic",
+    "expected_checks",
+]
 
 #: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md).
 DEFAULT_STATISTIC = "auc+strict"
 
 
-def _components(statistic: Any) -> tuple[str, ...]:
+def alarm_components(statistic: Any) -> tuple[str, ...]:
+    """The statistics an alarm statistic reads: ``"auc+strict"`` -> ``("auc", "strict")``.
+
+    Raises:
+        ConfigurationError: On a name outside :data:`~fesmia_hooks.measurement.STATISTICS`.
+
+    Example:
+        >>> alarm_components("auc+strict")
+        ('auc', 'strict')
+    """
     parts = tuple(statistic.split("+")) if isinstance(statistic, str) else ()
     if not parts or any(p not in STATISTICS for p in parts) or len(set(parts)) != len(parts):
         raise ConfigurationError(
@@ -62,7 +77,7 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
         >>> round(observed, 4), null.shape  # the AUC beats every permutation: p = 1/100
         (-0.0122, torch.Size([99]))
     """
-    parts = _components(statistic)
+    parts = alarm_components(statistic)
     columns = [STATISTICS.index(p) for p in parts]
     null = measurement.null[:, columns].double()
     observed = torch.tensor([[measurement.statistics[p] for p in parts]], dtype=torch.float64)
@@ -118,7 +133,7 @@ class Calibration:
         statistic: str = DEFAULT_STATISTIC,
     ) -> None:
         self.alpha = probability("alpha", alpha)
-        _components(statistic)
+        alarm_components(statistic)
         self.statistic = statistic
         self.fixed_horizon = optional_positive_int("horizon", horizon)
         if bands is not None and not isinstance(bands, LevelBands):

@@ -9,6 +9,7 @@ permutations gives the joint null distribution of all the checks of a run
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["EpisodePlan", "HalfPlan"]
@@ -54,6 +55,19 @@ class EpisodePlan:
         self.queries = queries
         self.num_members = num_members
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(slots, perms, identity)`` as contiguous int64 host arrays, built once.
+
+        ``identity`` is the ``[1, n]`` permutation that keeps the true labels.
+        """
+        if self._host is None:
+            n = self.perms.shape[1]
+            self._host = (np.ascontiguousarray(self.slots.numpy()),
+                          np.ascontiguousarray(self.perms.numpy()),
+                          np.arange(n, dtype=np.int64)[None])
+        return self._host
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, perms)`` on ``device``, moved once and cached."""

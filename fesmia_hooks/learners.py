@@ -71,10 +71,42 @@ def simpleshot(support: torch.Tensor, query: torch.Tensor, shots: int) -> torch.
         >>> simpleshot(s, q, shots=2).argsort(descending=True)
         tensor([[0, 1, 2]])
     """
-    # d_n^2 - d_m^2 = 2 q.(c_m - c_n) + |c_n|^2 - |c_m|^2, without forming the distances.
-    member, non_member = support[:, :shots].mean(1), support[:, shots:].mean(1)
-    bias = non_member.pow(2).sum(-1) - member.pow(2).sum(-1)
-    return 2 * torch.bmm(query, (member - non_member)[:, :, None]).squeeze(-1) + bias[:, None]
+    return simpleshot_rows(torch.cat([support, query], dim=-2), shots)
+
+
+def simpleshot_rows(rows: torch.Tensor, shots: int) -> torch.Tensor:
+    """SimpleShot scores ``[..., Q]`` of episodes laid out as rows ``[..., 2s + Q, F]``.
+
+    ``d_n^2 - d_m^2 = 2 q.(c_m - c_n) + |c_n|^2 - |c_m|^2``, in float64, summing over shots
+    and then over features left to right: the operations, in the order, of the compiled
+    loop (:mod:`fesmia_hooks.fused`), so that both give identical scores.
+
+    Example:
+        >>> rows = torch.tensor([[[1.0], [-1.0], [3.0], [0.0]]])
+        >>> simpleshot_rows(rows, shots=1).tolist()
+        [[12.0, 0.0]]
+    """
+    rows = rows.to(torch.float64)
+    member, non_member = rows[..., 0, :], rows[..., shots, :]
+    for i in range(1, shots):
+        member = member + rows[..., i, :]
+        non_member = non_member + rows[..., shots + i, :]
+    member, non_member = member / shots, non_member / shots
+    bias = _ordered_sum(non_member * non_member) - _ordered_sum(member * member)
+    diff = member - non_member
+    query = rows[..., 2 * shots :, :]
+    dot = query[..., 0] * diff[..., None, 0]
+    for f in range(1, query.shape[-1]):
+        dot = dot + query[..., f] * diff[..., None, f]
+    return 2.0 * dot + bias[..., None]
+
+
+def _ordered_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension, left to right (torch's ``sum`` may pair terms)."""
+    out = t[..., 0]
+    for f in range(1, t.shape[-1]):
+        out = out + t[..., f]
+    return out
 
 
 def threshold(

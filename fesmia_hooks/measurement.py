@@ -25,6 +25,7 @@ __all__ = [
     "STATISTICS",
     "Measurement",
     "canary_interval",
+    "statistics_of",
     "episode_statistics",
     "mean_interval",
     "tpr_at_fpr",
@@ -111,21 +112,7 @@ def episode_statistics(
     g, e, q2 = scores.shape
     flat = scores.reshape(g * e, q2)
     tp0, tpk, auc = row_readings(flat, is_query_member, relaxed_false_positives(q2))
-    tp0, tpk, auc = (t.to(scores.device) for t in (tp0, tpk, auc))
-    auc = auc.reshape(g, e)
-    denom = math.log(int(is_query_member.sum()) + 1)
-    strict = torch.log1p(tp0.to(torch.float32)).reshape(g, e) / denom
-    relaxed = torch.log1p(tpk.to(torch.float32)).reshape(g, e) / denom
-    out = {
-        "tp_strict": tp0.reshape(g, e),
-        "tp_relaxed": tpk.reshape(g, e),
-        "auc_episodes": auc,
-        "relaxed": relaxed.mean(1),
-        "strict": strict.mean(1),
-        "auc": auc.mean(1),
-        "strict_episodes": strict,
-        "relaxed_episodes": relaxed,
-    }
+    pooled_auc = None
     if pooled:
         index = query_slots.reshape(-1)
         total = torch.zeros(g, pool, dtype=torch.float64, device=scores.device)
@@ -134,7 +121,37 @@ def episode_statistics(
         seen = count > 0
         member = (torch.arange(pool, device=scores.device) < num_members)[seen]
         _, _, pooled_auc = row_readings(total[:, seen] / count[seen], member, 0)
-        out["pooled_auc"] = pooled_auc.to(scores.device)
+    return statistics_of(tp0.reshape(g, e), tpk.reshape(g, e), auc.reshape(g, e),
+                         int(is_query_member.sum()), pooled_auc)
+
+
+def statistics_of(
+    tp_strict: torch.Tensor,
+    tp_relaxed: torch.Tensor,
+    auc: torch.Tensor,
+    query_members: int,
+    pooled_auc: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-episode readings and group statistics from ``[G, E]`` counts and AUCs.
+
+    ``pooled_auc`` (``[G]``) is passed through when given. See :func:`episode_statistics`
+    for the keys.
+    """
+    denom = math.log(query_members + 1)
+    strict = torch.log1p(tp_strict.to(torch.float32)) / denom
+    relaxed = torch.log1p(tp_relaxed.to(torch.float32)) / denom
+    out = {
+        "tp_strict": tp_strict,
+        "tp_relaxed": tp_relaxed,
+        "auc_episodes": auc,
+        "relaxed": relaxed.mean(1),
+        "strict": strict.mean(1),
+        "auc": auc.mean(1),
+        "strict_episodes": strict,
+        "relaxed_episodes": relaxed,
+    }
+    if pooled_auc is not None:
+        out["pooled_auc"] = pooled_auc
     return out
 
 

@@ -33,7 +33,7 @@ from fesmia_hooks._validation import (
     writable_folder,
 )
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
-from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration
+from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration, alarm_components
 from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_across_ranks, is_distributed
 from fesmia_hooks.exceptions import (
@@ -46,6 +46,7 @@ from fesmia_hooks.guard import model_device
 from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.sinks import Sink, sinks_for
+from fesmia_hooks.writer import FLUSH_TIMEOUT_S, BackgroundWriter
 
 __all__ = ["PREFLIGHT_ALPHA", "PrivacyMonitor"]
 
@@ -177,6 +178,7 @@ class PrivacyMonitor:
         if canaries is not None:
             self.set_canaries(canaries)
         self.sinks: list[Sink] = list(sinks)
+        self._writer = BackgroundWriter()
         #: Whether this process writes to the sinks: under ``torch.distributed``, rank zero
         #: only (integrations set it from their framework's rank).
         self.writes = not is_distributed() or torch.distributed.get_rank() == 0
@@ -276,6 +278,9 @@ class PrivacyMonitor:
         self._safe_state = None
         self.baseline = None
         self._size_permutations()
+        use_statistics = getattr(self.probe, "use_statistics", None)
+        if callable(use_statistics):
+            use_statistics(alarm_components(self.calibration.statistic))
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):
             start_run()
@@ -458,19 +463,50 @@ class PrivacyMonitor:
         """Call ``hook`` on every sink that has it; a failing sink is reported, not fatal.
 
         Outputs are secondary: a full disk or a broken writer must not lose the check's
-        decision, which is made and acted on whatever the sinks do.
+        decision, which is made and acted on whatever the sinks do. Each check's outputs to
+        the monitor's own sinks (those of ``log_dir``) are written by its background writer
+        (:mod:`fesmia_hooks.writer`); the rare hooks (a run's start, a resume, a failed
+        check, closing) wait for it and run here, in order, as do sinks given to the
+        constructor.
         """
+        background = hook == "log"
+        if not background:  # run starts, resumes, failures, closes: in order, and now
+            self._writer.flush()
+        self._report_output_failures()
         for sink in sinks:
             method = getattr(sink, hook, None)
             if not callable(method):
                 continue
+            if background and any(sink is own for own in self._dir_sinks):
+                self._writer.submit(sink, hook, args)
+                continue
             try:
                 method(*args)
             except Exception as exc:  # noqa: BLE001 - reported below, decisions go on
-                message = (f"fesmia-hooks: {type(sink).__name__}.{hook} failed and its output "
-                           f"was skipped: {_describe(exc)}")
-                self.output_errors.append(message)
-                warnings.warn(message, stacklevel=3)
+                self._output_failed(sink, hook, exc)
+
+    def flush(self) -> None:
+        """Wait until every queued output is written (a failing one is reported).
+
+        The monitor flushes by itself before a stop returns, before :meth:`state_dict` and
+        on :meth:`close`; call it before reading the history file of a running monitor.
+        """
+        if not self._writer.flush():
+            message = ("fesmia-hooks: the outputs of earlier checks were still being written "
+                       f"after {FLUSH_TIMEOUT_S:.0f} s; they may be missing from log_dir")
+            self.output_errors.append(message)
+            warnings.warn(message, stacklevel=2)
+        self._report_output_failures()
+
+    def _report_output_failures(self) -> None:
+        for sink, hook, exc in self._writer.failures():
+            self._output_failed(sink, hook, exc)
+
+    def _output_failed(self, sink: Any, hook: str, exc: BaseException) -> None:
+        message = (f"fesmia-hooks: {type(sink).__name__}.{hook} failed and its output "
+                   f"was skipped: {_describe(exc)}")
+        self.output_errors.append(message)
+        warnings.warn(message, stacklevel=4)
 
     def _agree_across_ranks(self, model: nn.Module) -> None:
         """Under several processes, check once per run that every rank probes alike."""
@@ -500,6 +536,7 @@ class PrivacyMonitor:
             self.stop_message = decision.message
             if self.restore_safe_weights:
                 self.restore_weights(model)
+            self.flush()  # the stop's line is on disk before training ends
         for fn in self.budget.on_breach:
             try:
                 fn(report, decision)
@@ -537,7 +574,12 @@ class PrivacyMonitor:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain-value state: the run, its history, counters, calibration and stop state."""
+        """Plain-value state: the run, its history, counters, calibration and stop state.
+
+        Queued outputs are written first, so the history file holds every check the state
+        knows of.
+        """
+        self.flush()
         return {
             "version": STATE_VERSION,
             "run_id": self.run_id,
@@ -677,6 +719,7 @@ class PrivacyMonitor:
     def close(self) -> None:
         """Flush and close every sink this process writes to (a failing one is reported)."""
         self._call(self._writing(), "close")
+        self.flush()
 
     def __enter__(self) -> PrivacyMonitor:
         return self

@@ -25,15 +25,17 @@ from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distribut
 from fesmia_hooks.episodes import EpisodePlan, HalfPlan
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, FeatureSpec, compute_features
+from fesmia_hooks.fused import EpisodeReadings, host_features, simpleshot_readings
 from fesmia_hooks.guard import model_device, random_streams_forked
-from fesmia_hooks.learners import Learner, get_learner, learner_name
-from fesmia_hooks.logmia import chance_counts, chance_log_mia
+from fesmia_hooks.learners import Learner, get_learner, learner_name, simpleshot
+from fesmia_hooks.logmia import chance_counts, chance_log_mia, relaxed_false_positives
 from fesmia_hooks.measurement import (
     STATISTICS,
     Measurement,
     canary_interval,
     episode_statistics,
     mean_interval,
+    statistics_of,
     tpr_at_fpr,
 )
 from fesmia_hooks.report import LeakageReport, LevelBands
@@ -199,6 +201,9 @@ class FeSMIA:
                 )
         self.threshold_signal = threshold_signal
         self._learner = get_learner(method, options)
+        # The default learner runs through the fused loop (fesmia_hooks.fused).
+        self._fused = self._learner.func is simpleshot and not self._learner.keywords
+        self.null_statistics: frozenset[str] = frozenset(STATISTICS)
         self.learner_options = options
         self.batch_size = positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -252,6 +257,26 @@ class FeSMIA:
         if permutations != self.permutations:
             self.permutations = permutations
             self._plans.clear()
+
+    def use_statistics(self, names: Sequence[str]) -> None:
+        """Compute only the statistics ``names`` under the permutations (others read NaN).
+
+        ``names`` are of :data:`~fesmia_hooks.measurement.STATISTICS`; the columns of
+        :attr:`Measurement.null` of the others read NaN.
+
+        A monitor calls it when a run starts, with the statistics its alarm reads: the
+        pooled AUC costs a tenth of the null and the default alarm does not read it.
+
+        Example:
+            >>> probe = FeSMIA(permutations=9)
+            >>> probe.use_statistics(["auc", "strict"])
+            >>> sorted(probe.null_statistics)
+            ['auc', 'relaxed', 'strict']
+        """
+        for name in names:
+            choice("statistic", name, STATISTICS)
+        # relaxed, strict and the episode AUC come from one pass: only the pooled AUC is extra
+        self.null_statistics = frozenset(names) | {"relaxed", "strict", "auc"}
 
     # ------------------------------------------------------------------ public
     def check_canaries(self, canaries: Canaries) -> None:
@@ -334,24 +359,13 @@ class FeSMIA:
         start = time.perf_counter()
         n = features.shape[0]
         plan = self._plan(num_members, n - num_members)
-        slots, perms = plan.on(features.device)
-        is_query_member = plan.query_is_member.to(features.device)
-        s2 = 2 * self.shots
-
-        scores = self._scores(features[slots], s2)  # [E, 2q]
-        observed = episode_statistics(scores[None], is_query_member, slots[:, s2:],
-                                      num_members, n)
-        null = self._null_statistics(features, slots, perms, is_query_member, num_members)
         halves = self._halves(num_members, n - num_members)
-        in_halves: dict[str, torch.Tensor] = {}
-        if halves.fits:
-            half_slots = halves.on(features.device)
-            half_scores = self._scores(features[half_slots], s2)
-            in_halves = episode_statistics(
-                half_scores.reshape(halves.halves, halves.episodes, -1), is_query_member,
-                half_slots[: halves.episodes, s2:], num_members, n, pooled=False,
-            )
-        pooled = _pooled_scores(scores, slots[:, s2:], n).double().cpu().numpy()
+        if self._fused:
+            observed, null, in_halves, scores = self._attack_fused(features, plan, halves)
+        else:
+            observed, null, in_halves, scores = self._attack_batched(features, plan, halves)
+        s2 = 2 * self.shots
+        pooled = _pooled_scores(scores, plan.slots[:, s2:], n).double().cpu().numpy()
 
         def episodes_of(stats: dict[str, torch.Tensor], key: str) -> np.ndarray:
             if key not in stats:
@@ -389,6 +403,58 @@ class FeSMIA:
     def start_run(self) -> None:
         """Forget the features of earlier checks (a monitor calls it when a run starts)."""
         self._past = []
+
+    # ------------------------------------------------------------------ internals
+    def _attack_fused(
+        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """SimpleShot through one fused loop for the true labels, permutations and halves.
+
+        The features are copied to the host once (a single device sync on CUDA).
+        """
+        x = host_features(features)
+        slots, perms, identity = plan.host()
+        flags = plan.query_is_member.numpy()
+        common = {"shots": self.shots, "relaxed_fp": relaxed_false_positives(len(flags)),
+                  "num_members": plan.num_members}
+        seen = simpleshot_readings(x, slots, identity, flags, keep_scores=True, **common)
+        observed = _statistics(seen, len(flags) // 2)
+        null_readings = simpleshot_readings(
+            x, slots, perms, flags, pooled="pooled_auc" in self.null_statistics, **common)
+        null = _stack(_statistics(null_readings, len(flags) // 2))
+        in_halves: dict[str, torch.Tensor] = {}
+        if halves.fits:
+            half = simpleshot_readings(x, halves.slots.numpy(), identity, flags, pooled=False,
+                                       **common)
+            shape = (halves.halves, halves.episodes)
+            in_halves = statistics_of(*(torch.from_numpy(a).reshape(shape) for a in
+                                        (half.tp_strict, half.tp_relaxed, half.auc)),
+                                      len(flags) // 2)
+        assert seen.scores is not None
+        return observed, null, in_halves, torch.from_numpy(seen.scores[0])
+
+    def _attack_batched(
+        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Any learner: episodes scored in batches on the features' device, then read."""
+        n = features.shape[0]
+        slots, perms = plan.on(features.device)
+        is_query_member = plan.query_is_member.to(features.device)
+        s2 = 2 * self.shots
+        scores = self._scores(features[slots], s2)  # [E, 2q]
+        observed = episode_statistics(scores[None], is_query_member, slots[:, s2:],
+                                      plan.num_members, n)
+        null = self._null_statistics(features, slots, perms, is_query_member,
+                                     plan.num_members)
+        in_halves: dict[str, torch.Tensor] = {}
+        if halves.fits:
+            half_slots = halves.on(features.device)
+            half_scores = self._scores(features[half_slots], s2)
+            in_halves = episode_statistics(
+                half_scores.reshape(halves.halves, halves.episodes, -1), is_query_member,
+                half_slots[: halves.episodes, s2:], plan.num_members, n, pooled=False,
+            )
+        return observed, null, in_halves, scores
 
     # ------------------------------------------------------------------ internals
     def _with_trajectory(self, features: Features) -> Features:
@@ -457,8 +523,20 @@ class FeSMIA:
             gathered = features[pool_idx.reshape(-1, width)]  # [b*E, width, F]
             scores = self._scores(gathered, s2).reshape(block.shape[0], e, -1)
             stats = episode_statistics(scores, is_query_member, slots[:, s2:], num_members, n)
-            out.append(torch.stack([stats[k].double() for k in STATISTICS], dim=1))
+            out.append(_stack(stats))
         return torch.cat(out)
+
+
+def _statistics(readings: EpisodeReadings, query_members: int) -> dict[str, torch.Tensor]:
+    """:func:`statistics_of` the fused loop's readings."""
+    return statistics_of(torch.from_numpy(readings.tp_strict),
+                         torch.from_numpy(readings.tp_relaxed), torch.from_numpy(readings.auc),
+                         query_members, torch.from_numpy(readings.pooled_auc))
+
+
+def _stack(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[G, K]``: the statistics of :data:`STATISTICS`, in order, as float64."""
+    return torch.stack([stats[k].double() for k in STATISTICS], dim=1)
 
 
 def _pooled_scores(scores: torch.Tensor, query_slots: torch.Tensor, n: int) -> torch.Tensor:

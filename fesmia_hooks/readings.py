@@ -2,9 +2,11 @@
 
 :func:`row_readings` reads every row of a ``[G, n]`` score matrix -- one row per episode, of
 the true labels and of every label permutation, so tens of thousands of rows per check. It
-has two implementations that give identical results: a compiled loop (numba; sorting each
-row once and walking it), used when numba is installed, and a pure-torch one
-(:func:`row_readings_torch`), used otherwise and as the reference in the tests.
+has two implementations that give identical results: a compiled loop (numba, in
+:mod:`fesmia_hooks._kernels`; sorting each row once and walking it), used when numba is
+installed, and a pure-torch one (:func:`row_readings_torch`), used otherwise and as the
+reference in the tests. The default learner does not even build the score matrix: see
+:mod:`fesmia_hooks.fused`.
 
 numba is the compiler because it installs from wheels with no compiler at install or run
 time on Linux, macOS and Windows (x86-64 and arm64), releases the GIL, and is not tied to
@@ -36,64 +38,10 @@ def row_readings_torch(
 
 
 def _compiled() -> Any:
-    """The numba kernel, compiled on first use (and cached on disk)."""
-    import numba
+    """The numba kernel (:mod:`fesmia_hooks._kernels`), compiled on first use, cached on disk."""
+    from fesmia_hooks import _kernels
 
-    @numba.njit(cache=True, nogil=True)
-    def kernel(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma: no cover
-        g, n = scores.shape
-        tp0 = np.empty(g, np.int64)
-        tpk = np.empty(g, np.int64)
-        auc = np.empty(g, np.float64)
-        n_pos = 0
-        for j in range(n):
-            if is_member[j]:
-                n_pos += 1
-        n_neg = n - n_pos
-        order = np.empty(n, np.int64)
-        for r in range(g):
-            row = scores[r]
-            if n <= 64:  # small rows (episodes): an insertion sort, no allocation
-                for i in range(n):
-                    j = i
-                    while j > 0 and row[order[j - 1]] < row[i]:
-                        order[j] = order[j - 1]
-                        j -= 1
-                    order[j] = i
-            else:
-                order[:] = np.argsort(-row, kind="mergesort")  # descending
-            # Walk the ranking from the top, one run of equal scores at a time.
-            fp = 0
-            named = 0
-            tp_at0 = -1
-            tp_atk = -1
-            u = 0.0
-            i = 0
-            while i < n:
-                v = row[order[i]]
-                p = 0
-                q = 0
-                while i < n and row[order[i]] == v:
-                    if is_member[order[i]]:
-                        p += 1
-                    else:
-                        q += 1
-                    i += 1
-                # members above this run beat every non-member at or below it
-                u += p * (n_neg - fp - q) + 0.5 * p * q
-                if q > 0:
-                    if tp_at0 < 0 and fp + q > 0:
-                        tp_at0 = named
-                    if tp_atk < 0 and fp + q > relaxed_fp:
-                        tp_atk = named
-                fp += q
-                named += p
-            tp0[r] = named if tp_at0 < 0 else tp_at0
-            tpk[r] = named if tp_atk < 0 else tp_atk
-            auc[r] = u / (n_pos * n_neg)
-        return tp0, tpk, auc
-
-    return kernel
+    return _kernels.row_readings
 
 
 _KERNEL: Any = None

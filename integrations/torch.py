@@ -132,11 +132,13 @@ class AttachedMonitor(MonitorDriver):
     def remove(self) -> None:
         """Unregister the hook; later ``optimizer.step()`` calls are neither counted nor checked.
 
-        Calling it again does nothing.
+        The outputs of the checks made so far are written before it returns. Calling it
+        again does nothing.
         """
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            self.monitor.flush()
 
     def __enter__(self) -> AttachedMonitor:
         return self

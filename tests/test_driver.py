@@ -115,6 +115,7 @@ def test_every_run_is_new_unless_a_state_was_loaded(tmp_path):
     assert driver.monitor.run_id == first and driver.monitor.calibration.horizon == 4
     driver.run_check(model, epoch=2)
     assert [r.check for r in driver.history] == [1, 2, 3]
+    driver.monitor.flush()
     lines = checks_in(tmp_path / HISTORY_FILE)
     assert [(line["run_id"] == first, line["check"]) for line in lines] == [
         (True, 1), (True, 2), (False, 1), (False, 2), (False, 3), (True, 3)]

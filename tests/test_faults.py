@@ -218,6 +218,7 @@ def test_a_full_disk_during_a_breaching_check_keeps_the_stop_and_safe_weights(
     with recording() as messages:
         first = mon.step(model, epoch=0)
         assert first is not None and not first.breached
+        mon.flush()  # check 1 is on disk before the disk fills
         safe = state_of(model)
         set_weights(model, memorised)  # training: the model now memorises its members
         with monkeypatch.context() as patch:
@@ -253,6 +254,7 @@ def test_a_failing_tensorboard_write_is_reported_and_the_stop_still_applies(
     mon = monitor(canary_set, log_dir=tmp_path, tensorboard=True, restore_safe_weights=True)
     with recording() as messages:
         mon.step(model, epoch=0)
+        mon.flush()  # check 1's event is written before the disk fills
         safe = state_of(model)
         set_weights(model, memorised)
         with monkeypatch.context() as patch:
@@ -281,6 +283,7 @@ def test_lines_refused_by_a_full_disk_reach_the_file_once_it_works(tmp_path, mon
             patch.setattr(sinks_module, "open", failing_open(HISTORY_FILE), raising=False)
             mon.step(model, epoch=0)
         mon.step(model, epoch=1)  # the disk works again: the lines waiting come first
+        mon.flush()
     [run] = load_runs(tmp_path)
     assert run.settings.get("budget", {}).get("max_level") == "none"  # the header is there
     assert [r["check"] for r in run.records] == [1, 2]
@@ -446,6 +449,7 @@ def test_an_interrupted_check_propagates_and_is_run_again(tmp_path, exc):
     report = mon.step(model, epoch=0)  # the retry runs the check
     assert report is not None and report.check == 1 and report.epoch == 0
     assert mon.step(model, epoch=0) is None  # and now it is done
+    mon.flush()
     assert [(c["check"], c["epoch"]) for c in checks_in(history)] == [(1, 0)]
     assert len(headers_in(history)) == 1
 
@@ -521,6 +525,7 @@ def test_a_resume_keeps_other_runs_and_its_failures_and_moves_garbage_aside(tmp_
         assert (tmp_path / (HISTORY_FILE + ".unreadable")).read_text() == "this is {not json\n"
         for epoch in (2, 3, 4):
             resumed.step(model, epoch=epoch)  # epoch 2 was checked before the checkpoint
+        resumed.flush()
     assert [line for line in history.read_text().splitlines() if other.run_id in line] == theirs
     own = [line for line in lines_of(history) if line.get("run_id") == mine.run_id]
     assert len(own) == len(lines_of(history)) - len(theirs)  # every line is one run's or other's
@@ -551,6 +556,7 @@ def test_a_resume_moves_json_that_is_not_a_record_aside(tmp_path):
     resumed = monitor(canary_set, log_dir=tmp_path)
     resumed.load_state_dict(saved)
     resumed.step(model, epoch=1)
+    resumed.flush()
     [run] = load_runs(tmp_path)
     assert [r["check"] for r in run.records] == [1, 2]
 
@@ -573,6 +579,7 @@ def test_a_resume_refused_by_a_full_disk_leaves_no_duplicate_checks(tmp_path, mo
         assert any("JsonlSink.resume failed" in m for m in messages)
         for epoch in (2, 3):
             resumed.step(model, epoch=epoch)
+        resumed.flush()
     assert [c["check"] for c in checks_in(tmp_path / HISTORY_FILE)] == [1, 2, 3, 4]
 
 
@@ -595,12 +602,15 @@ def test_two_monitors_on_one_folder_are_warned_and_kept_apart(tmp_path, caplog):
         b.step(model, epoch=1)
         b.step(model, epoch=2)
         a.close()  # a dies
+        b.flush()
         b_lines = [line for line in history.read_text().splitlines() if b.run_id in line]
         assert len(b_lines) == 4 and len(headers_in(history)) == 2
         a2 = monitor(canary_set, log_dir=tmp_path)
         a2.load_state_dict(saved_a)  # b still writes, and b's lines stay
         a2.step(model, epoch=1)
         b.step(model, epoch=3)
+        a2.flush()
+        b.flush()
     lines = history.read_text().splitlines()
     assert [line for line in lines if b.run_id in line] == [*b_lines, lines[-1]]
     by_run = {}
@@ -688,6 +698,7 @@ def watched_monitor(folder):
     mon = monitor(canary_set, log_dir=folder)
     mon.step(model, epoch=0)
     mon.step(model, epoch=1)
+    mon.flush()
     return mon, model
 
 
@@ -712,6 +723,7 @@ def test_a_foreign_state_is_refused_before_anything_is_touched(tmp_path, name):
     assert json.dumps(mon.state_dict()) == before
     assert mon.step(model, epoch=1) is None  # still knows epoch 1 is done
     mon.step(model, epoch=2)
+    mon.flush()
     assert {line["run_id"] for line in lines_of(tmp_path / HISTORY_FILE)} == {mon.run_id}
     assert [c["check"] for c in checks_in(tmp_path / HISTORY_FILE)] == [1, 2, 3]
 

@@ -239,6 +239,7 @@ def test_history_file_after_a_crash_and_resume_has_no_duplicates_or_gaps(tmp_pat
     first.step(model, epoch=1)
     saved = first.state_dict()  # the checkpoint is taken after epoch 1 ...
     first.step(model, epoch=2)  # ... the run crashes after writing check 3
+    first.flush()
     with open(tmp_path / "privacy_history.jsonl", "a") as fh_:
         fh_.write('{"check": 4, "epo')  # and a line cut short
     resumed = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe(script), log_dir=tmp_path,
@@ -246,6 +247,7 @@ def test_history_file_after_a_crash_and_resume_has_no_duplicates_or_gaps(tmp_pat
     resumed.load_state_dict(saved)
     for epoch in range(2, 5):
         resumed.step(model, epoch=epoch)
+    resumed.flush()
     lines = [json.loads(s) for s in (tmp_path / "privacy_history.jsonl").read_text().splitlines()]
     assert lines[0]["record"] == "run" and lines[0]["run_id"] == first.run_id
     lines = lines[1:]

@@ -1,0 +1,296 @@
+"""Compiled loops of the attack (numba), imported only when numba is installed.
+
+Two kernels share one reading of a ranking (:func:`read_row`):
+
+* :func:`row_readings` reads every row of a ready score matrix (any learner);
+* :func:`simpleshot_episodes` is the whole inner loop of the default attack, fused: for each
+  label permutation and each episode it gathers the support, forms the two centroids,
+  scores the queries and reads the ranking, without building any intermediate tensor. The
+  observed episodes are the identity permutation of the same loop, so ties and rounding
+  cannot differ between the observed statistic and its null.
+
+The arithmetic is float64 in a fixed order (sums over shots, then over features, left to
+right, no fused multiply-add), the order :mod:`fesmia_hooks.fused`'s torch reference
+follows, so both give bit-identical scores. Every function releases the GIL and is cached
+on disk after its first compilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["read_row", "row_readings", "simpleshot_episodes"]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def read_row(  # pragma: no cover
+    row: Any, order: Any, is_member: Any, n_neg: int, relaxed_fp: int
+) -> Any:
+    """``(tp at 0 FP, tp at <= relaxed_fp FP, Mann-Whitney U)`` of one row of scores.
+
+    ``order`` holds a descending order of ``row``; ties are walked as one run.
+    """
+    n = row.shape[0]
+    fp = 0
+    named = 0
+    tp_at0 = -1
+    tp_atk = -1
+    u = 0.0
+    i = 0
+    while i < n:
+        v = row[order[i]]
+        p = 0
+        q = 0
+        while i < n and row[order[i]] == v:
+            if is_member[order[i]]:
+                p += 1
+            else:
+                q += 1
+            i += 1
+        # members in this run beat every non-member below it and tie those in it
+        u += p * (n_neg - fp - q) + 0.5 * p * q
+        if q > 0:
+            if tp_at0 < 0:
+                tp_at0 = named
+            if tp_atk < 0 and fp + q > relaxed_fp:
+                tp_atk = named
+        fp += q
+        named += p
+    if tp_at0 < 0:
+        tp_at0 = named
+    if tp_atk < 0:
+        tp_atk = named
+    return tp_at0, tp_atk, u
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def sort_descending(row: Any, order: Any) -> None:  # pragma: no cover
+    """Fill ``order`` with a descending order of ``row`` (insertion sort: short rows)."""
+    n = row.shape[0]
+    for i in range(n):
+        j = i
+        while j > 0 and row[order[j - 1]] < row[i]:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def read_split(  # pragma: no cover
+    members: Any, non_members: Any, n_neg: int, relaxed_fp: int
+) -> Any:
+    """:func:`read_row` without sorting: the same three numbers, from the two sides' scores.
+
+    A member is named at ``FP <= k`` when at most ``k`` non-members score at or above it
+    (so a member tied with the ``(k+1)``-th highest non-member is not named); ``U`` counts
+    every member/non-member pair, ties one half. Integer counts only: the loop vectorises.
+    ``non_members`` may be padded with ``-inf`` past its first ``n_neg`` scores (a length
+    that is a multiple of 4 vectorises without a remainder).
+    """
+    width = non_members.shape[0]
+    tp0 = 0
+    tpk = 0
+    twice_u = 0
+    for i in range(members.shape[0]):
+        m = members[i]
+        at_or_above = 0
+        tied = 0
+        for j in range(width):
+            v = non_members[j]
+            at_or_above += v >= m
+            tied += v == m
+        tp0 += at_or_above == 0
+        tpk += at_or_above <= relaxed_fp
+        twice_u += 2 * (n_neg - at_or_above) + tied
+    return tp0, tpk, 0.5 * twice_u
+
+
+@numba.njit(cache=True, nogil=True)
+def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma: no cover
+    """:func:`read_row` of every row of ``scores`` (``[G, n]`` float64)."""
+    g, n = scores.shape
+    tp0 = np.empty(g, np.int64)
+    tpk = np.empty(g, np.int64)
+    auc = np.empty(g, np.float64)
+    n_pos = 0
+    for j in range(n):
+        if is_member[j]:
+            n_pos += 1
+    n_neg = n - n_pos
+    order = np.empty(n, np.int64)
+    for r in range(g):
+        row = scores[r]
+        if n <= 64:
+            sort_descending(row, order)
+        else:
+            order[:] = np.argsort(-row, kind="mergesort")
+        a, b, u = read_row(row, order, is_member, n_neg, relaxed_fp)
+        tp0[r] = a
+        tpk[r] = b
+        auc[r] = u / (n_pos * n_neg)
+    return tp0, tpk, auc
+
+
+@numba.njit(cache=True, nogil=True)
+def simpleshot_episodes(
+    features: Any,
+    slots: Any,
+    perms: Any,
+    is_query_member: Any,
+    shots: int,
+    relaxed_fp: int,
+    num_members: int,
+    pooled: bool,
+    keep_scores: bool,
+) -> Any:  # pragma: no cover
+    """SimpleShot on every episode of every permutation, read as it is scored.
+
+    Args:
+        features: ``[n, F]`` float64 canary features.
+        slots: ``[E, 2 * shots + Q]`` pool slots (support members, support non-members,
+            query members, query non-members).
+        perms: ``[B, n]``: under row ``b`` slot ``i`` holds canary ``perms[b, i]``.
+        is_query_member: ``[Q]`` booleans of the query positions.
+        shots: Support members (and non-members) per episode.
+        relaxed_fp: False positives of the relaxed count.
+        num_members: Slots below it are members (for the pooled AUC).
+        pooled: Also read the pooled scores (each slot's mean over its query episodes).
+        keep_scores: Return the ``[B, E, Q]`` scores (else an empty array).
+
+    Returns:
+        ``(tp0 [B, E], tpk [B, E], auc [B, E], pooled_auc [B], scores)``.
+    """
+    n, width = features.shape
+    b_count = perms.shape[0]
+    e_count, w = slots.shape
+    s2 = 2 * shots
+    q = w - s2
+    n_pos = 0
+    for j in range(q):
+        if is_query_member[j]:
+            n_pos += 1
+    n_neg = q - n_pos
+    tp0 = np.empty((b_count, e_count), np.int64)
+    tpk = np.empty((b_count, e_count), np.int64)
+    auc = np.empty((b_count, e_count), np.float64)
+    pooled_auc = np.full(b_count, np.nan)
+    scores_out = np.empty((b_count if keep_scores else 0, e_count, q), np.float64)
+    scores = np.empty(q, np.float64)
+    by_side = np.empty(q, np.int64)  # query positions, the members' first
+    a = 0
+    for j in range(q):
+        if is_query_member[j]:
+            by_side[a] = j
+            a += 1
+    for j in range(q):
+        if not is_query_member[j]:
+            by_side[a] = j
+            a += 1
+    member_scores = np.empty(n_pos, np.float64)
+    non_scores = np.full(4 * ((n_neg + 3) // 4), -np.inf)  # padded: see read_split
+    # pooled scores: which slots are ever queried, and how often (the same for every b)
+    count = np.zeros(n, np.float64)
+    for e in range(e_count):
+        for j in range(q):
+            count[slots[e, s2 + j]] += 1.0
+    seen_m = 0
+    seen_n = 0
+    for i in range(n):
+        if count[i] > 0:
+            if i < num_members:
+                seen_m += 1
+            else:
+                seen_n += 1
+    seen_members = np.empty(seen_m, np.int64)
+    seen_non = np.empty(seen_n, np.int64)
+    a = 0
+    c = 0
+    for i in range(n):
+        if count[i] > 0:
+            if i < num_members:
+                seen_members[a] = i
+                a += 1
+            else:
+                seen_non[c] = i
+                c += 1
+    total = np.zeros(n, np.float64)
+    mean_m = np.empty(seen_m, np.float64)
+    mean_n = np.empty(seen_n, np.float64)
+    # The features as permutation b places them in the slots, padded with zero columns to a
+    # multiple of 4 (adding +0.0 changes no sum) so that the loops below run in blocks of 4.
+    wide = 4 * ((width + 3) // 4)
+    x = np.zeros((n, wide), np.float64)
+    diff = np.zeros(wide, np.float64)
+    for b in range(b_count):
+        perm = perms[b]
+        for i in range(n):
+            for f in range(width):
+                x[i, f] = features[perm[i], f]
+        if pooled:
+            total[:] = 0.0
+        for e in range(e_count):
+            # centroids, norms and their difference, 4 feature columns at a time
+            bias = 0.0
+            for c0 in range(0, wide, 4):
+                r = slots[e, 0]
+                m0, m1, m2, m3 = x[r, c0], x[r, c0 + 1], x[r, c0 + 2], x[r, c0 + 3]
+                r = slots[e, shots]
+                n0, n1, n2, n3 = x[r, c0], x[r, c0 + 1], x[r, c0 + 2], x[r, c0 + 3]
+                for i in range(1, shots):
+                    r = slots[e, i]
+                    m0 = m0 + x[r, c0]
+                    m1 = m1 + x[r, c0 + 1]
+                    m2 = m2 + x[r, c0 + 2]
+                    m3 = m3 + x[r, c0 + 3]
+                    r = slots[e, shots + i]
+                    n0 = n0 + x[r, c0]
+                    n1 = n1 + x[r, c0 + 1]
+                    n2 = n2 + x[r, c0 + 2]
+                    n3 = n3 + x[r, c0 + 3]
+                m0, m1, m2, m3 = m0 / shots, m1 / shots, m2 / shots, m3 / shots
+                n0, n1, n2, n3 = n0 / shots, n1 / shots, n2 / shots, n3 / shots
+                if c0 == 0:
+                    norm_n = n0 * n0 + n1 * n1 + n2 * n2 + n3 * n3
+                    norm_m = m0 * m0 + m1 * m1 + m2 * m2 + m3 * m3
+                else:
+                    norm_n = norm_n + n0 * n0 + n1 * n1 + n2 * n2 + n3 * n3
+                    norm_m = norm_m + m0 * m0 + m1 * m1 + m2 * m2 + m3 * m3
+                diff[c0], diff[c0 + 1] = m0 - n0, m1 - n1
+                diff[c0 + 2], diff[c0 + 3] = m2 - n2, m3 - n3
+                bias = norm_n - norm_m
+            d0, d1, d2, d3 = diff[0], diff[1], diff[2], diff[3]
+            for t in range(q):
+                j = by_side[t]  # the query members first, then the non-members
+                r = slots[e, s2 + j]
+                dot = x[r, 0] * d0 + x[r, 1] * d1 + x[r, 2] * d2 + x[r, 3] * d3
+                if wide > 4:
+                    for c0 in range(4, wide, 4):
+                        dot = (dot + x[r, c0] * diff[c0] + x[r, c0 + 1] * diff[c0 + 1]
+                               + x[r, c0 + 2] * diff[c0 + 2] + x[r, c0 + 3] * diff[c0 + 3])
+                v = 2.0 * dot + bias
+                scores[j] = v
+                if t < n_pos:
+                    member_scores[t] = v
+                else:
+                    non_scores[t - n_pos] = v
+            a, c, u = read_split(member_scores, non_scores, n_neg, relaxed_fp)
+            tp0[b, e] = a
+            tpk[b, e] = c
+            auc[b, e] = u / (n_pos * n_neg)
+            if pooled:
+                for j in range(q):
+                    total[slots[e, s2 + j]] += scores[j]
+            if keep_scores:
+                for j in range(q):
+                    scores_out[b, e, j] = scores[j]
+        if pooled and seen_m > 0 and seen_n > 0:
+            for i in range(seen_m):
+                mean_m[i] = total[seen_members[i]] / count[seen_members[i]]
+            for i in range(seen_n):
+                mean_n[i] = total[seen_non[i]] / count[seen_non[i]]
+            _, _, u = read_split(mean_m, mean_n, seen_n, 0)
+            pooled_auc[b] = u / (seen_m * seen_n)
+    return tp0, tpk, auc, pooled_auc, scores_out

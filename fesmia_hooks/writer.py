@@ -1,0 +1,116 @@
+"""Outputs off the training thread: one background writer per monitor.
+
+Writing a check's outputs (a TensorBoard event, a histogram, a text summary, an fsynced
+history line) takes longer than the statistics. A :class:`BackgroundWriter` calls the
+monitor's own sinks (the history file and TensorBoard of its ``log_dir``) from one daemon
+thread, in the order the monitor asked, through a bounded queue: a check returns as soon as
+its outputs are queued, and only a writer more than :data:`QUEUE_SIZE` calls behind makes
+training wait. The monitor waits for the queue (:meth:`BackgroundWriter.flush`) before a
+stop returns, before its state is saved and when it closes; the interpreter waits for it at
+exit. A crash therefore loses at most the call in flight. A call that fails is kept with
+its error and reported on the training thread at the next check, flush or close, as a
+failing sink always was: outputs never make or change a decision.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["QUEUE_SIZE", "BackgroundWriter"]
+
+log = logging.getLogger(__name__)
+
+#: Sink calls that may wait in the queue before a check waits for the writer.
+QUEUE_SIZE = 64
+#: Longest wait, in seconds, for the writer to empty its queue (a hung disk must not hang
+#: training forever; what is still queued is then reported as not written).
+FLUSH_TIMEOUT_S = 120.0
+
+_WRITERS: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+class BackgroundWriter:
+    """Calls sink hooks in order on one daemon thread.
+
+    Example:
+        >>> class Printer:
+        ...     def log(self, text):
+        ...         print(text)
+        >>> writer = BackgroundWriter()
+        >>> writer.submit(Printer(), "log", ("written off the training thread",))
+        >>> writer.flush()
+        written off the training thread
+        True
+        >>> writer.failures()
+        []
+    """
+
+    def __init__(self, maxsize: int = QUEUE_SIZE) -> None:
+        self._queue: queue.Queue[tuple[Any, str, Sequence[Any]] | None] = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self._failed: collections.deque[tuple[Any, str, BaseException]] = collections.deque()
+        self._lock = threading.Lock()
+        _WRITERS.add(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        # A monitor pickled to other processes (spawned DDP ranks) gets a fresh, empty writer.
+        return (BackgroundWriter, (self._queue.maxsize,))
+
+    def submit(self, sink: Any, hook: str, args: Sequence[Any]) -> None:
+        """Queue ``sink.<hook>(*args)`` (waits only while the queue is full)."""
+        self._ensure_thread()
+        self._queue.put((sink, hook, tuple(args)))
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every queued call has run; ``False`` if ``timeout`` ran out first."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return not self._queue.unfinished_tasks
+                self._queue.all_tasks_done.wait(min(left, 0.5))
+        return True
+
+    def failures(self) -> list[tuple[Any, str, BaseException]]:
+        """The calls that raised since the last call, as ``(sink, hook, error)``."""
+        out = []
+        while self._failed:
+            out.append(self._failed.popleft())
+        return out
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # new, or lost to a fork
+                self._thread = threading.Thread(target=self._run, name="fesmia-hooks-writer",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                sink, hook, args = item
+                try:
+                    getattr(sink, hook)(*args)
+                except BaseException as exc:  # noqa: BLE001 - reported on the training thread
+                    self._failed.append((sink, hook, exc))
+            finally:
+                self._queue.task_done()
+
+
+@atexit.register
+def _flush_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
+    for writer in list(_WRITERS):
+        if not writer.flush(timeout=FLUSH_TIMEOUT_S):
+            log.warning("fesmia-hooks: outputs still queued at exit were not written")
