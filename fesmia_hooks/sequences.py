@@ -212,7 +212,8 @@ class SequenceCanarySet(Canaries):
         scored tokens (by default :data:`~fesmia_hooks.text.DEFAULT_SEQUENCE_SIGNALS`), or
         whatever a :class:`~fesmia_hooks.text.SequenceSignals` given as ``signal_fn`` asks
         for; any other ``signal_fn(model, ids, targets)`` gets ``batch_size`` sequences at
-        a time. Batches are cut so that at most ``max_logit_elements`` logits come back at
+        a time. Batches are cut so that at most ``max_logit_elements`` logits (by default sized
+        from the device's free memory) come back at
         once (the vocabulary's size is learnt from one sequence when the set does not
         know it). An embedding layer whose output is ``[B, T, D]`` is averaged over the
         unmasked positions (for the paper's text features, "logits averaged over
@@ -241,7 +242,7 @@ class SequenceCanarySet(Canaries):
                 return batch_size
             if vocab[0] is None:
                 return 1  # learn the vocabulary's size from one sequence first
-            return reader.rows_per_forward(length, vocab[0], batch_size)
+            return reader.rows_per_forward(length, vocab[0], batch_size, ids.device)
 
         pass_mask = None if reader is None else reader.pass_attention_mask
 

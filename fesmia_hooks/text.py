@@ -33,13 +33,16 @@ signals and for a :class:`SequenceSignals`; any other ``signal_fn`` gets ``batch
 sequences at a time). The canaries are forwarded ``rows`` sequences at a time, with
 ``rows = min(batch_size, max(1, max_logit_elements // (T * V)))``: the model is never asked
 for more than ``max(max_logit_elements, T * V)`` logits at once (one sequence always goes
-whole; splitting it would change what a causal model sees). The reductions then read the
-scored positions of those logits in blocks of ``max(1, chunk_elements // V)`` positions: a
-block's float32 log-softmax and its copies take a few times ``max(chunk_elements, V)`` floats,
-plus ``O(rows * T)`` floats of per-token statistics. With the defaults (``2**24`` logits per
-forward, ``2**21`` per block) that is 64 MiB of float32 logits from the model (more only for
-a single sequence with ``T * V > 2**24``, e.g. GPT-2 at 1,024 tokens: 206 MB) and about
-8 MiB per block copy.
+whole; splitting it would change what a causal model sees). By default
+(``max_logit_elements="auto"``, :func:`logit_budget`) the bound is sized from the memory free
+on the model's device when the check runs: a quarter of it, at 8 bytes per logit (the float32
+logits and one copy), between ``2**22`` and ``2**28`` logits (16 MiB to 1 GiB of float32
+logits). GPT-2 at 128 tokens (6.4 M logits a sequence) then forwards 128 canaries in 4
+passes on a device with 4 GiB free, where a fixed ``2**24`` took 64. The reductions then read
+the scored positions of those logits in blocks of ``max(1, chunk_elements // V)`` positions:
+a block's float32 log-softmax and its copies take a few times ``max(chunk_elements, V)``
+floats (8 MiB per block copy with the default ``2**21``), plus ``O(rows * T)`` floats of
+per-token statistics. A batch that does not fit after all is retried at half its size.
 
 Example:
     >>> import torch
@@ -52,9 +55,10 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -68,9 +72,11 @@ __all__ = [
     "DEFAULT_MAX_LOGIT_ELEMENTS",
     "DEFAULT_SEQUENCE_SIGNALS",
     "IGNORE_INDEX",
+    "LOGIT_BUDGET_BOUNDS",
     "SEQUENCE_SIGNALS",
     "SequenceSignals",
     "forward_logits",
+    "logit_budget",
     "sequence_signals",
     "token_statistics",
     "zlib_length",
@@ -86,8 +92,11 @@ IGNORE_INDEX = -100
 SEQUENCE_SIGNALS: tuple[str, ...] = _INDEX.sequence
 #: The signals token-sequence canaries get unless told otherwise.
 DEFAULT_SEQUENCE_SIGNALS: tuple[str, ...] = ("log_prob", "min_k", "zlib")
-#: Most logits the probe asks the model for in one forward pass (unless one sequence is more).
+#: Most logits the probe asks the model for in one forward pass when memory cannot be read
+#: (unless one sequence is more).
 DEFAULT_MAX_LOGIT_ELEMENTS = 2**24
+#: Bounds of the memory-sized budget of :func:`logit_budget`, in logits.
+LOGIT_BUDGET_BOUNDS = (2**22, 2**28)
 #: Most logits reduced at once (unless one position's vocabulary is more).
 DEFAULT_CHUNK_ELEMENTS = 2**21
 
@@ -312,9 +321,37 @@ def _check_bins(bins: Any) -> int:
     return bins
 
 
-def _check_elements(name: str, value: Any) -> int:
+def logit_budget(device: torch.device | str) -> int:
+    """Logits one forward pass may return on ``device``: sized from its free memory.
+
+    A quarter of the memory free now, at 8 bytes per logit (float32 logits and one copy),
+    clipped to :data:`LOGIT_BUDGET_BOUNDS`; :data:`DEFAULT_MAX_LOGIT_ELEMENTS` where free
+    memory cannot be read.
+
+    Example:
+        >>> low, high = LOGIT_BUDGET_BOUNDS
+        >>> low <= logit_budget("cpu") <= high
+        True
+    """
+    device = torch.device(device)
+    free: int | None = None
+    try:
+        if device.type == "cuda":
+            free = int(torch.cuda.mem_get_info(device)[0])
+        elif device.type == "cpu" and hasattr(os, "sysconf"):
+            free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError):  # not reported on this platform
+        free = None
+    if free is None or free <= 0:
+        return DEFAULT_MAX_LOGIT_ELEMENTS
+    low, high = LOGIT_BUDGET_BOUNDS
+    return int(min(high, max(low, free // 4 // 8)))
+
+
+def _check_elements(name: str, value: Any, *, auto: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"`{name}` must be a positive int, got {value!r}")
+        allowed = 'a positive int or "auto"' if auto else "a positive int"
+        raise ConfigurationError(f"`{name}` must be {allowed}, got {value!r}")
     return value
 
 
@@ -386,8 +423,9 @@ class SequenceSignals:
         names: Signals, from :data:`SEQUENCE_SIGNALS`.
         k: Share of tokens that ``min_k`` averages, in (0, 1].
         bins: Columns of ``positions``.
-        max_logit_elements: Most logits asked of the model at once (see the module
-            docstring for the memory bound).
+        max_logit_elements: Most logits asked of the model at once, or ``"auto"``: sized
+            from the memory free on the model's device at each check (:func:`logit_budget`;
+            see the module docstring for the memory bound).
         chunk_elements: Most logits reduced at once.
         pass_attention_mask: ``None`` passes ``attention_mask=`` when ``model.forward`` names
             it; True or False force it.
@@ -405,14 +443,17 @@ class SequenceSignals:
         *,
         k: float = 0.2,
         bins: int = 4,
-        max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+        max_logit_elements: int | Literal["auto"] = "auto",
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         pass_attention_mask: bool | None = None,
     ) -> None:
         self.names = _check_names(names)
         self.k = _check_k(k)
         self.bins = _check_bins(bins)
-        self.max_logit_elements = _check_elements("max_logit_elements", max_logit_elements)
+        self.max_logit_elements: int | Literal["auto"] = (
+            "auto" if isinstance(max_logit_elements, str) and max_logit_elements == "auto"
+            else _check_elements("max_logit_elements", max_logit_elements, auto=True)
+        )
         self.chunk_elements = _check_elements("chunk_elements", chunk_elements)
         if pass_attention_mask is not None and not isinstance(pass_attention_mask, bool):
             raise ConfigurationError(
@@ -428,14 +469,24 @@ class SequenceSignals:
         """Columns of the signal matrix."""
         return len(self.names) + (self.bins - 1 if "positions" in self.names else 0)
 
-    def rows_per_forward(self, length: int, vocab_size: int, batch_size: int) -> int:
+    def rows_per_forward(
+        self,
+        length: int,
+        vocab_size: int,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+    ) -> int:
         """Sequences per forward pass so that at most ``max_logit_elements`` logits come back.
 
         Example:
-            >>> SequenceSignals().rows_per_forward(1024, 50257, 256)
+            >>> SequenceSignals(max_logit_elements=2**24).rows_per_forward(1024, 50257, 256)
             1
+            >>> SequenceSignals(max_logit_elements=2**28).rows_per_forward(128, 50257, 256)
+            41
         """
-        return max(1, min(batch_size, self.max_logit_elements // max(1, length * vocab_size)))
+        budget = (logit_budget(device) if self.max_logit_elements == "auto"
+                  else self.max_logit_elements)
+        return max(1, min(batch_size, budget // max(1, length * vocab_size)))
 
     def __call__(
         self,

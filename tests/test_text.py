@@ -377,6 +377,34 @@ def test_plain_models_get_token_ids_only_and_batches_stay_bounded():
     assert calls[:2] == [1, 5] and sum(calls) == 64  # one sequence first, to learn V
 
 
+def test_the_default_feature_pass_is_sized_from_free_memory(monkeypatch):
+    from fesmia_hooks import text
+
+    calls = []
+
+    class Counted(TinyLM):
+        def forward(self, ids):
+            calls.append(ids.shape[0])
+            return super().forward(ids)
+
+    canaries = variable_canaries()  # 64 sequences
+    length = canaries.inputs.shape[1]
+    per_sequence = length * V
+    page = 4096
+    for free_logits, passes in ((16 * per_sequence + per_sequence // 2, 4), (10**9, 1)):
+        # a quarter of the free memory at 8 bytes per logit, within the bounds
+        monkeypatch.setattr(text, "LOGIT_BUDGET_BOUNDS", (1, 2**28))
+        pages = free_logits * 4 * 8 // page
+        monkeypatch.setattr(text.os, "sysconf", lambda key, pages=pages: (
+            pages if key == "SC_AVPHYS_PAGES" else page))
+        calls.clear()
+        fh.FeSMIA(episodes=10, permutations=9).features_of(Counted(), canaries)
+        assert len(calls) == passes and sum(calls) == 64
+    # memory that cannot be read: the fixed default bound
+    monkeypatch.setattr(text.os, "sysconf", lambda key: (_ for _ in ()).throw(ValueError(key)))
+    assert text.logit_budget("cpu") == text.DEFAULT_MAX_LOGIT_ELEMENTS
+
+
 def test_default_signals_are_per_token_means_and_generic_signal_fns_get_targets():
     torch.manual_seed(0)
     model, canaries = TinyLM(), variable_canaries()
