@@ -21,6 +21,9 @@ episodes in batches and are read by :func:`fesmia_hooks.readings.row_readings`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,12 +39,35 @@ __all__ = [
     "host_features",
     "simpleshot_readings",
     "simpleshot_readings_torch",
+    "threads_at_most",
 ]
 
 # Episode rows per block of the torch reference ([rows, width, F] float64 gathered at once).
 _BLOCK_ROWS = 20_000
 # Fewest permutations worth a thread of their own.
 _ROWS_PER_THREAD = 128
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def threads_at_most(threads: int) -> Iterator[None]:
+    """Split the permutations over at most ``threads`` threads inside this block (this thread).
+
+    An attack running beside training (``PrivacyMonitor(asynchronous=True)``) takes one
+    core and leaves torch's threads to training.
+
+    Example:
+        >>> with threads_at_most(1):
+        ...     pass
+    """
+    before = getattr(_LOCAL, "threads", None)
+    _LOCAL.threads = max(1, int(threads))
+    try:
+        yield
+    finally:
+        _LOCAL.threads = before
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,8 @@ def simpleshot_readings(
     from fesmia_hooks import _kernels
 
     rows = args[2].shape[0]
-    threads = min(torch.get_num_threads(), rows // _ROWS_PER_THREAD)
+    limit = getattr(_LOCAL, "threads", None)
+    threads = min(torch.get_num_threads() if limit is None else limit, rows // _ROWS_PER_THREAD)
     if threads <= 1:
         parts = [_kernels.simpleshot_episodes(*args)]
     else:  # the kernel releases the GIL: permutations split over torch's threads

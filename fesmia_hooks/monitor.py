@@ -18,6 +18,8 @@ import re
 import uuid
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ from fesmia_hooks.guard import model_device
 from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.sinks import Sink, sinks_for
+from fesmia_hooks.worker import AttackWorker
 from fesmia_hooks.writer import FLUSH_TIMEOUT_S, BackgroundWriter
 
 __all__ = ["PREFLIGHT_ALPHA", "PrivacyMonitor"]
@@ -104,6 +107,15 @@ class PrivacyMonitor:
             readings are then read against that baseline), ``"off"`` skips the check. The
             integrations run it when a run starts; in a loop of your own, call it before
             training.
+        asynchronous: Run each check's attack on a worker thread while training goes on:
+            a check forwards the canaries and copies their features to the host (on CUDA,
+            the only wait on the device), then returns ``None``; its report, decision and
+            outputs land at the monitor's next :meth:`step` or :meth:`check` (one epoch
+            later with an epoch cadence; the integrations call them only at checks), or at
+            :meth:`flush`, :meth:`state_dict` and :meth:`close`, which wait for it. With
+            ``restore_safe_weights`` the weights the features came from are the ones kept.
+            Needs a probe whose attack runs no code of the user's (``FeSMIA`` with the
+            default learner).
 
     Example:
         >>> import torch
@@ -138,6 +150,7 @@ class PrivacyMonitor:
         bands: LevelBands | None = None,
         statistic: str = DEFAULT_STATISTIC,
         preflight: Literal["error", "warn", "off"] = "error",
+        asynchronous: bool = False,
     ) -> None:
         if probe is not None and not isinstance(probe, Probe):
             raise ConfigurationError(
@@ -172,6 +185,15 @@ class PrivacyMonitor:
                 )
         self.preflight_mode = choice("preflight", preflight, ("error", "warn", "off"))
         self.probe: Probe = probe if probe is not None else FeSMIA()
+        self.asynchronous = boolean("asynchronous", asynchronous)
+        if self.asynchronous and not getattr(self.probe, "runs_off_thread", False):
+            raise ConfigurationError(
+                "asynchronous=True needs a probe whose attack can run beside training "
+                "(FeSMIA with the default learner, method='simpleshot'); got "
+                f"{self.probe!r}: leave asynchronous=False for this probe"
+            )
+        self._worker = AttackWorker()
+        self._pending: _Pending | None = None
         self.calibration = Calibration(alpha, horizon=horizon, bands=bands, statistic=statistic)
         self.budget = budget
         self.canaries: Canaries | None = None
@@ -273,6 +295,7 @@ class PrivacyMonitor:
             horizon: Checks expected in the new run (for example ``max_epochs //
                 every_n_epochs``), unless a horizon was fixed at construction.
         """
+        self._land()  # an asynchronous check still running belongs to the run that ends
         self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
@@ -405,9 +428,12 @@ class PrivacyMonitor:
             epoch: The epoch that just ended, counted from 0.
             step: The global optimizer step, for ``every_n_steps`` and for logging.
         """
+        landed = self._land()
+        if landed is not None and landed.breached and self.should_stop:
+            return landed  # the stop landed now: the loop ends here, no new check starts
         if not self.is_due(epoch=epoch, step=step):
-            return None
-        return self.check(model, epoch=epoch, step=step)
+            return landed
+        return self.check(model, epoch=epoch, step=step) or landed
 
     def check(
         self, model: nn.Module, *, epoch: int | None = None, step: int | None = None
@@ -424,18 +450,53 @@ class PrivacyMonitor:
             )
         mark = (("step", step) if self.every_n_steps is not None and step is not None
                 else ("epoch", epoch) if epoch is not None else None)
+        landed = self._land()
         index = self.checks + 1
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
         try:
-            measured = self.probe.measure(model, self.canaries)
+            if self.asynchronous:
+                attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]
+            else:
+                measured = self.probe.measure(model, self.canaries)
         except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
             if mark is not None:
                 self._checked.add(mark)  # a failed check is done: the next one moves on
             self._record_error(exc, epoch=epoch, step=step, index=index)
-            return None
+            return landed
         # An interrupted check (KeyboardInterrupt, SystemExit) is not marked: a retry runs it.
         if mark is not None:
             self._checked.add(mark)
+        if self.asynchronous:
+            snapshot = _copy_state(model) if self.restore_safe_weights else None
+            self._pending = _Pending(self._worker.submit(attack), model, index, epoch, step,
+                                     snapshot)
+            return landed
+        return self._conclude(model, measured, index=index, epoch=epoch, step=step)
+
+    def _land(self) -> LeakageReport | None:
+        """Wait for the attack of an asynchronous check, then read, decide and record it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            measured = pending.future.result()
+        except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
+            self._record_error(exc, epoch=pending.epoch, step=pending.step, index=pending.index)
+            return None
+        return self._conclude(pending.model, measured, index=pending.index,
+                              epoch=pending.epoch, step=pending.step, snapshot=pending.snapshot)
+
+    def _conclude(
+        self,
+        model: nn.Module,
+        measured: Any,
+        *,
+        index: int,
+        epoch: int | None,
+        step: int | None,
+        snapshot: dict[str, Any] | None = None,
+    ) -> LeakageReport:
+        """Calibrate, decide, record and act on one measured check."""
         self.checks = index
         report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
         decision = self.budget.update(report) if self.budget is not None else _NO_BUDGET
@@ -448,7 +509,7 @@ class PrivacyMonitor:
         global_step = step if step is not None else (epoch if epoch is not None else index)
         self._start_run()
         self._call(self._writing(), "log", report, global_step)
-        self._act(model, report, decision)
+        self._act(model, report, decision, snapshot=snapshot)
         return report
 
     def _writing(self) -> list[Sink]:
@@ -490,7 +551,9 @@ class PrivacyMonitor:
 
         The monitor flushes by itself before a stop returns, before :meth:`state_dict` and
         on :meth:`close`; call it before reading the history file of a running monitor.
+        An asynchronous check still running is waited for and concluded first.
         """
+        self._land()
         if not self._writer.flush():
             message = ("fesmia-hooks: the outputs of earlier checks were still being written "
                        f"after {FLUSH_TIMEOUT_S:.0f} s; they may be missing from log_dir")
@@ -521,10 +584,17 @@ class PrivacyMonitor:
         )
         self._ranks_agree = True
 
-    def _act(self, model: nn.Module, report: LeakageReport, decision: Decision) -> None:
+    def _act(
+        self,
+        model: nn.Module,
+        report: LeakageReport,
+        decision: Decision,
+        *,
+        snapshot: dict[str, Any] | None = None,
+    ) -> None:
         if not decision.breached:
             if self.restore_safe_weights and self.streak == 0:
-                self._safe_state = _copy_state(model)
+                self._safe_state = snapshot if snapshot is not None else _copy_state(model)
             return
         assert self.budget is not None
         log.warning("fesmia-hooks: %s", decision.message)
@@ -606,6 +676,7 @@ class PrivacyMonitor:
         :meth:`~fesmia_hooks.JsonlSink.resume`).
         """
         self._validate_state(state)
+        self._land()
         try:  # read everything first: a refused state changes nothing
             history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
             errors = [dict(e) for e in state.get("errors", [])]
@@ -726,6 +797,18 @@ class PrivacyMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Pending:
+    """An asynchronous check whose attack is running."""
+
+    future: Future[Any]
+    model: nn.Module
+    index: int
+    epoch: int | None
+    step: int | None
+    snapshot: dict[str, Any] | None
 
 
 _STATE_KEYS = frozenset({

@@ -10,7 +10,7 @@ permutation null). Significance and levels are the run's
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -321,16 +321,49 @@ class FeSMIA:
             The :class:`~fesmia_hooks.measurement.Measurement`; a monitor's
             :class:`~fesmia_hooks.Calibration` reads it into a report.
         """
+        return self.prepare(model, canaries)()
+
+    def prepare(self, model: nn.Module, canaries: Canaries) -> Callable[[], Measurement]:
+        """The part of a check that needs the model, now; the attack, as a function for later.
+
+        Forwards the canaries (on the model's device) and, for the default learner, copies
+        the features to the host: the one device sync of a check. The returned function
+        runs the attack on those features only, so it may run on another thread while
+        training goes on (``PrivacyMonitor(asynchronous=True)``); :meth:`measure` calls it
+        at once.
+
+        Raises:
+            CanaryError: When ``canaries`` is too small for this probe.
+        """
         self.check_canaries(canaries)
         start = time.perf_counter()
         features = self.features_of(model, canaries)
         matrix = self._with_trajectory(features).matrix()
-        _sync(matrix)
+        if self._fused:  # the attack reads host memory: one copy, one sync
+            matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
+        else:
+            _sync(matrix)
         forward = time.perf_counter() - start
-        # A learner of the user's may draw random numbers: training's streams stay its own.
-        with random_streams_forked(_cuda_indices(matrix)):
-            measured = self.attack(matrix, canaries.num_members)
-        return replace(measured, seconds_forward=forward)
+        num_members = canaries.num_members
+
+        def attack() -> Measurement:
+            if self._fused:  # draws no random numbers (its plans have their own generators)
+                return replace(self.attack(matrix, num_members), seconds_forward=forward)
+            # A learner of the user's may draw random numbers: training's streams stay its own.
+            with random_streams_forked(_cuda_indices(matrix)):
+                measured = self.attack(matrix, num_members)
+            return replace(measured, seconds_forward=forward)
+
+        return attack
+
+    @property
+    def runs_off_thread(self) -> bool:
+        """Whether :meth:`prepare`'s attack may run beside training.
+
+        True for the fused default learner, which draws no random numbers and runs no code
+        of the user's.
+        """
+        return self._fused
 
     def evaluate(
         self,

@@ -158,6 +158,7 @@ def test_a_report_is_redrawn_from_its_history_alone(tmp_path):
     )
     for epoch in range(3):
         monitor.step(nn.Linear(4, 2), epoch=epoch)
+    monitor.flush()
     [header] = headers_in(tmp_path / HISTORY_FILE)
     settings = header["settings"]
     assert settings["calibration"] == {"alpha": 0.1, "horizon": 3, "statistic": "auc+strict",

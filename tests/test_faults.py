@@ -334,6 +334,7 @@ def test_moving_a_monitor_to_an_unwritable_folder_keeps_the_old_one(tmp_path):
     with pytest.raises(fh.ConfigurationError, match=re.escape(str(blocker))):
         mon.set_log_dir(blocker / "runs")
     mon.step(model, epoch=1)
+    mon.flush()
     assert [c["check"] for c in checks_in(good / HISTORY_FILE)] == [1, 2]
     assert blocker.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "notes.txt"]
@@ -608,8 +609,8 @@ def test_two_monitors_on_one_folder_are_warned_and_kept_apart(tmp_path, caplog):
         a2 = monitor(canary_set, log_dir=tmp_path)
         a2.load_state_dict(saved_a)  # b still writes, and b's lines stay
         a2.step(model, epoch=1)
-        b.step(model, epoch=3)
         a2.flush()
+        b.step(model, epoch=3)
         b.flush()
     lines = history.read_text().splitlines()
     assert [line for line in lines if b.run_id in line] == [*b_lines, lines[-1]]

@@ -1,0 +1,155 @@
+"""Asynchronous checks: the attack runs beside training, the decision lands one check later."""
+
+import pickle
+
+import pytest
+import torch
+from test_faults import canaries, set_weights, unrelated_weights
+from torch import nn
+
+import fesmia_hooks as fh
+
+
+def monitor(canary_set, **kwargs):
+    kwargs.setdefault("budget", fh.LeakageBudget(action="stop"))
+    return fh.PrivacyMonitor(canary_set, probe=fh.FeSMIA(episodes=30, permutations=99, seed=1),
+                             horizon=4, tensorboard=False, **kwargs)
+
+
+def readings(report):
+    d = report.as_dict()
+    return {k: v for k, v in d.items() if not k.startswith("seconds")}
+
+
+def schedule(memorised):
+    """Weights per epoch: unrelated, then memorising from epoch 2."""
+    return [unrelated_weights(), unrelated_weights(), memorised, memorised]
+
+
+def test_an_asynchronous_run_reads_and_decides_as_the_synchronous_one(tmp_path):
+    canary_set, memorised = canaries()
+    runs = {}
+    for asynchronous in (False, True):
+        model = nn.Linear(8, 3)
+        mon = monitor(canary_set, asynchronous=asynchronous, log_dir=tmp_path / str(asynchronous))
+        returned = []
+        for epoch, weights in enumerate(schedule(memorised)):
+            set_weights(model, weights)
+            returned.append(mon.step(model, epoch=epoch))
+            if mon.should_stop:
+                break
+        mon.close()
+        runs[asynchronous] = (mon, returned)
+    sync, sync_returned = runs[False]
+    lazy, lazy_returned = runs[True]
+    assert [readings(r) for r in lazy.history] == [readings(r) for r in sync.history]
+    assert sync.stopped_epoch == lazy.stopped_epoch == 2  # the stop names the epoch it read
+    # ... but the asynchronous decision reached the loop one epoch later
+    assert [r is not None for r in sync_returned] == [True, True, True]
+    assert lazy_returned[0] is None and [r.check for r in lazy_returned[1:]] == [1, 2, 3]
+    lines = (tmp_path / "True" / "privacy_history.jsonl").read_text().count('"check"')
+    assert lines == len(lazy.history)
+
+
+def test_the_safe_weights_are_those_the_last_good_check_read():
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True, restore_safe_weights=True)
+    good = unrelated_weights()
+    set_weights(model, good)
+    mon.step(model, epoch=0)  # read with `good`
+    set_weights(model, memorised)  # training moves on before the attack is done
+    mon.step(model, epoch=1)  # lands check 1 (within budget): keeps `good`, not these
+    mon.step(model, epoch=2)  # lands check 2: over budget -> stop, restore
+    assert mon.should_stop and mon.stopped_epoch == 1
+    assert torch.equal(model.weight, good)
+
+
+def test_state_dict_and_close_wait_for_the_running_check():
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    set_weights(model, unrelated_weights())
+    mon = monitor(canary_set, asynchronous=True)
+    assert mon.step(model, epoch=0) is None and mon.checks == 0
+    state = mon.state_dict()
+    assert state["checks"] == 1 and len(state["history"]) == 1
+    mon.step(model, epoch=1)
+    mon.close()
+    assert mon.checks == 2
+
+
+def test_a_failed_asynchronous_attack_is_a_failed_check(monkeypatch):
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the attack broke")
+
+    monkeypatch.setattr(mon.probe, "attack", broken)
+    mon.step(model, epoch=0)
+    with pytest.warns(UserWarning, match="check failed and was skipped: RuntimeError"):
+        mon.flush()
+    assert mon.checks == 0 and mon.errors[0]["error"] == "RuntimeError: the attack broke"
+
+
+def test_asynchronous_checks_need_a_probe_that_runs_no_user_code():
+    canary_set, _ = canaries()
+    with pytest.raises(fh.ConfigurationError, match="asynchronous=True needs a probe"):
+        fh.PrivacyMonitor(canary_set, probe=fh.FeSMIA(method="laplacianshot"),
+                          asynchronous=True)
+    with pytest.raises(fh.ConfigurationError, match="asynchronous"):
+        fh.PrivacyMonitor(canary_set, asynchronous="yes")
+
+
+def test_training_is_the_same_with_and_without_asynchronous_checks():
+    canary_set, _ = canaries()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    finals = []
+    for asynchronous in (None, False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = None if asynchronous is None else fh.PrivacyMonitor(
+            canary_set, probe=fh.FeSMIA(episodes=20, permutations=99), budget=None,
+            asynchronous=asynchronous)
+        for epoch in range(3):
+            for i in range(0, 64, 16):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+                opt.step()
+            if mon is not None:
+                mon.step(model, epoch=epoch)
+        if mon is not None:
+            mon.close()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for other in finals[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))
+
+
+def test_an_asynchronous_monitor_pickles_between_checks():
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    mon.flush()
+    copy = pickle.loads(pickle.dumps(mon))
+    copy.step(model, epoch=1)
+    copy.close()
+    assert copy.checks == 2
+
+
+def test_an_attached_asynchronous_monitor_checks_every_n_steps_and_lands_every_check():
+    from fesmia_hooks.integrations.torch import attach
+
+    canary_set, _ = canaries()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = monitor(canary_set, asynchronous=True, every_n_steps=2)
+    with attach(model, opt, mon, total_steps=8):
+        for _ in range(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert [r.step for r in mon.history] == [2, 4, 6, 8]  # the last one landed on remove()
