@@ -242,6 +242,29 @@ def digits_workload(
     )
 
 
+class TinyGPT(nn.Module):
+    """A GPT-2-shaped causal language model, small in depth and width: GPT-2's vocabulary
+    (50,257 tokens), so the logits per sequence, and the probe's forward pass, are GPT-2's;
+    2 pre-norm blocks of width 128 with 4 heads."""
+
+    def __init__(self, vocab: int = 50257, width: int = 128, layers: int = 2,
+                 context: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        h = self.embed(ids) + self.position(torch.arange(t, device=ids.device))
+        causal = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), 1)
+        return self.head(self.norm(self.blocks(h, mask=causal, is_causal=True)))
+
+
 def make_images(
     n: int, *, seed: int, label_noise: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,10 @@ test and the sinks (TensorBoard and the JSON-lines history, written to a tempora
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
 import tempfile
 from typing import Any
 
@@ -22,6 +24,7 @@ import fesmia_hooks as fh
 from benchmarks.common import (
     NUM_CLASSES,
     Recipe,
+    TinyGPT,
     digits_workload,
     make_images,
     median,
@@ -33,7 +36,8 @@ from benchmarks.common import (
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"canaries": 64, "shots": 5, "queries": 15, "episodes": 100, "permutations": 499}
+# The library's defaults: FeSMIA() draws 999 permutations until a monitor sizes them.
+DEFAULTS = {"canaries": 64, "shots": 5, "queries": 15, "episodes": 100, "permutations": 999}
 LEARNERS = ("threshold", "simpleshot", "laplacianshot", "finetune")
 
 
@@ -59,12 +63,20 @@ def ratio_of(
     """Median floor, check and their ratio, interleaved; plus the check's own split."""
     probe.evaluate(model, canaries)  # warm-up: episode plans, caches
     floors, checks, forwards, attacks, monitor_checks = [], [], [], [], []
+    async_checks: list[float] = []
     folder = tempfile.TemporaryDirectory() if with_monitor else None
-    monitor = None
+    monitor = lazy = None
     if folder is not None:
         monitor = fh.PrivacyMonitor(canaries, probe=probe, budget=fh.LeakageBudget(
             action="alert"), log_dir=folder.name)
         monitor.check(model, epoch=0)  # opens the writers
+        # The same check with asynchronous=True: what the training thread waits for (the
+        # attack runs on another core meanwhile, and is waited for between repeats).
+        lazy = fh.PrivacyMonitor(canaries, probe=copy.deepcopy(probe),
+                                 budget=fh.LeakageBudget(action="alert"),
+                                 log_dir=os.path.join(folder.name, "async"), asynchronous=True)
+        lazy.check(model, epoch=0)
+        lazy.flush()
     try:
         for r in range(repeats):
             floors.append(_floor(model, canaries))
@@ -74,9 +86,14 @@ def ratio_of(
             attacks.append(report.seconds_attack)
             if monitor is not None:
                 monitor_checks.append(timed(lambda r=r: monitor.check(model, epoch=r + 1))[0])
+            if lazy is not None:
+                async_checks.append(timed(lambda r=r: lazy.check(model, epoch=r + 1))[0])
+                lazy.flush()
     finally:
         if monitor is not None:
             monitor.close()
+        if lazy is not None:
+            lazy.close()
         if folder is not None:
             folder.cleanup()
     out = {
@@ -90,6 +107,61 @@ def ratio_of(
     if monitor_checks:
         out["monitor_check_s"] = median(monitor_checks)
         out["monitor_ratio"] = out["monitor_check_s"] / out["floor_s"]
+    if async_checks:
+        out["async_check_s"] = median(async_checks)
+        out["async_ratio"] = out["async_check_s"] / out["floor_s"]
+    return out
+
+
+def _lm_cost(cfg: Any, seed: int) -> dict[str, Any]:
+    """The check next to a GPT-2-shaped model: 64 + 64 sequences of 128 tokens, GPT-2's
+    vocabulary (823 M logits in all), the default sequence signals."""
+    from fesmia_hooks.text import SequenceSignals, forward_logits
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50257, (128, 128), generator=g)
+    canaries = fh.SequenceCanarySet(members=ids[:64], non_members=ids[64:], vocab_size=50257)
+    torch.manual_seed(seed)
+    model = TinyGPT().eval()
+    seq, mask, _ = canaries.sequences_on("cpu")
+    passes: list[int] = []
+    forward = model.forward
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        passes.append(x.shape[0])
+        return forward(x)
+
+    model.forward = counted  # type: ignore[method-assign]
+
+    def floor() -> None:
+        with fh.untouched(model):
+            for i in range(0, 128, 32):
+                forward_logits(model, seq[i : i + 32], mask[i : i + 32])
+
+    probes = {  # the classification signals per token (the default), and the text attacks'
+        "token_means": fh.FeSMIA(seed=seed),
+        "sequence": fh.FeSMIA(seed=seed, signal_fn=SequenceSignals()),
+    }
+    for probe in probes.values():
+        probe.evaluate(model, canaries)  # warm-up
+    floors: list[float] = []
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in probes}
+    for _ in range(max(1, cfg.cost_repeats // 5)):
+        floors.append(timed(floor)[0])
+        for name, probe in probes.items():
+            passes.clear()
+            seconds, report = timed(lambda probe=probe: probe.evaluate(model, canaries))
+            runs[name].append((seconds, report.seconds_attack, len(passes)))
+    out: dict[str, Any] = {
+        "what": "GPT-2-shaped LM (vocabulary 50,257, 2 blocks of width 128), 64 + 64 "
+                "sequences of 128 tokens",
+        "floor_s": median(floors), "repeats": len(floors),
+    }
+    for name, values in runs.items():
+        check = median([v[0] for v in values])
+        out[name] = {"check_s": check, "attack_s": median([v[1] for v in values]),
+                     "ratio": check / out["floor_s"],
+                     "forward_passes_per_check": max(v[2] for v in values)}
     return out
 
 
@@ -152,6 +224,9 @@ def run(cfg: Any) -> dict[str, Any]:
                        max(1, cfg.cost_repeats // 3)),
         }
         log.info("cost: wide cnn %s", out["workloads"]["wide_cnn"])
+    if cfg.cost_lm:
+        out["workloads"]["gpt2_shaped"] = _lm_cost(cfg, seed)
+        log.info("cost: GPT-2-shaped %s", out["workloads"]["gpt2_shaped"])
     for method in LEARNERS:
         heavy = method in ("laplacianshot", "finetune")
         reps = cfg.cost_learner_repeats if heavy else cfg.cost_repeats

@@ -77,6 +77,7 @@ class Config:
     cost_learner_repeats: int = 2
     cost_sweep_repeats: int = 5
     cost_wide_cnn: bool = True
+    cost_lm: bool = True
     cost_sweeps: dict[str, list[int]] = field(default_factory=lambda: {
         "canaries": [32, 64, 128, 256],
         "shots": [1, 2, 5, 10, 20],
@@ -181,6 +182,7 @@ class Config:
             cost_learner_repeats=1,
             cost_sweep_repeats=1,
             cost_wide_cnn=False,
+            cost_lm=False,
             cost_sweeps={"episodes": [10, 20], "permutations": [9, 19]},
             cost_candidates=[{"episodes": 10, "permutations": 9}],
             overhead_digits_epochs=2,

@@ -602,3 +602,19 @@ def test_a_second_fit_is_a_new_run(tmp_path):
     assert [r.check for r in stopper.history] == list(range(1, len(stopper.history) + 1))
     assert stopper.history[0].epoch == 0 and len(stopper.history) == stopped_at + 1
     assert stopper.stopped_epoch == stopped_at == trainer.current_epoch - 1
+
+
+def test_an_asynchronous_callback_stops_one_epoch_later_on_the_same_readings(tmp_path):
+    budget = LeakageBudget(max_level="none", action="stop")
+    sync = _monitor(budget=budget, horizon=6)
+    _fit(tmp_path / "sync", sync, max_epochs=6)
+    breach = _first_breach(sync.history)
+    lazy = _monitor(budget=LeakageBudget(max_level="none", action="stop"), horizon=6,
+                    asynchronous=True)
+    trainer, _ = _fit(tmp_path / "async", lazy, max_epochs=6)
+    assert lazy.should_stop and lazy.stopped_epoch == breach  # the epoch whose model leaked
+    assert trainer.current_epoch == breach + 2  # ... the decision landed one epoch later
+    strip = [{k: v for k, v in r.as_dict().items() if not k.startswith("seconds")}
+             for r in (sync.history, lazy.history)[0]]
+    assert [{k: v for k, v in r.as_dict().items() if not k.startswith("seconds")}
+            for r in lazy.history[: len(strip)]] == strip
