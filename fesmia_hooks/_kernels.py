@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["read_row", "row_readings", "simpleshot_episodes"]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def read_row(  # pragma: no cover
     row: Any, order: Any, is_member: Any, n_neg: int, relaxed_fp: int
 ) -> Any:
@@ -66,7 +66,7 @@ def read_row(  # pragma: no cover
     return tp_at0, tp_atk, u
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def sort_descending(row: Any, order: Any) -> None:  # pragma: no cover
     """Fill ``order`` with a descending order of ``row`` (insertion sort: short rows)."""
     n = row.shape[0]
@@ -78,7 +78,7 @@ def sort_descending(row: Any, order: Any) -> None:  # pragma: no cover
         order[j] = i
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def read_split(  # pragma: no cover
     members: Any, non_members: Any, n_neg: int, relaxed_fp: int
 ) -> Any:
@@ -108,7 +108,7 @@ def read_split(  # pragma: no cover
     return tp0, tpk, 0.5 * twice_u
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma: no cover
     """:func:`read_row` of every row of ``scores`` (``[G, n]`` float64)."""
     g, n = scores.shape
@@ -134,7 +134,7 @@ def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma
     return tp0, tpk, auc
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def simpleshot_episodes(
     features: Any,
     slots: Any,
@@ -178,7 +178,6 @@ def simpleshot_episodes(
     auc = np.empty((b_count, e_count), np.float64)
     pooled_auc = np.full(b_count, np.nan)
     scores_out = np.empty((b_count if keep_scores else 0, e_count, q), np.float64)
-    scores = np.empty(q, np.float64)
     by_side = np.empty(q, np.int64)  # query positions, the members' first
     a = 0
     for j in range(q):
@@ -189,8 +188,15 @@ def simpleshot_episodes(
         if not is_query_member[j]:
             by_side[a] = j
             a += 1
-    member_scores = np.empty(n_pos, np.float64)
-    non_scores = np.full(4 * ((n_neg + 3) // 4), -np.inf)  # padded: see read_split
+    # one row of scores per episode, the members' then the non-members' (padded with -inf
+    # to a multiple of 4: see read_split), and each query's pool slot in that order
+    sided = np.full(n_pos + 4 * ((n_neg + 3) // 4), -np.inf)
+    member_scores = sided[:n_pos]
+    non_scores = sided[n_pos:]
+    rows = np.empty((e_count, q), np.int64)
+    for e in range(e_count):
+        for t in range(q):
+            rows[e, t] = slots[e, s2 + by_side[t]]
     # pooled scores: which slots are ever queried, and how often (the same for every b)
     count = np.zeros(n, np.float64)
     for e in range(e_count):
@@ -262,30 +268,24 @@ def simpleshot_episodes(
                 diff[c0 + 2], diff[c0 + 3] = m2 - n2, m3 - n3
                 bias = norm_n - norm_m
             d0, d1, d2, d3 = diff[0], diff[1], diff[2], diff[3]
-            for t in range(q):
-                j = by_side[t]  # the query members first, then the non-members
-                r = slots[e, s2 + j]
+            for t in range(q):  # the query members first, then the non-members
+                r = rows[e, t]
                 dot = x[r, 0] * d0 + x[r, 1] * d1 + x[r, 2] * d2 + x[r, 3] * d3
                 if wide > 4:
                     for c0 in range(4, wide, 4):
                         dot = (dot + x[r, c0] * diff[c0] + x[r, c0 + 1] * diff[c0 + 1]
                                + x[r, c0 + 2] * diff[c0 + 2] + x[r, c0 + 3] * diff[c0 + 3])
-                v = 2.0 * dot + bias
-                scores[j] = v
-                if t < n_pos:
-                    member_scores[t] = v
-                else:
-                    non_scores[t - n_pos] = v
+                sided[t] = 2.0 * dot + bias
             a, c, u = read_split(member_scores, non_scores, n_neg, relaxed_fp)
             tp0[b, e] = a
             tpk[b, e] = c
             auc[b, e] = u / (n_pos * n_neg)
             if pooled:
-                for j in range(q):
-                    total[slots[e, s2 + j]] += scores[j]
+                for t in range(q):
+                    total[rows[e, t]] += sided[t]
             if keep_scores:
-                for j in range(q):
-                    scores_out[b, e, j] = scores[j]
+                for t in range(q):
+                    scores_out[b, e, by_side[t]] = sided[t]
         if pooled and seen_m > 0 and seen_n > 0:
             for i in range(seen_m):
                 mean_m[i] = total[seen_members[i]] / count[seen_members[i]]

@@ -301,15 +301,19 @@ class PrivacyMonitor:
         self._safe_state = None
         self.baseline = None
         self._size_permutations()
-        use_statistics = getattr(self.probe, "use_statistics", None)
-        if callable(use_statistics):
-            use_statistics(alarm_components(self.calibration.statistic))
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):
             start_run()
 
     def _size_permutations(self) -> None:
-        """Give a ``permutations="auto"`` probe as many as the run's horizon needs."""
+        """Size the probe for the run: the statistics and permutations its test needs.
+
+        Only the statistics the alarm reads are computed under the null; a
+        ``permutations="auto"`` probe gets as many permutations as the run's horizon needs.
+        """
+        use_statistics = getattr(self.probe, "use_statistics", None)
+        if callable(use_statistics):
+            use_statistics(alarm_components(self.calibration.statistic))
         if not getattr(self.probe, "auto_permutations", False):
             return
         low, high = AUTO_PERMUTATIONS
