@@ -96,7 +96,7 @@ class Config:
     overhead_cnn_members: int = 10_000
     overhead_cnn_test: int = 2_000
     overhead_cnn_epochs: int = 3
-    overhead_repeats: int = 2
+    overhead_repeats: int = 4  # A/B medians of 4 alternating pairs: less exposed to noise
     # items 3-6: the panel
     panel: tuple[RunSpec, ...] = FULL_PANEL
     digits_epochs: int = 150
