@@ -1,8 +1,10 @@
 """A small CNN with BatchNorm and Dropout on image-shaped data, monitored every epoch.
 
 The probe runs in eval mode with the RNG forked, so BatchNorm statistics and dropout draws
-are exactly what they would be without it. Images: the digits upsampled to 1x16x16 with
-pixel noise. Run: python examples/cnn_torch.py
+are exactly what they would be without it. The checks are asynchronous: each forwards the
+canaries, then the attack runs on another core while the next epoch trains, and its report
+and decision arrive at the next check (``monitor.step`` returns the report that landed).
+Images: the digits upsampled to 1x16x16 with pixel noise. Run: python examples/cnn_torch.py
 """
 
 import torch
@@ -34,7 +36,7 @@ def main(epochs=40, log_dir="runs/example-cnn"):
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = fh.PrivacyMonitor(canaries, budget=fh.LeakageBudget(), horizon=epochs,
-                                log_dir=log_dir)
+                                log_dir=log_dir, asynchronous=True)
     monitor.preflight(model)  # before training: members and non-members must look alike
     for epoch in range(epochs):
         model.train()
@@ -43,12 +45,14 @@ def main(epochs=40, log_dir="runs/example-cnn"):
             nn.functional.cross_entropy(model(x[idx] + 0.05 * torch.randn_like(x[idx])),
                                         y[idx]).backward()
             optimizer.step()
-        report = monitor.step(model, epoch=epoch)
-        print(report.summary())
+        report = monitor.step(model, epoch=epoch)  # the previous epoch's check, landed now
+        if report is not None:
+            print(report.summary())
         if monitor.should_stop:
-            print("stopped:", monitor.stop_reason.value)
+            print(f"stopped after epoch {epoch}: {monitor.stop_reason.value} "
+                  f"(leakage read at epoch {monitor.stopped_epoch})")
             break
-    monitor.close()
+    monitor.close()  # waits for the last check
     return monitor
 
 
