@@ -86,6 +86,7 @@ def ratio_of(
             attacks.append(report.seconds_attack)
             if monitor is not None:
                 monitor_checks.append(timed(lambda r=r: monitor.check(model, epoch=r + 1))[0])
+                monitor.flush()  # its outputs are written in the background: not during the next
             if lazy is not None:
                 async_checks.append(timed(lambda r=r: lazy.check(model, epoch=r + 1))[0])
                 lazy.flush()

@@ -25,7 +25,23 @@ import numpy as np
 __all__ = ["read_row", "row_readings", "simpleshot_episodes"]
 
 
-@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _jit(**options: Any) -> Any:
+    """``numba.njit`` without the GIL, with numpy's error model, cached on disk where it can.
+
+    With no writable cache location (a read-only install, no home folder) the kernels are
+    compiled anew in each process instead of failing.
+    """
+
+    def decorate(fn: Any) -> Any:
+        try:
+            return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, error_model="numpy", **options)(fn)
+
+    return decorate
+
+
+@_jit(inline="always")
 def read_row(  # pragma: no cover
     row: Any, order: Any, is_member: Any, n_neg: int, relaxed_fp: int
 ) -> Any:
@@ -66,7 +82,7 @@ def read_row(  # pragma: no cover
     return tp_at0, tp_atk, u
 
 
-@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+@_jit(inline="always")
 def sort_descending(row: Any, order: Any) -> None:  # pragma: no cover
     """Fill ``order`` with a descending order of ``row`` (insertion sort: short rows)."""
     n = row.shape[0]
@@ -78,7 +94,7 @@ def sort_descending(row: Any, order: Any) -> None:  # pragma: no cover
         order[j] = i
 
 
-@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+@_jit(inline="always")
 def read_split(  # pragma: no cover
     members: Any, non_members: Any, n_neg: int, relaxed_fp: int
 ) -> Any:
@@ -108,7 +124,7 @@ def read_split(  # pragma: no cover
     return tp0, tpk, 0.5 * twice_u
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@_jit()
 def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma: no cover
     """:func:`read_row` of every row of ``scores`` (``[G, n]`` float64)."""
     g, n = scores.shape
@@ -134,7 +150,7 @@ def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma
     return tp0, tpk, auc
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@_jit()
 def simpleshot_episodes(
     features: Any,
     slots: Any,
@@ -161,7 +177,8 @@ def simpleshot_episodes(
         keep_scores: Return the ``[B, E, Q]`` scores (else an empty array).
 
     Returns:
-        ``(tp0 [B, E], tpk [B, E], auc [B, E], pooled_auc [B], scores)``.
+        ``(tp0 [B, E], tpk [B, E], auc [B, E], pooled_auc [B], scores, non-finite scores)``;
+        the readings are meaningless when the last is not 0.
     """
     n, width = features.shape
     b_count = perms.shape[0]
@@ -230,6 +247,7 @@ def simpleshot_episodes(
     wide = 4 * ((width + 3) // 4)
     x = np.zeros((n, wide), np.float64)
     diff = np.zeros(wide, np.float64)
+    broken = 0
     for b in range(b_count):
         perm = perms[b]
         for i in range(n):
@@ -275,7 +293,10 @@ def simpleshot_episodes(
                     for c0 in range(4, wide, 4):
                         dot = (dot + x[r, c0] * diff[c0] + x[r, c0 + 1] * diff[c0 + 1]
                                + x[r, c0 + 2] * diff[c0 + 2] + x[r, c0 + 3] * diff[c0 + 3])
-                sided[t] = 2.0 * dot + bias
+                v = 2.0 * dot + bias
+                sided[t] = v
+                if not np.isfinite(v):
+                    broken += 1  # overflow: the caller refuses the check
             a, c, u = read_split(member_scores, non_scores, n_neg, relaxed_fp)
             tp0[b, e] = a
             tpk[b, e] = c
@@ -293,4 +314,4 @@ def simpleshot_episodes(
                 mean_n[i] = total[seen_non[i]] / count[seen_non[i]]
             _, _, u = read_split(mean_m, mean_n, seen_n, 0)
             pooled_auc[b] = u / (seen_m * seen_n)
-    return tp0, tpk, auc, pooled_auc, scores_out
+    return tp0, tpk, auc, pooled_auc, scores_out, broken

@@ -155,6 +155,12 @@ def simpleshot_readings(
                 lambda lo_hi: _kernels.simpleshot_episodes(
                     *args[:2], args[2][lo_hi[0]:lo_hi[1]], *args[3:]),
                 zip(bounds[:-1], bounds[1:], strict=True)))
+    broken = sum(int(p[5]) for p in parts)
+    if broken:
+        raise ProbeError(
+            f"the canary features give non-finite scores (NaN or infinity) for {broken} "
+            f"queries: features this large overflow the learner; rescale them"
+        )
     tp0, tpk, auc, pooled_auc, scores = (np.concatenate([p[i] for p in parts])
                                          for i in range(5))
     return EpisodeReadings(tp0, tpk, auc, pooled_auc, scores if keep_scores else None)
@@ -218,6 +224,8 @@ def host_features(features: torch.Tensor | np.ndarray) -> np.ndarray:
     else:
         x = np.asarray(features, dtype=np.float64)
     x = np.ascontiguousarray(x)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ProbeError(f"the canary features must be [canaries, F >= 1], got {x.shape}")
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(1).sum())
         raise ProbeError(

@@ -10,6 +10,7 @@ and the monitor *acts* (stop flag, safe weights, ``on_breach``, raise).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -17,6 +18,7 @@ import os
 import re
 import uuid
 import warnings
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -295,7 +297,8 @@ class PrivacyMonitor:
             horizon: Checks expected in the new run (for example ``max_epochs //
                 every_n_epochs``), unless a horizon was fixed at construction.
         """
-        self._land()  # an asynchronous check still running belongs to the run that ends
+        self._drop_pending("a new run began before the last one was closed (call close() "
+                           "at the end of a run)")
         self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
@@ -455,6 +458,8 @@ class PrivacyMonitor:
         mark = (("step", step) if self.every_n_steps is not None and step is not None
                 else ("epoch", epoch) if epoch is not None else None)
         landed = self._land()
+        if landed is not None and landed.breached and self.should_stop:
+            return landed  # the stop landed now: the loop ends here, no new check starts
         index = self.checks + 1
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
         try:
@@ -473,22 +478,54 @@ class PrivacyMonitor:
         if self.asynchronous:
             snapshot = _copy_state(model) if self.restore_safe_weights else None
             self._pending = _Pending(self._worker.submit(attack), model, index, epoch, step,
-                                     snapshot)
+                                     snapshot, mark)
+            _LIVE.add(self)
             return landed
         return self._conclude(model, measured, index=index, epoch=epoch, step=step)
 
     def _land(self) -> LeakageReport | None:
-        """Wait for the attack of an asynchronous check, then read, decide and record it."""
-        pending, self._pending = self._pending, None
+        """Wait for the attack of an asynchronous check, then read, decide and record it.
+
+        An interrupt (``KeyboardInterrupt``) while waiting leaves the check pending: the next
+        step, check, flush or close lands it.
+        """
+        pending = self._pending
         if pending is None:
             return None
         try:
             measured = pending.future.result()
         except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
+            self._pending = None
             self._record_error(exc, epoch=pending.epoch, step=pending.step, index=pending.index)
             return None
+        self._pending = None
         return self._conclude(pending.model, measured, index=pending.index,
                               epoch=pending.epoch, step=pending.step, snapshot=pending.snapshot)
+
+    def _settled_marks(self) -> set[tuple[str, int]]:
+        """The epochs and steps checked, less that of a check still running."""
+        pending = self._pending
+        if pending is None or pending.mark is None:
+            return set(self._checked)
+        return self._checked - {pending.mark}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickle, deepcopy) does not carry a check still running: it runs it again.
+        state = dict(self.__dict__)
+        state["_pending"] = None
+        state["_checked"] = self._settled_marks()
+        return state
+
+    def _drop_pending(self, why: str) -> None:
+        """Forget an asynchronous check without concluding it (its epoch or step may run again)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.future.cancel()
+        if pending.mark is not None:
+            self._checked.discard(pending.mark)
+        warnings.warn(f"fesmia-hooks: the asynchronous check {pending.index} was not concluded: "
+                      f"{why}", stacklevel=3)
 
     def _conclude(
         self,
@@ -558,11 +595,15 @@ class PrivacyMonitor:
         An asynchronous check still running is waited for and concluded first.
         """
         self._land()
+        self._flush_outputs()
+
+    def _flush_outputs(self) -> None:
+        """Wait for the background writer (a failing or stuck write is reported)."""
         if not self._writer.flush():
             message = ("fesmia-hooks: the outputs of earlier checks were still being written "
                        f"after {FLUSH_TIMEOUT_S:.0f} s; they may be missing from log_dir")
             self.output_errors.append(message)
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)
         self._report_output_failures()
 
     def _report_output_failures(self) -> None:
@@ -651,9 +692,11 @@ class PrivacyMonitor:
         """Plain-value state: the run, its history, counters, calibration and stop state.
 
         Queued outputs are written first, so the history file holds every check the state
-        knows of.
+        knows of. An asynchronous check still running is not part of the state (nor is its
+        epoch or step marked done): a run resumed from the state runs it again, and this run
+        concludes it as usual.
         """
-        self.flush()
+        self._flush_outputs()
         return {
             "version": STATE_VERSION,
             "run_id": self.run_id,
@@ -667,7 +710,7 @@ class PrivacyMonitor:
             "stop_message": self.stop_message,
             "stopped_epoch": self.stopped_epoch,
             "stopped_step": self.stopped_step,
-            "checked": sorted([k, v] for k, v in self._checked),
+            "checked": sorted([k, v] for k, v in self._settled_marks()),
             "probe": self.probe.settings(),
             "canaries": None if self.canaries is None else self.canaries.fingerprint(),
         }
@@ -680,7 +723,7 @@ class PrivacyMonitor:
         :meth:`~fesmia_hooks.JsonlSink.resume`).
         """
         self._validate_state(state)
-        self._land()
+        self._drop_pending("a saved state was loaded over the run it belonged to")
         try:  # read everything first: a refused state changes nothing
             history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
             errors = [dict(e) for e in state.get("errors", [])]
@@ -792,9 +835,14 @@ class PrivacyMonitor:
         self._call(sinks, "resume", self.run_id, self.checks, list(self.errors), self.header())
 
     def close(self) -> None:
-        """Flush and close every sink this process writes to (a failing one is reported)."""
+        """Conclude a pending asynchronous check, then flush and close every sink.
+
+        Only the sinks this process writes to; a failing one is reported.
+        """
+        self._land()
         self._call(self._writing(), "close")
         self.flush()
+        self._writer.close()
 
     def __enter__(self) -> PrivacyMonitor:
         return self
@@ -813,6 +861,22 @@ class _Pending:
     epoch: int | None
     step: int | None
     snapshot: dict[str, Any] | None
+    mark: tuple[str, int] | None
+
+
+# Monitors that have had an asynchronous check: their last one is concluded at exit.
+_LIVE: weakref.WeakSet[PrivacyMonitor] = weakref.WeakSet()
+
+
+@atexit.register
+def _conclude_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
+    for monitor in list(_LIVE):
+        monitor._writer.inline = True  # no new thread may start at exit
+        try:
+            monitor.flush()
+        except Exception as exc:  # noqa: BLE001 - nothing can be raised to anyone at exit
+            log.warning("fesmia-hooks: the last asynchronous check failed at exit: %s",
+                        _describe(exc))
 
 
 _STATE_KEYS = frozenset({

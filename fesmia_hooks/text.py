@@ -38,11 +38,12 @@ whole; splitting it would change what a causal model sees). By default
 on the model's device when the check runs: a quarter of it, at 8 bytes per logit (the float32
 logits and one copy), between ``2**22`` and ``2**28`` logits (16 MiB to 1 GiB of float32
 logits). GPT-2 at 128 tokens (6.4 M logits a sequence) then forwards 128 canaries in 4
-passes on a device with 4 GiB free, where a fixed ``2**24`` took 64. The reductions then read
-the scored positions of those logits in blocks of ``max(1, chunk_elements // V)`` positions:
-a block's float32 log-softmax and its copies take a few times ``max(chunk_elements, V)``
-floats (8 MiB per block copy with the default ``2**21``), plus ``O(rows * T)`` floats of
-per-token statistics. A batch that does not fit after all is retried at half its size.
+passes on a device with 8 GiB free (7 with 4 GiB), where a fixed ``2**24`` took 64. The
+reductions then read the scored positions of those logits in blocks of
+``max(1, chunk_elements // V)`` positions: a block's float32 log-softmax and its copies take
+a few times ``max(chunk_elements, V)`` floats (8 MiB per block copy with the default
+``2**21``), plus ``O(rows * T)`` floats of per-token statistics. A batch that does not fit
+after all is retried at half its size.
 
 Example:
     >>> import torch
@@ -324,9 +325,11 @@ def _check_bins(bins: Any) -> int:
 def logit_budget(device: torch.device | str) -> int:
     """Logits one forward pass may return on ``device``: sized from its free memory.
 
-    A quarter of the memory free now, at 8 bytes per logit (float32 logits and one copy),
-    clipped to :data:`LOGIT_BUDGET_BOUNDS`; :data:`DEFAULT_MAX_LOGIT_ELEMENTS` where free
-    memory cannot be read.
+    A quarter of the memory free now (on the CPU, also within the container's memory limit),
+    at 8 bytes per logit (float32 logits and one copy), clipped to
+    :data:`LOGIT_BUDGET_BOUNDS`; :data:`DEFAULT_MAX_LOGIT_ELEMENTS` where free memory cannot
+    be read. The model's own activations are not counted: a batch that does not fit after
+    all is retried at half its size.
 
     Example:
         >>> low, high = LOGIT_BUDGET_BOUNDS
@@ -340,12 +343,38 @@ def logit_budget(device: torch.device | str) -> int:
             free = int(torch.cuda.mem_get_info(device)[0])
         elif device.type == "cpu" and hasattr(os, "sysconf"):
             free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+            room = _container_room()
+            if room is not None:
+                free = min(free, room)
     except (OSError, ValueError, RuntimeError):  # not reported on this platform
         free = None
     if free is None or free <= 0:
         return DEFAULT_MAX_LOGIT_ELEMENTS
     low, high = LOGIT_BUDGET_BOUNDS
     return int(min(high, max(low, free // 4 // 8)))
+
+
+# A container's memory limit and use: cgroup v2, then v1 (the host's free memory ignores them).
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _container_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit, ``None`` without a limit."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 2**60:  # "max", or v1's "no limit" value
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def _check_elements(name: str, value: Any, *, auto: bool = False) -> int:

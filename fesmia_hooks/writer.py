@@ -7,9 +7,11 @@ thread, in the order the monitor asked, through a bounded queue: a check returns
 its outputs are queued, and only a writer more than :data:`QUEUE_SIZE` calls behind makes
 training wait. The monitor waits for the queue (:meth:`BackgroundWriter.flush`) before a
 stop returns, before its state is saved and when it closes; the interpreter waits for it at
-exit. A crash therefore loses at most the call in flight. A call that fails is kept with
-its error and reported on the training thread at the next check, flush or close, as a
-failing sink always was: outputs never make or change a decision.
+exit, when an exception ends the program; only a hard kill (``SIGKILL``, ``os._exit``)
+loses what is still queued, normally nothing, since a check's outputs are written within
+milliseconds. A call that fails is kept with its error and reported on the training thread
+at the next check, flush or close, as a failing sink always was: outputs never make or
+change a decision.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._failed: collections.deque[tuple[Any, str, BaseException]] = collections.deque()
         self._lock = threading.Lock()
+        #: Call sinks on the caller's thread (set at interpreter exit, when no new thread
+        #: may start).
+        self.inline = False
         _WRITERS.add(self)
 
     def __reduce__(self) -> tuple[Any, tuple[int]]:
@@ -65,9 +70,21 @@ class BackgroundWriter:
         return (BackgroundWriter, (self._queue.maxsize,))
 
     def submit(self, sink: Any, hook: str, args: Sequence[Any]) -> None:
-        """Queue ``sink.<hook>(*args)`` (waits only while the queue is full)."""
+        """Queue ``sink.<hook>(*args)``; waits only while the queue is full.
+
+        A writer stuck for :data:`FLUSH_TIMEOUT_S` (a hung disk) drops the call and reports
+        it as a failure instead of blocking training for good.
+        """
+        if self.inline:
+            self.flush()
+            _call_one(sink, hook, tuple(args), self._failed)
+            return
         self._ensure_thread()
-        self._queue.put((sink, hook, tuple(args)))
+        try:
+            self._queue.put((sink, hook, tuple(args)), timeout=FLUSH_TIMEOUT_S)
+        except queue.Full:
+            self._failed.append((sink, hook, TimeoutError(
+                f"the background writer was stuck for {FLUSH_TIMEOUT_S:.0f} s")))
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Wait until every queued call has run; ``False`` if ``timeout`` ran out first."""
@@ -80,6 +97,16 @@ class BackgroundWriter:
                 self._queue.all_tasks_done.wait(min(left, 0.5))
         return True
 
+    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Flush, then stop the thread (a later :meth:`submit` starts a new one)."""
+        done = self.flush(timeout)
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive() and done:
+            self._queue.put(None)
+            thread.join(timeout)
+        return done
+
     def failures(self) -> list[tuple[Any, str, BaseException]]:
         """The calls that raised since the last call, as ``(sink, hook, error)``."""
         out = []
@@ -90,23 +117,37 @@ class BackgroundWriter:
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():  # new, or lost to a fork
-                self._thread = threading.Thread(target=self._run, name="fesmia-hooks-writer",
-                                                daemon=True)
+                # The thread holds the queue and the failure list, not the writer: a writer
+                # nobody uses any more can be collected (its thread is then stopped).
+                self._thread = threading.Thread(target=_run, args=(self._queue, self._failed),
+                                                name="fesmia-hooks-writer", daemon=True)
                 self._thread.start()
+                weakref.finalize(self, _stop, self._queue)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                sink, hook, args = item
-                try:
-                    getattr(sink, hook)(*args)
-                except BaseException as exc:  # noqa: BLE001 - reported on the training thread
-                    self._failed.append((sink, hook, exc))
-            finally:
-                self._queue.task_done()
+
+def _run(jobs: queue.Queue[Any], failed: collections.deque[Any]) -> None:
+    while True:
+        item = jobs.get()
+        try:
+            if item is None:
+                return
+            _call_one(*item, failed)
+        finally:
+            jobs.task_done()
+
+
+def _call_one(sink: Any, hook: str, args: tuple[Any, ...], failed: collections.deque[Any]) -> None:
+    try:
+        getattr(sink, hook)(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported on the training thread
+        failed.append((sink, hook, exc))
+
+
+def _stop(jobs: queue.Queue[Any]) -> None:
+    try:
+        jobs.put_nowait(None)
+    except queue.Full:  # pragma: no cover - a stuck writer keeps its (daemon) thread
+        pass
 
 
 @atexit.register

@@ -10,17 +10,18 @@ if __import__("os").environ.get("FESMIA_SLOW_WRITER"):
 
     from fesmia_hooks import writer as _writer
 
-    _run = _writer.BackgroundWriter._run
+    _run = _writer._run
 
-    def _slow_run(self):
-        get = self._queue.get
+    class _SlowQueue:
+        def __init__(self, jobs):
+            self._jobs = jobs
 
-        def slow_get():
-            item = get()
+        def get(self):
+            item = self._jobs.get()
             time.sleep(0.05)
             return item
 
-        self._queue.get = slow_get
-        _run(self)
+        def task_done(self):
+            self._jobs.task_done()
 
-    _writer.BackgroundWriter._run = _slow_run
+    _writer._run = lambda jobs, failed: _run(_SlowQueue(jobs), failed)

@@ -65,17 +65,80 @@ def test_the_safe_weights_are_those_the_last_good_check_read():
     assert torch.equal(model.weight, good)
 
 
-def test_state_dict_and_close_wait_for_the_running_check():
+def test_a_state_saved_during_a_check_leaves_it_out_and_close_concludes_it(tmp_path):
     canary_set, _ = canaries()
     model = nn.Linear(8, 3)
     set_weights(model, unrelated_weights())
-    mon = monitor(canary_set, asynchronous=True)
+    mon = monitor(canary_set, asynchronous=True, log_dir=tmp_path)
     assert mon.step(model, epoch=0) is None and mon.checks == 0
-    state = mon.state_dict()
-    assert state["checks"] == 1 and len(state["history"]) == 1
-    mon.step(model, epoch=1)
-    mon.close()
+    state = mon.state_dict()  # a checkpoint while check 1 runs: not in it, epoch 0 not done
+    assert state["checks"] == 0 and state["history"] == [] and state["checked"] == []
+    resumed = monitor(canary_set, asynchronous=True)
+    resumed.load_state_dict(state)
+    assert resumed.is_due(epoch=0)  # a run resumed from it checks epoch 0 again
+    mon.step(model, epoch=1)  # this run concludes check 1 as usual
+    assert [r.epoch for r in mon.history] == [0]
+    mon.close()  # ... and close concludes check 2 before the sinks close
     assert mon.checks == 2
+    lines = (tmp_path / "privacy_history.jsonl").read_text().count('"check"')
+    assert lines == 2 and len(list(tmp_path.glob("events.out.tfevents.*"))) <= 1
+
+
+def test_the_adapters_check_starts_no_new_check_once_a_stop_landed():
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    set_weights(model, memorised)
+    mon.check(model, epoch=0)
+    landed = mon.check(model, epoch=1)  # lands the stop of epoch 0
+    assert landed.breached and mon.should_stop and mon._pending is None
+    assert [r.epoch for r in mon.history] == [0]
+
+
+def test_an_interrupt_while_waiting_keeps_the_check_pending(monkeypatch):
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    future = mon._pending.future
+    real = future.result
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(future, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mon.step(model, epoch=1)
+    monkeypatch.setattr(future, "result", real)
+    assert mon._pending is not None and mon.checks == 0
+    mon.flush()
+    assert mon.checks == 1
+
+
+def test_loading_a_state_over_a_running_check_drops_it_without_raising():
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True,
+                  budget=fh.LeakageBudget(max_level="none", action="raise"))
+    saved = mon.state_dict()
+    set_weights(model, memorised)
+    mon.step(model, epoch=0)  # would raise when concluded
+    with pytest.warns(UserWarning, match="was not concluded"):
+        mon.load_state_dict(saved)
+    assert mon.checks == 0 and mon.is_due(epoch=0)
+
+
+def test_a_copy_made_during_a_check_runs_it_again():
+    import copy
+
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    for clone in (copy.deepcopy(mon), pickle.loads(pickle.dumps(mon))):
+        assert clone._pending is None and clone.is_due(epoch=0)
+    mon.close()
+    assert mon.checks == 1
 
 
 def test_a_failed_asynchronous_attack_is_a_failed_check(monkeypatch):
@@ -153,3 +216,27 @@ def test_an_attached_asynchronous_monitor_checks_every_n_steps_and_lands_every_c
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     assert [r.step for r in mon.history] == [2, 4, 6, 8]  # the last one landed on remove()
+
+
+def test_the_last_check_is_concluded_at_exit_when_nobody_closed_the_monitor(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, fesmia_hooks as fh
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(128, 8, generator=g), torch.randint(0, 3, (128,), generator=g)
+        canaries = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+        mon = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=20, permutations=99),
+                                log_dir={str(tmp_path)!r}, tensorboard=False,
+                                asynchronous=True, horizon=3)
+        model = torch.nn.Linear(8, 3)
+        for epoch in range(3):
+            mon.step(model, epoch=epoch)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "privacy_history.jsonl").read_text().count('"check"')
+    assert lines == 3

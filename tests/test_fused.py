@@ -48,7 +48,9 @@ def test_compiled_and_reference_loops_read_the_same(kind, seed):
         args = (x, slots, rows, flags, plan.shots, 1 + seed % 3, half, True, True)
         from fesmia_hooks import _kernels
 
-        got = fused.EpisodeReadings(*_kernels.simpleshot_episodes(*args))
+        *outputs, broken = _kernels.simpleshot_episodes(*args)
+        assert broken == 0
+        got = fused.EpisodeReadings(*outputs)
         ref = fused.simpleshot_readings_torch(*args)
         for field in dataclasses.fields(fused.EpisodeReadings):
             a, b = getattr(got, field.name), getattr(ref, field.name)
@@ -114,3 +116,18 @@ def test_splitting_the_permutations_over_threads_changes_nothing():
             assert b is None
         else:
             np.testing.assert_array_equal(a, b, err_msg=field.name)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_features_that_overflow_the_scores_are_refused_on_both_paths(monkeypatch, compiled):
+    if compiled and not HAVE_NUMBA:
+        pytest.skip("the compiled loop needs numba")
+    monkeypatch.setattr(fused, "HAVE_NUMBA", compiled)
+    x = torch.randn(128, 4, dtype=torch.float64) * 1e200
+    with pytest.raises(ProbeError, match="non-finite scores"):
+        fh.FeSMIA(permutations=9).attack(x, 64)
+
+
+def test_features_without_columns_are_refused():
+    with pytest.raises(ProbeError, match=r"\[canaries, F >= 1\]"):
+        fh.FeSMIA(permutations=9).attack(torch.empty(128, 0), 64)

@@ -122,3 +122,27 @@ def test_a_monitor_writes_its_history_before_a_stop_returns(tmp_path, stop):
         assert written == []  # an ordinary check did not wait for the slow disk
     mon.close()
     assert [c["check"] for c in checks_in(tmp_path / "privacy_history.jsonl")] == [1]
+
+
+def test_closed_monitors_leave_no_writer_threads_behind(tmp_path):
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    before = sum(t.name == "fesmia-hooks-writer" for t in threading.enumerate())
+    for i in range(5):
+        mon = monitor(canary_set, log_dir=tmp_path / str(i))
+        mon.step(model, epoch=0)
+        mon.close()
+    time.sleep(0.1)
+    after = sum(t.name == "fesmia-hooks-writer" for t in threading.enumerate())
+    assert after <= before
+
+
+def test_a_closed_writer_starts_again_on_the_next_call():
+    gate = threading.Event()
+    gate.set()
+    sink = Slow(gate)
+    writer = BackgroundWriter()
+    writer.submit(sink, "log", (1,))
+    assert writer.close()
+    writer.submit(sink, "log", (2,))
+    assert writer.flush() and sink.calls == [1, 2]
