@@ -161,6 +161,7 @@ def simpleshot_episodes(
     num_members: int,
     pooled: bool,
     keep_scores: bool,
+    careful: bool = True,
 ) -> Any:  # pragma: no cover
     """SimpleShot on every episode of every permutation, read as it is scored.
 
@@ -175,6 +176,8 @@ def simpleshot_episodes(
         num_members: Slots below it are members (for the pooled AUC).
         pooled: Also read the pooled scores (each slot's mean over its query episodes).
         keep_scores: Return the ``[B, E, Q]`` scores (else an empty array).
+        careful: Count non-finite scores (features too large can overflow them); the caller
+            may skip it for features small enough that no score can overflow.
 
     Returns:
         ``(tp0 [B, E], tpk [B, E], auc [B, E], pooled_auc [B], scores, non-finite scores)``;
@@ -295,7 +298,7 @@ def simpleshot_episodes(
                                + x[r, c0 + 2] * diff[c0 + 2] + x[r, c0 + 3] * diff[c0 + 3])
                 v = 2.0 * dot + bias
                 sided[t] = v
-                if not np.isfinite(v):
+                if careful and not np.isfinite(v):
                     broken += 1  # overflow: the caller refuses the check
             a, c, u = read_split(member_scores, non_scores, n_neg, relaxed_fp)
             tp0[b, e] = a
