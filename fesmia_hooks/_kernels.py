@@ -313,8 +313,12 @@ def simpleshot_episodes(
         if pooled and seen_m > 0 and seen_n > 0:
             for i in range(seen_m):
                 mean_m[i] = total[seen_members[i]] / count[seen_members[i]]
+                if careful and not np.isfinite(mean_m[i]):
+                    broken += 1
             for i in range(seen_n):
                 mean_n[i] = total[seen_non[i]] / count[seen_non[i]]
+                if careful and not np.isfinite(mean_n[i]):
+                    broken += 1
             _, _, u = read_split(mean_m, mean_n, seen_n, 0)
             pooled_auc[b] = u / (seen_m * seen_n)
     return tp0, tpk, auc, pooled_auc, scores_out, broken

@@ -143,7 +143,8 @@ def simpleshot_readings(
             int(num_members), bool(pooled), bool(keep_scores))
     if not HAVE_NUMBA:
         return simpleshot_readings_torch(*args)
-    # |score| <= 2 |q| |c_m - c_n| + |c_n|^2 + |c_m|^2 <= 8 F max|x|^2: finite below 1e150
+    # |score| <= 2 |q| |c_m - c_n| + |c_n|^2 + |c_m|^2 <= 8 F max|x|^2, and a pooled total
+    # sums at most E of them: all finite while max|x| < 1e150 / F (E, F < 1e7)
     args += (not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1]),)
     from fesmia_hooks import _kernels
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 import uuid
 import warnings
 import weakref
@@ -196,6 +197,7 @@ class PrivacyMonitor:
             )
         self._worker = AttackWorker()
         self._pending: _Pending | None = None
+        self._land_lock = threading.RLock()
         self.calibration = Calibration(alpha, horizon=horizon, bands=bands, statistic=statistic)
         self.budget = budget
         self.canaries: Canaries | None = None
@@ -473,12 +475,13 @@ class PrivacyMonitor:
             self._record_error(exc, epoch=epoch, step=step, index=index)
             return landed
         # An interrupted check (KeyboardInterrupt, SystemExit) is not marked: a retry runs it.
+        new_mark = mark is not None and mark not in self._checked
         if mark is not None:
             self._checked.add(mark)
         if self.asynchronous:
             snapshot = _copy_state(model) if self.restore_safe_weights else None
             self._pending = _Pending(self._worker.submit(attack), model, index, epoch, step,
-                                     snapshot, mark)
+                                     snapshot, mark, new_mark)
             _LIVE.add(self)
             return landed
         return self._conclude(model, measured, index=index, epoch=epoch, step=step)
@@ -487,25 +490,40 @@ class PrivacyMonitor:
         """Wait for the attack of an asynchronous check, then read, decide and record it.
 
         An interrupt (``KeyboardInterrupt``) while waiting leaves the check pending: the next
-        step, check, flush or close lands it.
+        step, check, flush or close lands it. Two threads landing at once (a ``flush`` from
+        another thread) conclude the check once.
         """
-        pending = self._pending
-        if pending is None:
-            return None
-        try:
-            measured = pending.future.result()
-        except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
+        with self._land_lock:
+            pending = self._pending
+            if pending is None:
+                return None
+            try:
+                measured = pending.future.result()
+            except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
+                self._pending = None
+                self._record_error(exc, epoch=pending.epoch, step=pending.step,
+                                   index=pending.index)
+                return None
             self._pending = None
-            self._record_error(exc, epoch=pending.epoch, step=pending.step, index=pending.index)
-            return None
-        self._pending = None
-        return self._conclude(pending.model, measured, index=pending.index,
-                              epoch=pending.epoch, step=pending.step, snapshot=pending.snapshot)
+            return self._conclude(pending.model, measured, index=pending.index,
+                                  epoch=pending.epoch, step=pending.step,
+                                  snapshot=pending.snapshot)
+
+    def _drop_pending(self, why: str) -> None:
+        """Forget an asynchronous check without concluding it (its epoch or step may run again)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.future.cancel()
+        if pending.new_mark:
+            self._checked.discard(pending.mark)
+        warnings.warn(f"fesmia-hooks: the asynchronous check {pending.index} was not concluded: "
+                      f"{why}", stacklevel=3)
 
     def _settled_marks(self) -> set[tuple[str, int]]:
         """The epochs and steps checked, less that of a check still running."""
         pending = self._pending
-        if pending is None or pending.mark is None:
+        if pending is None or not pending.new_mark:
             return set(self._checked)
         return self._checked - {pending.mark}
 
@@ -514,18 +532,12 @@ class PrivacyMonitor:
         state = dict(self.__dict__)
         state["_pending"] = None
         state["_checked"] = self._settled_marks()
+        del state["_land_lock"]
         return state
 
-    def _drop_pending(self, why: str) -> None:
-        """Forget an asynchronous check without concluding it (its epoch or step may run again)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        pending.future.cancel()
-        if pending.mark is not None:
-            self._checked.discard(pending.mark)
-        warnings.warn(f"fesmia-hooks: the asynchronous check {pending.index} was not concluded: "
-                      f"{why}", stacklevel=3)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._land_lock = threading.RLock()
 
     def _conclude(
         self,
@@ -693,8 +705,9 @@ class PrivacyMonitor:
 
         Queued outputs are written first, so the history file holds every check the state
         knows of. An asynchronous check still running is not part of the state (nor is its
-        epoch or step marked done): a run resumed from the state runs it again, and this run
-        concludes it as usual.
+        epoch or step marked done): this run concludes it as usual, and a run resumed from
+        the state runs it again if it replays that epoch end or step, and otherwise goes on
+        without it (a checkpoint saved just after a check started resumes past it).
         """
         self._flush_outputs()
         return {
@@ -837,12 +850,16 @@ class PrivacyMonitor:
     def close(self) -> None:
         """Conclude a pending asynchronous check, then flush and close every sink.
 
-        Only the sinks this process writes to; a failing one is reported.
+        Only the sinks this process writes to; a failing one is reported. The sinks close
+        even when concluding the check raises (a breach with ``action="raise"``).
         """
-        self._land()
-        self._call(self._writing(), "close")
-        self.flush()
-        self._writer.close()
+        try:
+            self._land()
+        finally:
+            self._call(self._writing(), "close")
+            self.flush()
+            self._writer.close()
+            self._worker.close()
 
     def __enter__(self) -> PrivacyMonitor:
         return self
@@ -862,6 +879,7 @@ class _Pending:
     step: int | None
     snapshot: dict[str, Any] | None
     mark: tuple[str, int] | None
+    new_mark: bool  # the mark was added by this check (not there from an earlier one)
 
 
 # Monitors that have had an asynchronous check: their last one is concluded at exit.
@@ -874,9 +892,9 @@ def _conclude_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
         monitor._writer.inline = True  # no new thread may start at exit
         try:
             monitor.flush()
-        except Exception as exc:  # noqa: BLE001 - nothing can be raised to anyone at exit
+        except BaseException as exc:  # noqa: BLE001 - nothing can be raised to anyone at exit
             log.warning("fesmia-hooks: the last asynchronous check failed at exit: %s",
-                        _describe(exc))
+                        _describe(exc) if isinstance(exc, Exception) else type(exc).__name__)
 
 
 _STATE_KEYS = frozenset({

@@ -354,26 +354,46 @@ def logit_budget(device: torch.device | str) -> int:
     return int(min(high, max(low, free // 4 // 8)))
 
 
-# A container's memory limit and use: cgroup v2, then v1 (the host's free memory ignores them).
-_CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
-
-
 def _container_room() -> int | None:
-    """Bytes left under this process's cgroup memory limit, ``None`` without a limit."""
-    for limit_file, usage_file in _CGROUP_FILES:
+    """Bytes left under this process's cgroup memory limit (``None`` without one).
+
+    The process's own cgroup (from ``/proc/self/cgroup``; v2, then v1's memory controller),
+    its limit less its use, counting reclaimable file cache (``inactive_file``) as free.
+    """
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            folder, names = "/sys/fs/cgroup" + path, ("memory.max", "memory.current",
+                                                      "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            folder, names = "/sys/fs/cgroup/memory" + path, (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
         try:
-            with open(limit_file) as f:
+            with open(f"{folder}/{names[0]}") as f:
                 limit = f.read().strip()
-            with open(usage_file) as f:
+            with open(f"{folder}/{names[1]}") as f:
                 usage = int(f.read().strip())
+            cache = 0
+            with open(f"{folder}/memory.stat") as f:
+                for stat in f:
+                    key, _, value = stat.partition(" ")
+                    if key == names[2]:
+                        cache = int(value)
         except (OSError, ValueError):
             continue
         if not limit.isdigit() or int(limit) >= 2**60:  # "max", or v1's "no limit" value
             return None
-        return max(0, int(limit) - usage)
+        return max(0, int(limit) - usage + cache)
     return None
 
 

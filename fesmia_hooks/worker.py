@@ -33,6 +33,12 @@ class AttackWorker:
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         return (AttackWorker, ())
 
+    def close(self) -> None:
+        """Wait for the queued attacks and stop the thread (a later submit starts one)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn()`` on the worker thread (after what is already queued there)."""
         if self._pool is None:

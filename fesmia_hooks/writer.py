@@ -63,6 +63,7 @@ class BackgroundWriter:
         #: Call sinks on the caller's thread (set at interpreter exit, when no new thread
         #: may start).
         self.inline = False
+        self._stuck = False
         _WRITERS.add(self)
 
     def __reduce__(self) -> tuple[Any, tuple[int]]:
@@ -80,9 +81,16 @@ class BackgroundWriter:
             _call_one(sink, hook, tuple(args), self._failed)
             return
         self._ensure_thread()
+        if self._stuck and self._queue.full():  # already waited once: drop at once
+            self._failed.append((sink, hook, TimeoutError(
+                f"the background writer is stuck (a write has hung for over "
+                f"{FLUSH_TIMEOUT_S:.0f} s)")))
+            return
         try:
             self._queue.put((sink, hook, tuple(args)), timeout=FLUSH_TIMEOUT_S)
+            self._stuck = False
         except queue.Full:
+            self._stuck = True
             self._failed.append((sink, hook, TimeoutError(
                 f"the background writer was stuck for {FLUSH_TIMEOUT_S:.0f} s")))
 
@@ -100,12 +108,14 @@ class BackgroundWriter:
     def close(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Flush, then stop the thread (a later :meth:`submit` starts a new one)."""
         done = self.flush(timeout)
+        if not done:  # a stuck write: keep its thread (a second one would reorder the calls)
+            return False
         with self._lock:
             thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive() and done:
+        if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join(timeout)
-        return done
+        return True
 
     def failures(self) -> list[tuple[Any, str, BaseException]]:
         """The calls that raised since the last call, as ``(sink, hook, error)``."""
@@ -122,7 +132,8 @@ class BackgroundWriter:
                 self._thread = threading.Thread(target=_run, args=(self._queue, self._failed),
                                                 name="fesmia-hooks-writer", daemon=True)
                 self._thread.start()
-                weakref.finalize(self, _stop, self._queue)
+                # not at exit: the monitor's exit hook still writes through this thread
+                weakref.finalize(self, _stop, self._queue).atexit = False
 
 
 def _run(jobs: queue.Queue[Any], failed: collections.deque[Any]) -> None:

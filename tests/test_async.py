@@ -240,3 +240,39 @@ def test_the_last_check_is_concluded_at_exit_when_nobody_closed_the_monitor(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "privacy_history.jsonl").read_text().count('"check"')
     assert lines == 3
+
+
+def test_a_flush_from_another_thread_concludes_the_check_once():
+    import threading
+
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    other = threading.Thread(target=mon.flush)
+    other.start()
+    mon.step(model, epoch=1)
+    other.join()
+    mon.close()
+    assert [r.check for r in mon.history] == [1, 2] and mon.budget.checks == 2
+
+
+def test_close_closes_the_sinks_even_when_the_last_check_raises():
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    closed = []
+
+    class Sink:
+        def log(self, report, step):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    mon = monitor(canary_set, asynchronous=True, sinks=[Sink()],
+                  budget=fh.LeakageBudget(max_level="none", action="raise"))
+    set_weights(model, memorised)
+    mon.step(model, epoch=0)
+    with pytest.raises(fh.PrivacyBudgetExceeded):
+        mon.close()
+    assert closed == [True]
