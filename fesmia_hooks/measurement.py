@@ -114,15 +114,31 @@ def episode_statistics(
     tp0, tpk, auc = row_readings(flat, is_query_member, relaxed_false_positives(q2))
     pooled_auc = None
     if pooled:
-        index = query_slots.reshape(-1)
-        total = torch.zeros(g, pool, dtype=torch.float64, device=scores.device)
-        total.index_add_(1, index, scores.reshape(g, -1).double())
-        count = torch.bincount(index, minlength=pool).to(total.dtype)
-        seen = count > 0
+        means = pooled_scores(scores, query_slots, pool)
+        seen = torch.bincount(query_slots.reshape(-1).to(scores.device), minlength=pool) > 0
         member = (torch.arange(pool, device=scores.device) < num_members)[seen]
-        _, _, pooled_auc = row_readings(total[:, seen] / count[seen], member, 0)
+        _, _, pooled_auc = row_readings(means[:, seen], member, 0)
     return statistics_of(tp0.reshape(g, e), tpk.reshape(g, e), auc.reshape(g, e),
                          int(is_query_member.sum()), pooled_auc)
+
+
+def pooled_scores(scores: torch.Tensor, query_slots: torch.Tensor, pool: int) -> torch.Tensor:
+    """``[G, pool]``: each slot's mean score over the episodes where it was a query.
+
+    ``scores`` is ``[G, E, 2q]`` (or ``[E, 2q]``, one group) and ``query_slots`` ``[E, 2q]``;
+    a slot never queried reads NaN.
+
+    Example:
+        >>> s = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+        >>> pooled_scores(s, torch.tensor([[0, 2], [0, 1]]), 4).tolist()
+        [[2.0, 2.0, 0.0, nan]]
+    """
+    scores = scores.reshape(-1, *query_slots.shape)
+    index = query_slots.reshape(-1).to(scores.device)
+    total = torch.zeros(scores.shape[0], pool, dtype=torch.float64, device=scores.device)
+    total.index_add_(1, index, scores.reshape(scores.shape[0], -1).double())
+    count = torch.bincount(index, minlength=pool).to(total.dtype)
+    return total / count.where(count > 0, torch.full_like(count, float("nan")))
 
 
 def statistics_of(

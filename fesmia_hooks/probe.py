@@ -35,6 +35,7 @@ from fesmia_hooks.measurement import (
     canary_interval,
     episode_statistics,
     mean_interval,
+    pooled_scores,
     statistics_of,
     tpr_at_fpr,
 )
@@ -398,7 +399,7 @@ class FeSMIA:
         else:
             observed, null, in_halves, scores = self._attack_batched(features, plan, halves)
         s2 = 2 * self.shots
-        pooled = _pooled_scores(scores, plan.slots[:, s2:], n).double().cpu().numpy()
+        pooled = pooled_scores(scores, plan.slots[:, s2:], n)[0].cpu().numpy()
 
         def episodes_of(stats: dict[str, torch.Tensor], key: str) -> np.ndarray:
             if key not in stats:
@@ -570,16 +571,6 @@ def _statistics(readings: EpisodeReadings, query_members: int) -> dict[str, torc
 def _stack(stats: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[G, K]``: the statistics of :data:`STATISTICS`, in order, as float64."""
     return torch.stack([stats[k].double() for k in STATISTICS], dim=1)
-
-
-def _pooled_scores(scores: torch.Tensor, query_slots: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean score of each canary over the episodes where it was a query (NaN if never)."""
-    total = torch.zeros(n, dtype=torch.float64, device=scores.device)
-    count = torch.zeros(n, dtype=torch.float64, device=scores.device)
-    flat = query_slots.reshape(-1)
-    total.index_add_(0, flat, scores.reshape(-1).double())
-    count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-    return total / count.where(count > 0, torch.full_like(count, float("nan")))
 
 
 def _sync(t: torch.Tensor) -> None:

@@ -61,3 +61,12 @@ def spawn_or_fail(worker, args, *, hang, nprocs=2, seconds=120):
             for process in context.processes:
                 process.kill()
             pytest.fail(hang)
+
+
+def artists(fig, panel=None):
+    """The figure's artists by gid: on every axes, or on ``fig.axes[panel]`` only."""
+    axes = fig.axes if panel is None else [fig.axes[panel]]
+    found = [a for ax in axes for a in [*ax.lines, *ax.collections] if a.get_gid()]
+    by_gid = {a.get_gid(): a for a in found}
+    assert len(by_gid) == len(found)  # no gid drawn twice
+    return by_gid

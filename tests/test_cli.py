@@ -12,7 +12,7 @@ import sys
 import types
 
 import pytest
-from _history import checks_in  # noqa: E402
+from _history import artists, checks_in  # noqa: E402
 
 from fesmia_hooks.cli import main
 from fesmia_hooks.exceptions import FesmiaError
@@ -369,15 +369,6 @@ def test_missing_file_is_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the picture
-def artists(fig, panel=None):
-    """The figure's artists by gid: on every axes, or on ``fig.axes[panel]`` only."""
-    axes = fig.axes if panel is None else [fig.axes[panel]]
-    found = [a for ax in axes for a in [*ax.lines, *ax.collections] if a.get_gid()]
-    by_gid = {a.get_gid(): a for a in found}
-    assert len(by_gid) == len(found)  # no gid drawn twice
-    return by_gid
-
-
 CURVES = {"log_mia_strict", "log_mia_relaxed", "band_strict", "band_relaxed", "chance_strict",
           "chance_relaxed"}
 SHARE = {"share", "chance_share", "band_moderate", "band_high", "band_critical"}

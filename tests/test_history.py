@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from _history import artists
 
 from fesmia_hooks import history, plots
 from fesmia_hooks.cli import main
@@ -77,15 +78,6 @@ def write(folder, lines) -> object:
     path = folder / HISTORY_FILE
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-def artists(fig, panel=None):
-    """The figure's artists by gid: on every axes, or on ``fig.axes[panel]`` only."""
-    axes = fig.axes if panel is None else [fig.axes[panel]]
-    found = [a for ax in axes for a in [*ax.lines, *ax.collections] if a.get_gid()]
-    by_gid = {a.get_gid(): a for a in found}
-    assert len(by_gid) == len(found)  # no gid drawn twice
-    return by_gid
 
 
 def budget_at(fig) -> float:
