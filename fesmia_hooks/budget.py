@@ -44,6 +44,11 @@ class Decision:
     message: str
 
 
+#: ``max_values`` keys read without the run-level test: the audit's ε lower bound is itself
+#: a statement at its own confidence, and the accountant's ε is not a measurement at all.
+CERTIFIED_KEYS: tuple[str, ...] = ("epsilon_lower_bound", "epsilon_accountant")
+
+
 class LeakageBudget:
     """A ceiling on leakage, and what to do when a check crosses it.
 
@@ -66,7 +71,11 @@ class LeakageBudget:
             stays ``alpha``). ``"low"`` tolerates significant leakage whose share beyond
             chance is below the ``moderate`` band; ``None`` puts no ceiling on the level.
         max_values: Ceilings on leakage readings, by their :meth:`LeakageReport.as_dict`
-            key, e.g. ``{"log_mia_strict": 0.4, "auc": 0.7}``.
+            key, e.g. ``{"log_mia_strict": 0.4, "auc": 0.7}``. The differential-privacy
+            readings ``epsilon_lower_bound`` and ``epsilon_accountant`` cross on their own
+            (not only with a significant test): ``{"epsilon_accountant": 8.0}`` stops when
+            the accountant's ε passes 8, ``{"epsilon_lower_bound": 1.0}`` when the canaries
+            prove ε > 1 at the monitor's ``audit_confidence``.
         patience: Consecutive crossing checks needed for a breach.
         min_checks: Checks to run before any breach.
         action: ``"alert"`` (log and call ``on_breach``), ``"stop"`` (also stop training) or
@@ -132,6 +141,13 @@ class LeakageBudget:
 
     def crossing(self, report: LeakageReport) -> tuple[StopReason, str] | None:
         """Whether one report crosses the ceiling, and why; ``None`` if it does not."""
+        values = report.as_dict()
+        for key in CERTIFIED_KEYS:  # statements of their own: no significance needed
+            ceiling = self.max_values.get(key)
+            if ceiling is not None and float(values[key]) > ceiling:
+                return StopReason.VALUE_EXCEEDED, (
+                    f"{key} = {float(values[key]):.3g} exceeds the budget {ceiling:g}"
+                )
         if not report.significant:
             return None
         if self.max_level == Level.NONE:
@@ -144,9 +160,8 @@ class LeakageBudget:
                 f"leakage level {report.level.value!r} exceeds the budget "
                 f"{self.max_level.value!r}"
             )
-        values = report.as_dict()
         for key, ceiling in self.max_values.items():
-            if float(values[key]) > ceiling:
+            if key not in CERTIFIED_KEYS and float(values[key]) > ceiling:
                 return StopReason.VALUE_EXCEEDED, (
                     f"{key} = {float(values[key]):.3g} exceeds the budget {ceiling:g}"
                 )

@@ -229,6 +229,11 @@ class Canaries:
     num_members: int
     num_non_members: int
 
+    #: Whether each canary was put into training by an independent fair coin (the one-run
+    #: audit's design; :meth:`CanarySet.for_audit`): only then does a monitor compute the
+    #: ε lower bound of :mod:`fesmia_hooks.epsilon`.
+    random_inclusion: bool = False
+
     def __init__(self) -> None:
         self._device_cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -318,6 +323,10 @@ class CanarySet(Canaries):
             same form as ``members``.
         num_classes: When given, labels are checked to lie in ``[0, num_classes)`` (and
             one-hot rows to have ``num_classes`` columns).
+        random_inclusion: Declare that each canary was put into training by an
+            independent fair coin, as :meth:`for_audit` does; a monitor then reports the
+            one-run audit's ε lower bound (``docs/science.md#dp-audit``). Declaring it for
+            canaries drawn any other way makes that bound meaningless.
 
     Raises:
         CanaryError: On empty sides, shapes or dtypes that disagree, non-integer or
@@ -349,8 +358,10 @@ class CanarySet(Canaries):
         non_members: Side,
         *,
         num_classes: int | None = None,
+        random_inclusion: bool = False,
     ) -> None:
         super().__init__()
+        self.random_inclusion = _flag("random_inclusion", random_inclusion)
         xm, ym = _unpack("members", members)
         xn, yn = _unpack("non_members", non_members)
         ym = _class_indices("members", ym, num_classes)
@@ -546,6 +557,84 @@ class CanarySet(Canaries):
         )
         to_train = (x[:size], train_labels)
         return to_train, canaries
+
+    @classmethod
+    def for_audit(
+        cls,
+        data: Any,
+        *,
+        num_classes: int | None = None,
+        size: int = 256,
+        seed: int = 0,
+        mislabel: bool = True,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], CanarySet]:
+        """Canaries for a privacy audit: each put into training by its own fair coin.
+
+        Draws ``size`` samples from ``data`` (which must not be in the training set) and
+        flips an independent fair coin for each: heads, it is added to the training set (a
+        member); tails, it never is. This is the design of the one-run audit (Steinke, Nasr
+        and Jagielski, 2023) under which a monitor reports ``epsilon_lower_bound``, an
+        empirical lower bound on the run's differential-privacy ε
+        (``docs/science.md#dp-audit``); the numbers of members and non-members are random
+        (about ``size / 2`` each). With ``mislabel`` (the default) each canary gets a label
+        that is certainly wrong, as in :meth:`crafted`: a model can fit it only by
+        memorising that one sample, the worst case that a DP guarantee must cover, so the
+        audit's bound is as high as a black-box attacker can push it.
+
+        Args:
+            data: A ``Dataset`` yielding ``(input, label)`` or a pair ``(inputs, labels)``,
+                held out from training.
+            num_classes: Number of classes (needed with ``mislabel``).
+            size: Canaries in all, ``m``: the best bound grows with it (the table in
+                ``docs/science.md#dp-audit``).
+            seed: Seed of the draw, the coins and the wrong labels.
+            mislabel: Give each canary a wrong label.
+
+        Returns:
+            ``(to_train, canaries)``: the ``(inputs, labels)`` pair to add to the training
+            set (the members, in the form the data gave its labels), and the
+            :class:`CanarySet` with ``random_inclusion=True``.
+
+        Raises:
+            CanaryError: On too few samples, or a draw whose coins leave a side empty.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(300, 4), torch.randint(0, 3, (300,))
+            >>> (x_in, y_in), canaries = CanarySet.for_audit((x, y), num_classes=3, size=200)
+            >>> len(x_in) == canaries.num_members, len(canaries), canaries.random_inclusion
+            (True, 200, True)
+        """
+        positive_int("size", size, minimum=2)
+        mislabel = _flag("mislabel", mislabel)
+        if mislabel:
+            if num_classes is None:
+                raise CanaryError("for_audit(mislabel=True) needs `num_classes`, got None")
+            positive_int("num_classes", num_classes, minimum=2)
+        n = _length(data)
+        if size > n:
+            raise CanaryError(f"for_audit(size={size}) needs at least {size} samples, got {n}")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n, generator=g)[:size].tolist()
+        x, y = _select(data if isinstance(data, (tuple, list)) else _pairs(data), idx)
+        heads = torch.rand(size, generator=g) < 0.5
+        if bool(heads.all()) or not bool(heads.any()):
+            raise CanaryError(
+                f"for_audit: the coins of seed {seed} put all {size} canaries on one side; "
+                "use more canaries or another seed"
+            )
+        one_hot = y.dim() == 2 and y.shape[1] > 1
+        labels = _class_indices("data", y, num_classes).long()
+        if mislabel:
+            assert num_classes is not None
+            labels = wrong_labels(labels, num_classes, g)
+        canaries = cls(members=(x[heads], labels[heads]), non_members=(x[~heads], labels[~heads]),
+                       num_classes=num_classes, random_inclusion=True)
+        train_labels = (
+            torch.nn.functional.one_hot(labels[heads], y.shape[1]).to(y.dtype) if one_hot
+            else labels[heads]
+        )
+        return (x[heads], train_labels), canaries
 
     @classmethod
     def split(

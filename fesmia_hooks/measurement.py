@@ -46,6 +46,10 @@ class Measurement(Readings):
             (higher = more leakage).
         null: ``[B, len(STATISTICS)]`` the same statistics under each of the probe's fixed
             label permutations, in the same order at every check.
+        audit_scores: ``[n]`` a label-free score of every canary (members first; higher =
+            more member-like), for the ε lower bound of :mod:`fesmia_hooks.epsilon`: one
+            signal of the model's output, never a score fitted on membership labels. Empty
+            when the probe reads no such signal.
     """
 
     statistics: dict[str, float]
@@ -63,10 +67,13 @@ class Measurement(Readings):
     non_member_scores: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
+    audit_scores: np.ndarray = field(
+        default_factory=lambda: np.empty(0), repr=False, compare=False
+    )
 
     def readings(self) -> dict[str, Any]:
         """Every field but the test's statistic and null, by name (a report's readings)."""
-        skip = ("statistics", "null")
+        skip = ("statistics", "null", "audit_scores")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 

@@ -14,6 +14,7 @@ import atexit
 import copy
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,12 +37,14 @@ from fesmia_hooks._validation import (
     choice,
     optional_path,
     optional_positive_int,
+    probability,
     writable_folder,
 )
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
 from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration, alarm_components
 from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_across_ranks, is_distributed
+from fesmia_hooks.dp import Accountant, accountant_epsilon, check_accountant, epsilon_readings
 from fesmia_hooks.exceptions import (
     CanaryError,
     ConfigurationError,
@@ -119,6 +123,15 @@ class PrivacyMonitor:
             ``restore_safe_weights`` the weights the features came from are the ones kept.
             Needs a probe whose attack runs no code of the user's (``FeSMIA`` with the
             default learner).
+        accountant: A differential-privacy accountant read at every check into the
+            report's ``epsilon_accountant`` (``privacy/epsilon_accountant``): an Opacus
+            ``PrivacyEngine`` or accountant (anything with ``get_epsilon(delta)``), or a
+            function ``fn(delta) -> float`` (one that finds the engine later, say).
+        delta: The δ of both ε readings: the accountant's, and the one-run audit's lower
+            bound ``epsilon_lower_bound``, which the monitor computes when the canaries
+            were included by independent coins (:meth:`~fesmia_hooks.CanarySet.for_audit`;
+            ``docs/science.md#dp-audit``).
+        audit_confidence: Confidence of ``epsilon_lower_bound``.
 
     Example:
         >>> import torch
@@ -154,6 +167,9 @@ class PrivacyMonitor:
         statistic: str = DEFAULT_STATISTIC,
         preflight: Literal["error", "warn", "off"] = "error",
         asynchronous: bool = False,
+        accountant: Accountant | None = None,
+        delta: float = 1e-5,
+        audit_confidence: float = 0.95,
     ) -> None:
         if probe is not None and not isinstance(probe, Probe):
             raise ConfigurationError(
@@ -187,6 +203,10 @@ class PrivacyMonitor:
                     f"each sink needs log(report, step) and close(), got {type(sink).__name__}"
                 )
         self.preflight_mode = choice("preflight", preflight, ("error", "warn", "off"))
+        check_accountant(accountant)
+        self.accountant = accountant
+        self.delta = probability("delta", delta, open_low=False)
+        self.audit_confidence = probability("audit_confidence", audit_confidence)
         self.probe: Probe = probe if probe is not None else FeSMIA()
         self.asynchronous = boolean("asynchronous", asynchronous)
         if self.asynchronous and not getattr(self.probe, "runs_off_thread", False):
@@ -200,6 +220,13 @@ class PrivacyMonitor:
         self._land_lock = threading.RLock()
         self.calibration = Calibration(alpha, horizon=horizon, bands=bands, statistic=statistic)
         self.budget = budget
+        if budget is not None and "epsilon_accountant" in budget.max_values and (
+            accountant is None
+        ):
+            raise ConfigurationError(
+                "the budget caps epsilon_accountant, which needs an `accountant` (an Opacus "
+                "PrivacyEngine, say); got accountant=None"
+            )
         self.canaries: Canaries | None = None
         if canaries is not None:
             self.set_canaries(canaries)
@@ -227,6 +254,13 @@ class PrivacyMonitor:
                 f"got {type(canaries).__name__}"
             )
         self.probe.check_canaries(canaries)
+        if (self.budget is not None and "epsilon_lower_bound" in self.budget.max_values
+                and not canaries.random_inclusion):
+            raise ConfigurationError(
+                "the budget caps epsilon_lower_bound, which needs canaries included by "
+                "independent coins (CanarySet.for_audit, or random_inclusion=True); got "
+                "canaries without random_inclusion"
+            )
         self.canaries = canaries
 
     def set_log_dir(
@@ -394,6 +428,7 @@ class PrivacyMonitor:
                 "members": self.canaries.num_members,
                 "non_members": self.canaries.num_non_members,
                 "fingerprint": self.canaries.fingerprint(),
+                "random_inclusion": self.canaries.random_inclusion,
             }
         baseline = None
         if self.baseline is not None:
@@ -410,6 +445,9 @@ class PrivacyMonitor:
                 "calibration": self.calibration.settings(),
                 "budget": None if self.budget is None else self.budget.settings(),
                 "canaries": canaries,
+                "dp": {"delta": self.delta, "audit_confidence": self.audit_confidence,
+                       "accountant": None if self.accountant is None
+                       else type(self.accountant).__name__},
                 "cadence": {"every_n_epochs": self.every_n_epochs,
                             "every_n_steps": self.every_n_steps},
             },
@@ -464,6 +502,7 @@ class PrivacyMonitor:
             return landed  # the stop landed now: the loop ends here, no new check starts
         index = self.checks + 1
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
+        accounted = accountant_epsilon(self.accountant, self.delta)  # ε of these weights
         try:
             if self.asynchronous:
                 attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]
@@ -481,10 +520,11 @@ class PrivacyMonitor:
         if self.asynchronous:
             snapshot = _copy_state(model) if self.restore_safe_weights else None
             self._pending = _Pending(self._worker.submit(attack), model, index, epoch, step,
-                                     snapshot, mark, new_mark)
+                                     snapshot, mark, new_mark, accounted)
             _LIVE.add(self)
             return landed
-        return self._conclude(model, measured, index=index, epoch=epoch, step=step)
+        return self._conclude(model, measured, index=index, epoch=epoch, step=step,
+                              accounted=accounted)
 
     def _land(self) -> LeakageReport | None:
         """Wait for the attack of an asynchronous check, then read, decide and record it.
@@ -507,7 +547,7 @@ class PrivacyMonitor:
             self._pending = None
             return self._conclude(pending.model, measured, index=pending.index,
                                   epoch=pending.epoch, step=pending.step,
-                                  snapshot=pending.snapshot)
+                                  snapshot=pending.snapshot, accounted=pending.accounted)
 
     def _drop_pending(self, why: str) -> None:
         """Forget an asynchronous check without concluding it (its epoch or step may run again)."""
@@ -548,10 +588,14 @@ class PrivacyMonitor:
         epoch: int | None,
         step: int | None,
         snapshot: dict[str, Any] | None = None,
+        accounted: float = math.nan,
     ) -> LeakageReport:
         """Calibrate, decide, record and act on one measured check."""
         self.checks = index
         report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
+        report = report.with_updates(**epsilon_readings(
+            getattr(measured, "audit_scores", np.empty(0)), self.canaries, delta=self.delta,
+            confidence=self.audit_confidence, accountant=accounted))
         decision = self.budget.update(report) if self.budget is not None else _NO_BUDGET
         self.last_decision = decision
         if decision.breached:
@@ -880,6 +924,7 @@ class _Pending:
     snapshot: dict[str, Any] | None
     mark: tuple[str, int] | None
     new_mark: bool  # the mark was added by this check (not there from an earlier one)
+    accounted: float  # the accountant's ε when the features were taken
 
 
 # Monitors that have had an asynchronous check: their last one is concluded at exit.

@@ -110,7 +110,9 @@ class FeSMIA:
         embedding_layer: Name of the submodule (as in ``model.named_modules()``) to read.
         signal_fn: ``signal_fn(model, inputs, targets) -> Tensor[B, F]`` to replace the
             built-in signals, for models that are not classifiers.
-        threshold_signal: For ``method="threshold"``: which signal ranks the canaries.
+        threshold_signal: For ``method="threshold"``: which signal ranks the canaries. It
+            is also the label-free score of the DP audit's ε lower bound, for canaries
+            included by independent coins (:meth:`~fesmia_hooks.CanarySet.for_audit`).
         learner_options: Extra keyword options of the learner (see
             :mod:`fesmia_hooks.learners`).
         batch_size: Canaries per forward pass.
@@ -339,6 +341,7 @@ class FeSMIA:
         self.check_canaries(canaries)
         start = time.perf_counter()
         features = self.features_of(model, canaries)
+        audit = self._audit_scores(features) if canaries.random_inclusion else np.empty(0)
         matrix = self._with_trajectory(features).matrix()
         if self._fused:  # the attack reads host memory: one copy, one sync
             matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
@@ -349,11 +352,12 @@ class FeSMIA:
 
         def attack() -> Measurement:
             if self._fused:  # draws no random numbers (its plans have their own generators)
-                return replace(self.attack(matrix, num_members), seconds_forward=forward)
+                return replace(self.attack(matrix, num_members), seconds_forward=forward,
+                               audit_scores=audit)
             # A learner of the user's may draw random numbers: training's streams stay its own.
             with random_streams_forked(_cuda_indices(matrix)):
                 measured = self.attack(matrix, num_members)
-            return replace(measured, seconds_forward=forward)
+            return replace(measured, seconds_forward=forward, audit_scores=audit)
 
         return attack
 
@@ -433,6 +437,19 @@ class FeSMIA:
             member_scores=members[np.isfinite(members)],
             non_member_scores=non_members[np.isfinite(non_members)],
         )  # fmt: skip
+
+    def _audit_scores(self, features: Features) -> np.ndarray:
+        """``[n]`` the label-free score of the DP audit: the ``threshold_signal`` column.
+
+        One signal of the model's output per canary, as it is (no learner, no labels); the
+        first column of a custom ``signal_fn``. Empty without signals.
+        """
+        if features.signals is None:
+            return np.empty(0)
+        column = 0
+        if self.signal_fn is None and self.threshold_signal in self.signals:
+            column = self.signals.index(self.threshold_signal)
+        return features.signals[:, column].detach().to("cpu", torch.float64).numpy()
 
     def start_run(self) -> None:
         """Forget the features of earlier checks (a monitor calls it when a run starts)."""

@@ -214,6 +214,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("permutations", "permutations", "probe", False),
     Metric("seconds_forward", "seconds_forward", "timing", True),
     Metric("seconds_attack", "seconds_attack", "timing", True),
+    Metric("epsilon_lower_bound", "epsilon_lower_bound", "leakage", True),
+    Metric("epsilon_accountant", "epsilon_accountant", "leakage", True),
+    Metric("epsilon_confidence", "epsilon_confidence", "test", False),
+    Metric("epsilon_delta", "epsilon_delta", "test", False),
     Metric("breached", "breached", "outcome", True),
     Metric("action", "action", "outcome", False),
 )
@@ -308,6 +312,13 @@ class LeakageReport(Readings):
     membership labels of the canary pool; ``significant`` compares it with
     ``p_threshold``, which the run's :class:`~fesmia_hooks.Calibration` lowers to keep the
     false-alarm rate per training run (see ``docs/science.md#run-level-test``).
+
+    ``epsilon_lower_bound`` is the one-run audit's empirical lower bound on the run's
+    differential-privacy ε at confidence ``epsilon_confidence`` for δ = ``epsilon_delta``
+    (0.0 when nothing can be claimed; NaN when the canaries were not included by
+    independent coins, :meth:`~fesmia_hooks.CanarySet.for_audit`); ``epsilon_accountant``
+    is the ε a DP accountant (Opacus) reports for the same δ at this check, NaN without one
+    (``docs/science.md#dp-audit``).
     """
 
     p_value: float
@@ -329,6 +340,10 @@ class LeakageReport(Readings):
     action: str = "none"
     can_alarm: bool = True
     statistic: str = "relaxed"
+    epsilon_lower_bound: float = math.nan
+    epsilon_accountant: float = math.nan
+    epsilon_confidence: float = math.nan
+    epsilon_delta: float = math.nan
     member_scores: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
@@ -369,6 +384,11 @@ class LeakageReport(Readings):
             f"{self.chance_relaxed:.2f}, up to {k} false accusations); AUC {self.auc:.2f}; "
             f"p = {self.p_value:.3g} {test} {self.p_threshold:.3g} -> level {self.level.value}"
         )
+        if math.isfinite(self.epsilon_lower_bound):
+            text += (f"; DP audit: ε >= {self.epsilon_lower_bound:.2f} "
+                     f"({self.epsilon_confidence:.0%} confidence, δ {self.epsilon_delta:g})")
+        if math.isfinite(self.epsilon_accountant):
+            text += f"; accountant ε {self.epsilon_accountant:.2f}"
         if not self.can_alarm:
             text += " (this check could not raise an alarm: the run's false-alarm budget "
             text += "had none left for it; see docs/science.md#run-level-test)"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fesmia_hooks._validation import positive_int
+from fesmia_hooks._validation import boolean, positive_int
 from fesmia_hooks.canaries import Canaries, _to_tensor
 from fesmia_hooks.exceptions import CanaryError, ConfigurationError
 from fesmia_hooks.features import (
@@ -60,6 +60,7 @@ class SequenceCanarySet(Canaries):
         pad_token_id: int | None = None,
         vocab_size: int | None = None,
         decode: Callable[[list[int]], str | bytes] | None = None,
+        random_inclusion: bool = False,
     ) -> None:
         """Token sequences known in (members) and out of (non-members) training.
 
@@ -98,6 +99,9 @@ class SequenceCanarySet(Canaries):
                 ``[0, vocab_size)``.
             decode: ``decode(list_of_token_ids) -> str | bytes``, used for the zlib lengths
                 only.
+            random_inclusion: Declare that each sequence was put into training by an
+                independent fair coin (see :class:`~fesmia_hooks.CanarySet`): a monitor
+                then reports the one-run audit's ε lower bound.
 
         Attributes:
             inputs: The token ids ``[N, T]``.
@@ -174,6 +178,7 @@ class SequenceCanarySet(Canaries):
                 "the two sides must be disjoint"
             )
         super().__init__()
+        self.random_inclusion = boolean("random_inclusion", random_inclusion)
         self.inputs = torch.cat(ids_parts).contiguous()
         self.labels = torch.cat(target_parts).contiguous()
         self.num_members = int(ids_parts[0].shape[0])

@@ -363,6 +363,9 @@ def custom_scalar_layout() -> dict[str, Any]:
             ),
             "Significance (p-value and run-level threshold)": lines("p_value", "p_threshold"),
             "Level (0 none … 4 critical)": lines("level_index"),
+            "DP ε: the accountant's upper bound and the canaries' lower bound": lines(
+                "epsilon_accountant", "epsilon_lower_bound"
+            ),
         }
     }
 
@@ -439,6 +442,12 @@ def _markdown(report: LeakageReport) -> str:
          f"{report.queries}", f"{report.chance_members_named:.2f}"),
         ("share beyond chance (level)", f"{report.share_beyond_chance:.3f}", "0"),
     ]
+    if math.isfinite(report.epsilon_lower_bound):
+        rows.append((f"DP ε lower bound ({report.epsilon_confidence:.0%}, "
+                     f"δ {report.epsilon_delta:g})", f"{report.epsilon_lower_bound:.3f}", "0"))
+    if math.isfinite(report.epsilon_accountant):
+        rows.append(("DP ε of the accountant (upper bound)",
+                     f"{report.epsilon_accountant:.3f}", ""))
     table = (
         "| measure | value [95% interval over canary draws] | chance |\n|---|---|---|\n"
         + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)

@@ -2,6 +2,7 @@
 processes spawned under a deadline."""
 
 import json
+import math
 from pathlib import Path
 
 
@@ -43,8 +44,13 @@ class RecordingSink:
 
 
 def readings(report):
-    """What a check measured and decided (its timings left out)."""
-    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
+    """What a check measured and decided (its timings left out).
+
+    NaN (a reading not taken, as the ε of canaries not drawn by coins) reads as the string
+    "nan", so that two reports with the same readings compare equal.
+    """
+    return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in report.as_dict().items() if not k.startswith("seconds")}
 
 
 def spawn_or_fail(worker, args, *, hang, nprocs=2, seconds=120):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
 
-from _history import checks_in, headers_in  # noqa: E402
+from _history import checks_in, headers_in, readings  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
@@ -318,10 +318,6 @@ def test_lightning_early_stopping_on_a_leakage_key(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5
-def _numbers(report) -> dict:
-    return {k: v for k, v in report.as_dict().items() if not k.startswith("seconds")}
-
-
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
     # An unshuffled loader and no dropout: training from the checkpoint is exactly the
     # training an uninterrupted run does, so every number of every check must match.
@@ -353,7 +349,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     assert second.monitor.checks == 4
     assert [r.check for r in second.history] == [1, 2, 3, 4]
     assert [r.epoch for r in second.history] == [0, 1, 2, 3]
-    assert [_numbers(r) for r in second.history[:2]] == [_numbers(r) for r in first.history]
+    assert [readings(r) for r in second.history[:2]] == [readings(r) for r in first.history]
     assert second.monitor.calibration.horizon == 4
 
     # the run uninterrupted: the same run-level test, so the same thresholds and readings
@@ -361,7 +357,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     fit(whole, callbacks=[], folder="whole")
     assert whole.monitor.run_id != first.monitor.run_id
     assert [r.p_threshold for r in second.history] == [r.p_threshold for r in whole.history]
-    assert [_numbers(r) for r in second.history] == [_numbers(r) for r in whole.history]
+    assert [readings(r) for r in second.history] == [readings(r) for r in whole.history]
 
     # the resumed run's history file opens with the run's header, then its new checks
     resumed = Path(trainer.log_dir) / HISTORY_FILE
@@ -378,7 +374,7 @@ def test_a_state_loaded_by_hand_continues_its_run(tmp_path):
     assert second.monitor.run_id == first.monitor.run_id
     assert second.monitor.calibration.horizon == first.monitor.calibration.horizon == 2
     assert [r.check for r in second.history] == [1, 2, 3, 4]
-    assert [_numbers(r) for r in second.history[:2]] == [_numbers(r) for r in first.history]
+    assert [readings(r) for r in second.history[:2]] == [readings(r) for r in first.history]
     # the epochs the loaded state had checked are not checked again
     assert [r.epoch for r in second.history] == [0, 1, 2, 3]
 
@@ -614,7 +610,6 @@ def test_an_asynchronous_callback_stops_one_epoch_later_on_the_same_readings(tmp
     trainer, _ = _fit(tmp_path / "async", lazy, max_epochs=6)
     assert lazy.should_stop and lazy.stopped_epoch == breach  # the epoch whose model leaked
     assert trainer.current_epoch == breach + 2  # ... the decision landed one epoch later
-    strip = [{k: v for k, v in r.as_dict().items() if not k.startswith("seconds")}
+    strip = [readings(r)
              for r in (sync.history, lazy.history)[0]]
-    assert [{k: v for k, v in r.as_dict().items() if not k.startswith("seconds")}
-            for r in lazy.history[: len(strip)]] == strip
+    assert [readings(r) for r in lazy.history[: len(strip)]] == strip

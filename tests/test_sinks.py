@@ -1,6 +1,7 @@
 """TensorBoard events and the JSON-lines history, decoded and checked."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -43,6 +44,9 @@ def test_scalars_hold_every_metric_at_every_check(run):
     tags = acc.Tags()["scalars"]
     for report in monitor.history:
         for tag, value in scalar_metrics(report).items():
+            if not math.isfinite(value):  # a reading not taken (the ε of this run) is left out
+                assert tag not in tags
+                continue
             assert tag in tags
             events = {e.step: e.value for e in acc.Scalars(tag)}
             assert events[report.epoch] == pytest.approx(value, rel=1e-6, abs=1e-6)
@@ -126,7 +130,7 @@ def test_multiline_charts_match_exactly_their_tags(run):
     _, _, acc = run
     tags = acc.Tags()["scalars"]
     for title, (kind, patterns) in custom_scalar_layout()["Privacy leakage (FeS-MIA)"].items():
-        if kind != "Multiline":
+        if kind != "Multiline" or title.startswith("DP"):  # no DP readings in this run
             continue
         matched = {t for t in tags for pat in patterns if re.search(pat, t)}
         assert len(matched) == len(patterns), (title, sorted(matched))
