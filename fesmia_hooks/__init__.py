@@ -16,6 +16,7 @@ Example:
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
 from fesmia_hooks.calibration import Calibration
 from fesmia_hooks.canaries import Canaries, CanarySet
+from fesmia_hooks.epsilon import EpsilonBound, epsilon_lower_bound
 from fesmia_hooks.exceptions import (
     CanaryError,
     ConfigurationError,
@@ -45,6 +46,7 @@ __all__ = [
     "CanarySet",
     "ConfigurationError",
     "Decision",
+    "EpsilonBound",
     "FeSMIA",
     "FesmiaError",
     "JsonlSink",
@@ -66,6 +68,7 @@ __all__ = [
     "StopReason",
     "TensorBoardSink",
     "chance_log_mia",
+    "epsilon_lower_bound",
     "classification_signals",
     "extract_logits",
     "log_mia",
