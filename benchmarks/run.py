@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
     cost,
+    dp_bench,
     overhead,
     panel,
     placebo,
@@ -47,7 +48,7 @@ from benchmarks.panel import RunSpec  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ("cost", "overhead", "panel", "placebo", "text", "statistics")
+SECTIONS = ("cost", "overhead", "panel", "placebo", "text", "statistics", "dp")
 RESULTS = ROOT / "benchmarks" / "results.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
 PLOTS = ROOT / "benchmarks" / "plots"
@@ -124,6 +125,11 @@ class Config:
     stat_permutations: int = 499
     stat_population: int = 4_000
     stat_pop_episodes: int = 2_000
+    # differential privacy (benchmarks/dp_bench.py): DP-SGD at each target ε, and without DP
+    dp_targets: tuple[float, ...] = (1.0, 4.0, 8.0)
+    dp_canaries: int = 500
+    dp_epochs: int = 60
+    dp_seeds: int = 3
 
     @classmethod
     def full(cls) -> Config:
@@ -169,6 +175,9 @@ class Config:
             text_epochs=20,
             text_repeats=5,
             stat_pools=60,
+            dp_canaries=300,
+            dp_epochs=20,
+            dp_seeds=1,
         )
 
     @classmethod
@@ -215,6 +224,10 @@ class Config:
             stat_permutations=19,
             stat_population=200,
             stat_pop_episodes=50,
+            dp_targets=(8.0,),
+            dp_canaries=100,
+            dp_epochs=2,
+            dp_seeds=1,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -230,8 +243,15 @@ def _text(cfg: Config) -> dict[str, Any]:
     )
 
 
+def _dp(cfg: Config) -> dict[str, Any]:
+    return dp_bench.run_dp_benchmark(
+        targets=cfg.dp_targets, canaries=cfg.dp_canaries, epochs=cfg.dp_epochs,
+        seeds=cfg.dp_seeds, seed=cfg.seed, probe_kwargs=cfg.probe_kwargs,
+    )
+
+
 RUNNERS = {"cost": cost.run, "overhead": overhead.run, "panel": panel.run, "placebo": placebo.run,
-           "text": _text, "statistics": statistics.run}
+           "text": _text, "statistics": statistics.run, "dp": _dp}
 
 
 def _clean(value: Any) -> Any:

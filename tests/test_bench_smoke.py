@@ -56,6 +56,14 @@ def test_tiny_benchmark_writes_results_and_every_table(tmp_path):
         assert overhead[key]["weights_identical"] is True
         assert overhead[key]["checks_per_run"] == overhead[key]["epochs"]
 
+    dp = results["sections"]["dp"]["result"]
+    assert [s["target"] for s in dp["summary"]] == [None, 8.0]
+    for run in dp["runs"]:
+        assert len(run["epochs"]) == cfg.dp_epochs
+        if run["target"] is not None:  # the engine's ε is read at every check
+            assert all(row["epsilon_accountant"] > 0 for row in run["epochs"])
+        assert all(row["epsilon_lower_bound"] >= 0 for row in run["epochs"])
+
     panel = results["sections"]["panel"]["result"]
     assert [r["spec"]["name"] for r in panel["runs"]] == [s.name for s in cfg.panel]
     for run in panel["runs"]:
