@@ -199,6 +199,18 @@ def _summary(results: dict[str, Any]) -> list[str]:
         chosen, default = st.get("chosen"), library_default_statistic()
         rows.append(["8", "the default alarm statistic is the one the power/size table "
                      "chooses", default, f"`{chosen}`", met(chosen == default)])
+    dp = section(results, "dp")
+    if dp:
+        dp_rows = [s for s in dp["summary"] if s["target"] is not None]
+        above = sum(s["runs_with_bound_above_accountant"] for s in dp_rows)
+        total = sum(s["runs"] for s in dp_rows)
+        rows.append(["9", "DP-SGD runs where the ε lower bound passes the accountant's ε "
+                     f"(targets {', '.join(format(s['target'], 'g') for s in dp_rows)})",
+                     "none", f"{above} of {total}", met(above == 0)])
+        plain = next((s for s in dp["summary"] if s["target"] is None), None)
+        if plain is not None:
+            rows.append(["9", "ε lower bound without DP (highest over epochs, per seed)", "–",
+                         ", ".join(num(v) for v in plain["lower_bound_max"]), "–"])
     if not rows:
         return ["_No results yet._"]
     return [table(["item", "what", "target", "result", ""], rows)]
@@ -943,6 +955,29 @@ def _dp(results: dict[str, Any]) -> list[str]:
               "test accuracy", "s per run"]
     best = sec["best_attainable"]
     best_rows = [[m, num(v)] for m, v in best.items()]
+    dp_rows = [s for s in sec["summary"] if s["target"] is not None]
+    plain = next((s for s in sec["summary"] if s["target"] is None), None)
+    above = sum(s["runs_with_bound_above_accountant"] for s in dp_rows)
+    total = sum(s["runs"] for s in dp_rows)
+    verdict = (
+        f"**Validity:** the lower bound passed the accountant's ε in {above} of {total} DP "
+        "runs, at any epoch."
+    )
+    if plain is not None:
+        reached = max(plain["lower_bound_max"])
+        most = best.get(str(cfg["canaries"]), best.get(cfg["canaries"]))
+        beaten = [f"{s['target']:g}" for s in dp_rows if reached > s["accountant_final"]]
+        verdict += (
+            f" **Without DP** the same canaries proved ε > {num(reached)} (the most "
+            f"{cfg['canaries']} canaries can show is {num(most)}), "
+            + (f"above the accountant's ε of the DP run(s) at ε = {', '.join(beaten)}: the "
+               "audit tells a private run from a non-private one there"
+               if beaten else "below every DP target tried: these canaries cannot tell the "
+               "runs apart by ε alone")
+            + ". The AUC of the few-shot attack falls with ε: "
+            + ", ".join(f"{'no DP' if s['target'] is None else 'ε = ' + format(s['target'], 'g')}"
+                        f" {num(s['auc_final'])}" for s in sec["summary"]) + "."
+        )
     notes = (
         "The largest bound a pool of canaries can give (every guess right, 95 %, δ = 1e-5; "
         "the guess counts on a fixed grid, Bonferroni): a lower bound is only as high as its "
@@ -952,7 +987,7 @@ def _dp(results: dict[str, Any]) -> list[str]:
         "(gradient canaries); black-box audits of the final model, as here, give lower "
         "bounds (see `docs/science.md#dp-audit`)."
     )
-    return [mode_note(results, "dp"), intro, table(header, rows), notes,
+    return [mode_note(results, "dp"), intro, table(header, rows), verdict, notes,
             table(["canaries m", "best attainable ε lower bound"], best_rows)]
 
 
