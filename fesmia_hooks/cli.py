@@ -2,7 +2,9 @@
 
 * ``fesmia-hooks demo [--framework torch|lightning|keras]`` trains a small model on the
   digits data and prints one row per privacy check; ``fesmia-hooks demo --task text`` trains
-  a character-level language model on CPython's bundled reference manual instead.
+  a character-level language model on CPython's bundled reference manual instead;
+  ``fesmia-hooks demo --dp`` trains the digits model with Opacus's DP-SGD at target ε 1 and
+  8 and without DP, and prints the accountant's ε beside the canaries' ε lower bound.
 * ``fesmia-hooks report LOG_DIR`` prints a table per run found in ``LOG_DIR`` and, when
   matplotlib is installed, writes ``leakage.png`` into each run's folder. The bands and the
   budget come from each run's history (``--max-level`` overrides the budget line).
@@ -37,8 +39,15 @@ DEMOS: dict[str, tuple[str, str, str, str]] = {
 TEXT_DEMOS: dict[str, tuple[str, str, str, str]] = {
     "torch": ("fesmia_hooks.demos.text_demo", "run_text_demo", "runs/fesmia-demo-text", ""),
 }
+#: The same for the differential-privacy demo (``--dp``, digits in a plain torch loop).
+DP_DEMOS: dict[str, tuple[str, str, str, str]] = {
+    "torch": ("fesmia_hooks.demos.dp_demo", "run_dp_demo", "runs/fesmia-demo-dp",
+              "dp,examples"),
+}
 #: Most epochs of each task's demo unless ``--epochs`` says otherwise.
 DEFAULT_EPOCHS = {"digits": 100, "text": 60}
+#: Epochs of each run of the ``--dp`` demo unless ``--epochs`` says otherwise.
+DP_EPOCHS = 15
 
 _LEVEL_CHOICES = ["none", *(lv.value for lv in Level if lv not in (Level.NONE, Level.CRITICAL))]
 
@@ -55,11 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--framework", choices=sorted(DEMOS), default="torch",
                       help="training loop to run: plain torch (default), lightning or keras "
                            "(the text task: torch only)")
+    demo.add_argument("--dp", action="store_true",
+                      help="train the digits model with differential privacy (Opacus DP-SGD) "
+                           "at target epsilon 1 and 8 and without DP, and print the "
+                           "accountant's epsilon beside the canaries' lower bound (needs "
+                           "pip install 'fesmia-hooks[dp]')")
     demo.add_argument("--log-dir", default=None,
-                      help="TensorBoard/history folder (default: runs/fesmia-demo[-FRAMEWORK] "
-                           "or runs/fesmia-demo-text)")
+                      help="TensorBoard/history folder (default: runs/fesmia-demo[-FRAMEWORK], "
+                           "runs/fesmia-demo-text or runs/fesmia-demo-dp)")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="most epochs to train (default: 100 for digits, 60 for text)")
+                      help="most epochs to train (default: 100 for digits, 60 for text, 15 "
+                           "per run with --dp)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, model and probe")
     report = sub.add_parser(
         "report", help="print the checks of every run below LOG_DIR and plot them"
@@ -83,7 +98,8 @@ def _error(message: str) -> int:
 
 
 def _demos(task: str) -> dict[str, tuple[str, str, str, str]]:
-    return TEXT_DEMOS if task == "text" else DEMOS
+    """The demos of ``task``: ``"digits"``, ``"text"`` or ``"dp"`` (``--dp``)."""
+    return TEXT_DEMOS if task == "text" else DP_DEMOS if task == "dp" else DEMOS
 
 
 def _demo_function(framework: str, task: str = "digits") -> Callable[..., Any]:
@@ -106,10 +122,21 @@ def _missing(framework: str, exc: ModuleNotFoundError, task: str = "digits") -> 
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.task]
+    task = args.task
+    if args.dp:
+        if task != "digits":
+            return _error(f"--dp trains the digits task, got --task {task}")
+        task = "dp"
+    default_epochs = DP_EPOCHS if task == "dp" else DEFAULT_EPOCHS[task]
+    epochs = args.epochs if args.epochs is not None else default_epochs
     if epochs < 1:
         return _error(f"--epochs must be a positive int, got {epochs}")
-    demos = _demos(args.task)
+    demos = _demos(task)
+    if task == "dp" and args.framework not in demos:
+        return _error(
+            f"--dp runs with --framework {', '.join(sorted(demos))}, got {args.framework} "
+            "(see examples/dp_opacus.py for Lightning)"
+        )
     if args.framework not in demos:
         return _error(
             f"--task {args.task} runs with --framework {', '.join(sorted(demos))}, got "
@@ -118,10 +145,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     _, _, default_dir, _ = demos[args.framework]
     log_dir = args.log_dir if args.log_dir is not None else default_dir
     try:
-        run = _demo_function(args.framework, args.task)
+        run = _demo_function(args.framework, task)
         run(log_dir=log_dir, epochs=epochs, seed=args.seed)
     except ModuleNotFoundError as exc:  # the framework, on import or while the demo runs
-        return _error(_missing(args.framework, exc, args.task))
+        return _error(_missing(args.framework, exc, task))
     except ImportError as exc:  # e.g. the demo's own message naming the extra to install
         return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return 0

@@ -18,7 +18,11 @@ actually taken counts one step ``n`` (1, 2, ...) and calls ``monitor.step(model,
 the monitor's ``every_n_steps`` cadence decides whether a check runs. The loop only needs to
 read :attr:`AttachedMonitor.should_stop` if it wants to stop (with ``action="raise"`` the
 :class:`~fesmia_hooks.PrivacyBudgetExceeded` comes out of ``optimizer.step()`` itself).
-Steps skipped by a ``GradScaler`` never reach the hook and are not counted.
+Steps skipped by a ``GradScaler`` never reach the hook and are not counted. An Opacus
+``DPOptimizer`` (differentially private SGD) has no hook registry of its own: the hook goes on
+the optimizer it wraps, whose ``step()`` it calls once per step taken, after clipping, noise
+and the accountant's count (a skipped virtual step of Opacus's ``BatchMemoryManager`` is not
+counted).
 
 Attaching starts a run, as ``fit`` does in the other integrations: the monitor's history,
 run id, budget counters and run-level test start afresh (with the horizon
@@ -110,6 +114,7 @@ class AttachedMonitor(MonitorDriver):
         start_step: int,
         total_steps: int | None = None,
     ) -> None:
+        hooked = _hooked(optimizer)  # before the run begins: a refusal starts nothing
         MonitorDriver.__init__(self, monitor=monitor)
         self.model = model
         self.optimizer = optimizer
@@ -118,7 +123,7 @@ class AttachedMonitor(MonitorDriver):
         self.begin_run(rank_zero=rank_zero, max_steps=_steps_for_horizon(
             monitor, start_step=start_step, total_steps=total_steps), model=model,
             fresh=start_step == 0)
-        self._handle: Any = optimizer.register_step_post_hook(self._on_step)
+        self._handle: Any = hooked.register_step_post_hook(self._on_step)
 
     def _on_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
@@ -191,8 +196,9 @@ def attach(
     Raises:
         ConfigurationError: On a wrong type, a cadence that is missing or disagrees with the
             monitor's, a switch to the step cadence after the monitor has made checks, a
-            ``total_steps`` below ``start_step``, or a ``start_step`` below the last checked
-            step of a loaded state.
+            ``total_steps`` below ``start_step``, a ``start_step`` below the last checked
+            step of a loaded state, or an optimizer that takes no step hooks and wraps none
+            that does.
     """
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -246,6 +252,30 @@ def attach(
     return AttachedMonitor(
         model, optimizer, monitor, start_step=start_step, total_steps=total_steps
     )
+
+
+def _hooked(optimizer: Optimizer) -> Optimizer:
+    """The optimizer whose step post-hooks run once per optimizer step taken.
+
+    ``optimizer`` itself, unless it wraps another without running ``Optimizer.__init__``
+    (Opacus's ``DPOptimizer`` keeps the user's optimizer as ``original_optimizer`` and has
+    no hooks of its own): then the first optimizer down the chain of wrapped ones that has
+    them.
+
+    Raises:
+        ConfigurationError: When no optimizer in the chain can take a step hook.
+    """
+    found = optimizer
+    while not hasattr(found, "_optimizer_step_post_hooks"):
+        inner = getattr(found, "original_optimizer", None)
+        if not isinstance(inner, Optimizer) or inner is found:
+            raise ConfigurationError(
+                f"attach() needs an optimizer that takes step hooks (register_step_post_hook); "
+                f"{type(found).__name__} has none and wraps no optimizer that does (call "
+                "monitor.step(model, epoch=e) after each epoch instead)"
+            )
+        found = inner
+    return found
 
 
 def _last_checked_step(monitor: PrivacyMonitor) -> int:

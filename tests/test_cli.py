@@ -238,11 +238,41 @@ def test_demo_dispatches_to_the_framework_lazily(monkeypatch, framework, module,
 
 
 def test_importing_the_cli_imports_no_framework():
-    code = ("import sys, fesmia_hooks.cli; "
-            "print(sorted(m for m in ('lightning', 'keras', 'matplotlib') if m in sys.modules))")
+    code = ("import sys, fesmia_hooks.cli; print(sorted(m for m in "
+            "('lightning', 'keras', 'matplotlib', 'opacus') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_demo_dp_dispatches_lazily_with_its_own_folder_and_epochs(monkeypatch):
+    calls = fake_demo(monkeypatch, "fesmia_hooks.demos.dp_demo", "run_dp_demo")
+    assert main(["demo", "--dp", "--seed", "7"]) == 0
+    assert calls == [{"log_dir": "runs/fesmia-demo-dp", "epochs": 15, "seed": 7}]
+    assert main(["demo", "--dp", "--epochs", "2", "--log-dir", "x/y"]) == 0
+    assert calls[-1] == {"log_dir": "x/y", "epochs": 2, "seed": 0}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--framework", "lightning"],
+     "--dp runs with --framework torch, got lightning (see examples/dp_opacus.py for Lightning)"),
+    (["--task", "text"], "--dp trains the digits task, got --task text"),
+    (["--epochs", "0"], "--epochs must be a positive int, got 0"),
+])
+def test_demo_dp_refuses_what_it_cannot_run(monkeypatch, capsys, args, message):
+    calls = fake_demo(monkeypatch, "fesmia_hooks.demos.dp_demo", "run_dp_demo")
+    assert main(["demo", "--dp", *args]) == 2
+    assert capsys.readouterr().err == f"fesmia-hooks: error: {message}\n"
+    assert calls == []
+
+
+def test_demo_dp_without_opacus_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "opacus", None)  # `import opacus` fails as if missing
+    assert main(["demo", "--dp", "--epochs", "1", "--log-dir", "never/written"]) == 2
+    assert capsys.readouterr().err == (
+        "fesmia-hooks: error: the DP demo needs opacus: pip install 'fesmia-hooks[dp]'\n"
+    )
+    assert not os.path.exists("never")
 
 
 def test_a_missing_framework_gives_one_line_and_exit_2(monkeypatch, capsys):

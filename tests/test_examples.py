@@ -15,8 +15,16 @@ def load(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["digits_torch", "digits_lightning", "digits_keras", "cnn_torch"])
+#: Optional packages an example needs beyond the dev set's frameworks.
+NEEDS = {"dp_opacus": "opacus"}
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_torch", "digits_lightning", "digits_keras", "cnn_torch", "dp_opacus"]
+)
 def test_example_runs(name, tmp_path):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     monitor = load(name).main(epochs=2, log_dir=str(tmp_path))
     assert len(monitor.history) == 2
     assert list(tmp_path.rglob("privacy_history.jsonl"))

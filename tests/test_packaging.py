@@ -9,7 +9,7 @@ def test_core_import_leaves_frameworks_out():
     code = (
         "import sys, fesmia_hooks\n"
         "heavy = [m for m in ('lightning', 'pytorch_lightning', 'keras', 'tensorboard', "
-        "'matplotlib', 'sklearn', 'tensorflow') if m in sys.modules]\n"
+        "'matplotlib', 'sklearn', 'tensorflow', 'opacus') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
