@@ -47,11 +47,12 @@ def check_accountant(accountant: Any) -> None:
     )
 
 
-_warned: set[str] = set()
+def accountant_epsilon(accountant: Any, delta: float, *, warned: set[str] | None = None
+                       ) -> float:
+    """The accountant's ε for ``delta`` now; NaN (with a warning) if it cannot say.
 
-
-def accountant_epsilon(accountant: Any, delta: float) -> float:
-    """The accountant's ε for ``delta`` now; NaN (with one warning) if it cannot say.
+    ``warned`` collects the kinds of failure already warned about (one warning each); a
+    monitor keeps its own.
 
     Example:
         >>> accountant_epsilon(lambda delta: 2.5, 1e-5)
@@ -64,8 +65,9 @@ def accountant_epsilon(accountant: Any, delta: float) -> float:
         value = float(get(delta) if callable(get) else accountant(delta))
     except Exception as exc:  # noqa: BLE001 - an accountant failing must not kill training
         why = type(exc).__name__
-        if why not in _warned:
-            _warned.add(why)
+        if warned is None or why not in warned:
+            if warned is not None:
+                warned.add(why)
             warnings.warn(
                 f"fesmia-hooks: the accountant could not give ε ({why}); "
                 "epsilon_accountant reads NaN", stacklevel=3,

@@ -131,7 +131,12 @@ class PrivacyMonitor:
             bound ``epsilon_lower_bound``, which the monitor computes when the canaries
             were included by independent coins (:meth:`~fesmia_hooks.CanarySet.for_audit`;
             ``docs/science.md#dp-audit``).
-        audit_confidence: Confidence of ``epsilon_lower_bound``.
+        audit_confidence: Confidence of ``epsilon_lower_bound`` at each check. When the
+            budget caps ``epsilon_lower_bound`` it acts on every check, so the bound is then
+            computed at check ``k`` at confidence ``1 - (1 - audit_confidence) / (k (k + 1))``
+            (these sum to ``1 - audit_confidence`` over any number of checks): a correct DP
+            implementation is stopped in at most ``1 - audit_confidence`` of its runs. The
+            report's ``epsilon_confidence`` says which applied.
 
     Example:
         >>> import torch
@@ -205,6 +210,7 @@ class PrivacyMonitor:
         self.preflight_mode = choice("preflight", preflight, ("error", "warn", "off"))
         check_accountant(accountant)
         self.accountant = accountant
+        self._accountant_warned: set[str] = set()
         self.delta = probability("delta", delta, open_low=False)
         self.audit_confidence = probability("audit_confidence", audit_confidence)
         self.probe: Probe = probe if probe is not None else FeSMIA()
@@ -502,7 +508,8 @@ class PrivacyMonitor:
             return landed  # the stop landed now: the loop ends here, no new check starts
         index = self.checks + 1
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
-        accounted = accountant_epsilon(self.accountant, self.delta)  # ε of these weights
+        accounted = accountant_epsilon(self.accountant, self.delta,  # ε of these weights
+                                       warned=self._accountant_warned)
         try:
             if self.asynchronous:
                 attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]
@@ -595,7 +602,7 @@ class PrivacyMonitor:
         report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
         report = report.with_updates(**epsilon_readings(
             getattr(measured, "audit_scores", np.empty(0)), self.canaries, delta=self.delta,
-            confidence=self.audit_confidence, accountant=accounted))
+            confidence=self._bound_confidence(index), accountant=accounted))
         decision = self.budget.update(report) if self.budget is not None else _NO_BUDGET
         self.last_decision = decision
         if decision.breached:
@@ -608,6 +615,12 @@ class PrivacyMonitor:
         self._call(self._writing(), "log", report, global_step)
         self._act(model, report, decision, snapshot=snapshot)
         return report
+
+    def _bound_confidence(self, index: int) -> float:
+        """Confidence of check ``index``'s ε lower bound (see ``audit_confidence``)."""
+        if self.budget is None or "epsilon_lower_bound" not in self.budget.max_values:
+            return self.audit_confidence
+        return 1.0 - (1.0 - self.audit_confidence) / (index * (index + 1))
 
     def _writing(self) -> list[Sink]:
         return self.sinks if self.writes else []

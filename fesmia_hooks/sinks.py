@@ -57,8 +57,16 @@ PENDING_LINES = 10_000
 log = logging.getLogger(__name__)
 
 
+#: Readings taken only when their source is given (an accountant, coin-drawn canaries): left
+#: out of the scalars, rather than logged as NaN, when they were not read.
+READ_WHEN_GIVEN: tuple[str, ...] = ("epsilon_lower_bound", "epsilon_accountant")
+
+
 def scalar_metrics(report: LeakageReport) -> dict[str, float]:
     """The report's numeric fields as ``{"privacy/<key>": float}``, the shared vocabulary.
+
+    The differential-privacy readings (:data:`READ_WHEN_GIVEN`) are left out when they were
+    not read (NaN), so that loggers get no series of NaN for them.
 
     Example:
         >>> from fesmia_hooks.report import _example_report
@@ -71,6 +79,7 @@ def scalar_metrics(report: LeakageReport) -> dict[str, float]:
         PREFIX + key: float(values[key])
         for key in scalar_keys()
         if isinstance(values.get(key), (int, float))
+        and not (key in READ_WHEN_GIVEN and math.isnan(values[key]))
     }
 
 

@@ -181,3 +181,38 @@ def test_the_dp_chart_draws_both_epsilons(tmp_path):
     assert kind == "Multiline"
     assert [[t for t in tags if re.search(p, t)] for p in patterns] == [
         ["privacy/epsilon_accountant"], ["privacy/epsilon_lower_bound"]]
+
+
+def test_a_budget_on_the_bound_spends_its_confidence_over_the_run():
+    (x_in, y_in), canaries = _audit_canaries()
+    budget = fh.LeakageBudget(max_values={"epsilon_lower_bound": 50.0}, action="alert")
+    capped = fh.PrivacyMonitor(canaries, probe=_probe(), budget=budget, preflight="off")
+    free = fh.PrivacyMonitor(canaries, probe=_probe(), preflight="off")
+    model = Memoriser(x_in, y_in, 4)
+    for epoch in range(3):
+        capped.step(model, epoch=epoch)
+        free.step(model, epoch=epoch)
+    # check k at 1 - 0.05 / (k (k + 1)): the family holds at 95 % over any number of checks
+    assert [r.epsilon_confidence for r in capped.history] == pytest.approx(
+        [1 - 0.05 / 2, 1 - 0.05 / 6, 1 - 0.05 / 12])
+    assert [r.epsilon_confidence for r in free.history] == [0.95] * 3
+    assert all(c.epsilon_lower_bound < f.epsilon_lower_bound
+               for c, f in zip(capped.history, free.history, strict=True))
+
+
+def test_readings_not_taken_are_left_out_of_the_scalars():
+    from fesmia_hooks.sinks import scalar_metrics
+
+    (_, _), canaries = _audit_canaries()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 5, generator=g), torch.randint(0, 4, (200,), generator=g)
+    plain = fh.CanarySet(members=(x[:100], y[:100]), non_members=(x[100:], y[100:]))
+    report = fh.PrivacyMonitor(plain, probe=_probe(), preflight="off").step(nn.Linear(5, 4),
+                                                                            epoch=0)
+    keys = scalar_metrics(report)
+    assert "privacy/epsilon_lower_bound" not in keys and "privacy/epsilon_accountant" not in keys
+    assert "privacy/log_mia_strict" in keys
+    audited = fh.PrivacyMonitor(canaries, probe=_probe(), preflight="off",
+                                accountant=lambda d: 1.0).step(nn.Linear(5, 4), epoch=0)
+    assert {"privacy/epsilon_lower_bound", "privacy/epsilon_accountant"} <= set(
+        scalar_metrics(audited))
