@@ -54,6 +54,7 @@ HEADINGS: tuple[str, ...] = (
     "## 8. Choosing the alarm statistic, and what the interval covers",
     "## How these figures were made",
     "## 9. Differential privacy: the audit's lower bound beside the accountant's ε",
+    "## 10. Data audit after training: was this data used to train this model?",
 )
 
 
@@ -211,6 +212,9 @@ def _summary(results: dict[str, Any]) -> list[str]:
         if plain is not None:
             rows.append(["9", "ε lower bound without DP (highest over epochs, per seed)", "–",
                          ", ".join(num(v) for v in plain["lower_bound_max"]), "–"])
+    au = section(results, "audit")
+    if au:
+        rows += _audit_summary_rows(au)
     if not rows:
         return ["_No results yet._"]
     return [table(["item", "what", "target", "result", ""], rows)]
@@ -991,6 +995,140 @@ def _dp(results: dict[str, Any]) -> list[str]:
             table(["canaries m", "best attainable ε lower bound"], best_rows)]
 
 
+#: The suspect-set size the audit's acceptance is read at (issue 14), when it was measured.
+AUDIT_SIZE = 50
+_AUDIT_VICTIMS = (("digits", "digits MLP"), ("text", "text GRU"))
+
+
+def _shown(r: dict[str, Any]) -> str:
+    """``k/n = rate [low, high]`` of the audit's "shown" verdicts."""
+    return f"{r['shown']}/{r['runs']} = {_rate(r)}"
+
+
+def _compatible(r: dict[str, Any], alpha: float) -> bool:
+    """A false-positive rate compatible with ``alpha``: its exact interval reaches it."""
+    return r["low"] <= alpha
+
+
+def _audit_row(victim: dict[str, Any]) -> dict[str, Any]:
+    """The row of :data:`AUDIT_SIZE` suspects, or the middle size when it was not measured."""
+    rows = victim["sizes"]
+    return next((r for r in rows if r["size"] == AUDIT_SIZE), rows[len(rows) // 2])
+
+
+def _audit_summary_rows(au: dict[str, Any]) -> list[list[str]]:
+    alpha = au["config"]["alpha"]
+    rows = []
+    for key, name in _AUDIT_VICTIMS:
+        v = au[key]
+        r = _audit_row(v)
+        what = f"{name}, {r['size']} suspects"
+        rows.append(["10", f"audit, {what}: \"shown\" on models trained with them (power)",
+                     "–", _shown(r["with"]), "–"])
+        rows.append(["10", f"audit, {what}: \"shown\" on models trained without them "
+                     "(false positives)", f"≤ {pct(alpha, 0)}", _shown(r["without"]),
+                     met(_compatible(r["without"], alpha))])
+    pooled = au["placebo_pooled"]
+    rows.append(["10", "audit placebo: \"shown\" where nothing was trained on (both victims)",
+                 f"≤ {pct(alpha, 0)}", _shown(pooled), met(_compatible(pooled, alpha))])
+    return rows
+
+
+def _audit(results: dict[str, Any]) -> list[str]:
+    sec = section(results, "audit")
+    if sec is None:
+        return ["_Not run yet: `python benchmarks/run.py --only audit`._"]
+    cfg = sec["config"]
+    d, t, alpha = cfg["digits"], cfg["text"], cfg["alpha"]
+    intro = (
+        "`fesmia_hooks.audit.audit(model, suspects, non_members)` after training: the "
+        "model's label-free membership signals of every sample, standardised over suspects "
+        "and non-members together and averaged into one score; a one-sided permutation test "
+        f"({cfg['permutations']:,} permutations) on the difference of mean scores, \"shown\" "
+        f"at p ≤ {alpha:g}; the effect is the AUC of suspects against non-members. For each "
+        "seed the data are split at random into a base training set, a pool of suspects, "
+        f"{cfg['non_members']} known non-members and the rest; a model is trained on the base "
+        "set alone (*without*) and, with the same recipe and seed, on the base set plus the "
+        "suspects (*with*). The first *k* suspects of the pool are audited against the same "
+        "non-members on both models: the share of seeds where the audit says \"shown\" is "
+        "its power on *with* and its false-positive rate on *without*, each with its exact "
+        "(Clopper-Pearson) 95 % interval."
+    )
+    victims = (
+        f"**Digits MLP** ({d['model']}, scikit-learn's digits, clean labels): Adam lr "
+        f"{d['lr']:g}, batch {d['batch']}, {d['epochs']} epochs on {d['base']} digits plus "
+        f"the *k* suspects (one *with* model per size); {d['seeds']} seed(s). "
+        f"**Text GRU** ({t['model']}, the text demo's model, on passages of 64–192 characters "
+        f"of CPython's `pydoc_data.topics`): the demo's training step (Adam lr {t['lr']:g}, "
+        f"batch {t['batch']}, gradient norm clipped at 1), {t['epochs']} epochs on "
+        f"{t['base']} passages plus "
+        + (f"the whole pool of {max(cfg['sizes'])} suspect passages (one *with* model per "
+           "seed: the *k* audited passages are part of the added pool, which keeps the cost "
+           "to two models per seed)" if t["nested"] else "the *k* suspect passages")
+        + f"; {t['seeds']} seed(s). Neither recipe was tuned to the audit: the MLP is "
+        "trained until it fits its training set, as a small network on little data usually "
+        "is; the GRU briefly (the text demo trains it 60 epochs). How much they overfit:"
+    )
+    fit_rows = []
+    for key, name in _AUDIT_VICTIMS:
+        for model, f in sec[key]["fit"].items():
+            label = "without" if model == "without" else f"with {model.split('_')[1]}"
+            if "train_accuracy" in f:
+                fit_rows.append([name, label, "accuracy", pct(f["train_accuracy"]),
+                                 pct(f["held_out_accuracy"])])
+            else:
+                fit_rows.append([name, label, "loss (nats per character)",
+                                 num(f["train_nll"], 3), num(f["held_out_nll"], 3)])
+    out = [mode_note(results, "audit"), intro, victims,
+           table(["victim", "model", "measure (mean over seeds)", "training set",
+                  "held out"], fit_rows)]
+    rows = []
+    for key, name in _AUDIT_VICTIMS:
+        v = sec[key]
+        for r in v["sizes"]:
+            w, wo = r["with"], r["without"]
+            rows.append([name, r["size"], _shown(w),
+                         f"{num(w['auc_mean'])} ({num(w['auc_min'])}–{num(w['auc_max'])})",
+                         num(w["p_median"], 4), _shown(wo),
+                         f"{num(wo['auc_mean'])} ({num(wo['auc_min'])}–{num(wo['auc_max'])})",
+                         num(_compatible(wo, alpha))])
+    out.append(table(["victim", "suspects k", "trained with them: shown [95 % CI]",
+                      "effect AUC, mean (range)", "median p", "trained without: shown "
+                      "[95 % CI]", "effect AUC, mean (range)",
+                      f"false-positive rate compatible with {pct(alpha, 0)}"], rows))
+    verdicts = []
+    for key, name in _AUDIT_VICTIMS:
+        r = _audit_row(sec[key])
+        verdicts.append(
+            f"the {name} with {r['size']} suspects: \"shown\" on {_shown(r['with'])} of the "
+            f"models trained with them, on {_shown(r['without'])} of those trained without")
+    out.append("**At the acceptance size:** " + "; ".join(verdicts) + ".")
+    out.append(
+        f"**Placebo:** on every *with* and *without* model, {cfg['placebo_draws']} audit(s) "
+        f"of {cfg['placebo_suspects']} suspects and {cfg['non_members']} non-members drawn "
+        "at random from samples no model of the seed was trained on: nothing leaks by "
+        "construction, so each \"shown\" is a false positive, whatever the model learnt.")
+    placebo_rows = [[name, _shown(sec[key]["placebo"]), num(sec[key]["placebo"]["p_mean"]),
+                     num(_compatible(sec[key]["placebo"], alpha))]
+                    for key, name in _AUDIT_VICTIMS]
+    placebo_rows.append(["both", _shown(sec["placebo_pooled"]), "–",
+                         num(_compatible(sec["placebo_pooled"], alpha))])
+    out.append(table(["victim", "placebo audits: shown [95 % CI]", "mean p (0.5 expected)",
+                      f"compatible with {pct(alpha, 0)}"], placebo_rows))
+    out.append(
+        "A false-positive rate is *compatible* with the level when its exact interval reaches "
+        f"{pct(alpha, 0)}. Within one seed the sizes share their models and nested suspect "
+        "sets, so the rows of one victim are not independent of each other; across seeds "
+        f"everything is redrawn. One audit took {ms(sec['digits']['audit_seconds'])} ms "
+        f"(digits) and {ms(sec['text']['audit_seconds'])} ms (text), median; training took "
+        f"{num(sec['digits']['train_seconds_per_seed'], 0)} s and "
+        f"{num(sec['text']['train_seconds_per_seed'], 0)} s per seed. \"Not shown\" is not "
+        "proof of absence: the power column says how often a set of that size trained on "
+        "with these recipes goes unnoticed."
+    )
+    return out
+
+
 def _rate(r: dict[str, Any] | None) -> str:
     """A rate with its exact 95 % interval, e.g. ``4.3 % [2.3, 7.3]``."""
     if not r:
@@ -1124,6 +1262,7 @@ def write_markdown(results: dict[str, Any], path: Path, plots: Path) -> None:
         HEADINGS[11], *_text(results),
         HEADINGS[12], *_statistics(results),
         HEADINGS[14], *_dp(results),
+        HEADINGS[15], *_audit(results),
         HEADINGS[13], *_how(results),
     ]
     text = "\n\n".join(p for p in parts if p) + "\n"

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    audit_bench,
     cost,
     dp_bench,
     overhead,
@@ -48,7 +49,7 @@ from benchmarks.panel import RunSpec  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ("cost", "overhead", "panel", "placebo", "text", "statistics", "dp")
+SECTIONS = ("cost", "overhead", "panel", "placebo", "text", "statistics", "dp", "audit")
 RESULTS = ROOT / "benchmarks" / "results.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
 PLOTS = ROOT / "benchmarks" / "plots"
@@ -130,6 +131,18 @@ class Config:
     dp_canaries: int = 500
     dp_epochs: int = 60
     dp_seeds: int = 3
+    # data audit after training (benchmarks/audit_bench.py): models trained with and without
+    # the suspects, every suspect-set size audited against the same non-members
+    audit_sizes: tuple[int, ...] = (10, 25, 50, 100)
+    audit_non_members: int = 200
+    audit_digits_seeds: int = 20
+    audit_digits_base: int = 300
+    audit_digits_epochs: int = 150
+    audit_text_seeds: int = 8
+    audit_text_base: int = 150
+    audit_text_epochs: int = 15
+    audit_placebo_draws: int = 3
+    audit_permutations: int = 9999
 
     @classmethod
     def full(cls) -> Config:
@@ -178,6 +191,9 @@ class Config:
             dp_canaries=300,
             dp_epochs=20,
             dp_seeds=1,
+            audit_digits_seeds=6,
+            audit_text_seeds=2,
+            audit_placebo_draws=2,
         )
 
     @classmethod
@@ -228,6 +244,16 @@ class Config:
             dp_canaries=100,
             dp_epochs=2,
             dp_seeds=1,
+            audit_sizes=(10,),
+            audit_non_members=50,
+            audit_digits_seeds=1,
+            audit_digits_base=60,
+            audit_digits_epochs=2,
+            audit_text_seeds=1,
+            audit_text_base=20,
+            audit_text_epochs=1,
+            audit_placebo_draws=1,
+            audit_permutations=99,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -250,8 +276,19 @@ def _dp(cfg: Config) -> dict[str, Any]:
     )
 
 
+def _audit(cfg: Config) -> dict[str, Any]:
+    return audit_bench.run_audit_benchmark(
+        sizes=cfg.audit_sizes, non_members=cfg.audit_non_members,
+        digits_seeds=cfg.audit_digits_seeds, digits_base=cfg.audit_digits_base,
+        digits_epochs=cfg.audit_digits_epochs, text_seeds=cfg.audit_text_seeds,
+        text_base=cfg.audit_text_base, text_epochs=cfg.audit_text_epochs,
+        placebo_draws=cfg.audit_placebo_draws, permutations=cfg.audit_permutations,
+        seed=cfg.seed,
+    )
+
+
 RUNNERS = {"cost": cost.run, "overhead": overhead.run, "panel": panel.run, "placebo": placebo.run,
-           "text": _text, "statistics": statistics.run, "dp": _dp}
+           "text": _text, "statistics": statistics.run, "dp": _dp, "audit": _audit}
 
 
 def _clean(value: Any) -> Any:

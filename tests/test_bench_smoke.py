@@ -64,6 +64,21 @@ def test_tiny_benchmark_writes_results_and_every_table(tmp_path):
             assert all(row["epsilon_accountant"] > 0 for row in run["epochs"])
         assert all(row["epsilon_lower_bound"] >= 0 for row in run["epochs"])
 
+    audit = results["sections"]["audit"]["result"]
+    for key, seeds in (("digits", cfg.audit_digits_seeds), ("text", cfg.audit_text_seeds)):
+        victim = audit[key]
+        assert len(victim["runs"]) == seeds
+        assert [r["size"] for r in victim["sizes"]] == list(cfg.audit_sizes)
+        for row in victim["sizes"]:
+            for cond in ("with", "without"):
+                r = row[cond]
+                assert r["runs"] == seeds
+                assert 0.0 <= r["low"] <= r["rate"] <= r["high"] <= 1.0
+                assert 0.0 <= r["auc_mean"] <= 1.0
+        assert victim["placebo"]["runs"] == seeds * 2 * cfg.audit_placebo_draws
+    assert audit["placebo_pooled"]["runs"] == sum(audit[k]["placebo"]["runs"]
+                                                  for k in ("digits", "text"))
+
     panel = results["sections"]["panel"]["result"]
     assert [r["spec"]["name"] for r in panel["runs"]] == [s.name for s in cfg.panel]
     for run in panel["runs"]:

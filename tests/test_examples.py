@@ -29,3 +29,16 @@ def test_example_runs(name, tmp_path):
     assert len(monitor.history) == 2
     assert list(tmp_path.rglob("privacy_history.jsonl"))
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("name", ["audit_digits", "audit_text"])
+def test_audit_example_runs(name, capsys):
+    # shortened: a few epochs on small sets, the verdicts mean nothing here
+    results = load(name).main(epochs=2, base=40, suspects=10, non_members=40, permutations=99)
+    assert set(results) == {"with", "without"}
+    for result in results.values():
+        assert result.verdict in ("shown", "not shown")
+        assert (result.suspects, result.non_members, result.permutations) == (10, 40, 99)
+    out = capsys.readouterr().out
+    assert "model trained with the suspects -> " in out
+    assert "model trained without the suspects -> " in out
