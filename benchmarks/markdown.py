@@ -1026,11 +1026,12 @@ def _audit_summary_rows(au: dict[str, Any]) -> list[list[str]]:
         rows.append(["10", f"audit, {what}: \"shown\" on models trained with them (power)",
                      "–", _shown(r["with"]), "–"])
         rows.append(["10", f"audit, {what}: \"shown\" on models trained without them "
-                     "(false positives)", f"≤ {pct(alpha, 0)}", _shown(r["without"]),
-                     met(_compatible(r["without"], alpha))])
+                     "(false positives)", f"{pct(alpha, 0)} within the 95 % CI",
+                     _shown(r["without"]), met(_compatible(r["without"], alpha))])
     pooled = au["placebo_pooled"]
     rows.append(["10", "audit placebo: \"shown\" where nothing was trained on (both victims)",
-                 f"≤ {pct(alpha, 0)}", _shown(pooled), met(_compatible(pooled, alpha))])
+                 f"{pct(alpha, 0)} within the 95 % CI", _shown(pooled),
+                 met(_compatible(pooled, alpha))])
     return rows
 
 

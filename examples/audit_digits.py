@@ -6,9 +6,9 @@ one on 300 other digits plus the suspects, one on the 300 alone. The audit compa
 suspects with the non-members on each model's membership signals and says "shown" when the
 suspects are significantly more member-like (one-sided permutation test, level 0.05).
 
-"Not shown" is not proof of absence: with this recipe, a set of 50 digits trained on is
-shown in about three runs out of four (see BENCHMARKS.md, section 10), so another seed may
-miss it.
+"Not shown" is not proof of absence: BENCHMARKS.md (section 10) measures, over seeds, how
+often a set of this size trained on with this recipe goes unnoticed, and how often a set
+never trained on is shown.
 
 Run: python examples/audit_digits.py
 """
