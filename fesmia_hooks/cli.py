@@ -8,6 +8,9 @@
 * ``fesmia-hooks report LOG_DIR`` prints a table per run found in ``LOG_DIR`` and, when
   matplotlib is installed, writes ``leakage.png`` into each run's folder. The bands and the
   budget come from each run's history (``--max-level`` overrides the budget line).
+* ``fesmia-hooks audit --model PATH --suspects PATH --non-members PATH`` tests whether the
+  suspects were used to train a saved model (:mod:`fesmia_hooks.audit_cli`); it exits with 0
+  when membership is not shown, 1 when it is shown.
 
 A usage problem, a missing optional dependency or an unreadable history prints one line
 ``fesmia-hooks: error: ...`` on stderr and exits with status 2.
@@ -23,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fesmia_hooks import audit_cli
 from fesmia_hooks.report import Level
 
 __all__ = ["DEMOS", "main"]
@@ -89,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="the budget's max_level, for the budget line (default: the one "
                              "each run's history records, or low for a history without it; "
                              "'none' draws no line)")
+    audit_cli.add_parser(sub)
     return parser
 
 
@@ -207,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_demo(args)
     if args.command == "report":
         return _run_report(args)
+    if args.command == "audit":
+        return audit_cli.run(args)
     return _error(f"unknown command {args.command!r}")  # pragma: no cover - argparse guards
 
 

@@ -2,6 +2,7 @@
 received and what is allowed, and nothing half-written. docs/bad_inputs.md lists every case."""
 
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,22 @@ def two_arguments(out, fn):
     return fn()
 
 
+def audit_file(out, name, value):
+    """``value`` saved with torch.save as ``name`` next to ``out``; the path."""
+    path = out.parent / name
+    if value is not None:
+        torch.save(value, path)
+    else:
+        path.write_text("not a model")
+    return path
+
+
+def audit_cli():
+    from fesmia_hooks import audit_cli as module
+
+    return module
+
+
 MORE_CASES = {
     # CanarySet: what cannot be canaries
     "canary-meta-device": (lambda out: fh.CanarySet(members=(torch.empty(20, 4, device="meta"), y[:20]), non_members=(x[20:], y[20:])),
@@ -235,6 +252,17 @@ MORE_CASES = {
     "chance-zero-queries": (lambda out: fh.chance_log_mia(0), fh.ConfigurationError, "`queries` must be a positive int, got 0"),
     "sequence-signals-bad-k": (lambda out: fh.SequenceSignals(k=0), fh.ConfigurationError, r"`k` must be a number in \(0, 1\], got 0"),
     "sequence-signals-unknown": (lambda out: fh.SequenceSignals(("loss",)), fh.ConfigurationError, "unknown sequence signal"),
+    # fesmia-hooks audit: models and samples read from files
+    "audit-unknown-model-format": (lambda out: audit_cli().detect_format(audit_file(out, "model.onnx", None)),
+                                   fh.ConfigurationError, "cannot tell the format of a .onnx file; give --format"),
+    "audit-state-dict-without-factory": (lambda out: audit_cli().load_model(audit_file(out, "weights.pt", nn.Linear(4, 3).state_dict())),
+                                         fh.ConfigurationError, "is not TorchScript .* give --factory"),
+    "audit-factory-not-importable": (lambda out: audit_cli().resolve("no_such_module_xyz:build", "--factory"),
+                                     fh.ConfigurationError, "cannot be imported: no module named 'no_such_module_xyz'"),
+    "audit-pickled-samples": (lambda out: audit_cli().load_samples(audit_file(out, "suspects.pt", {"inputs": x, "labels": Fraction(1, 3)})),
+                              fh.CanaryError, r"holds pickled Python objects \(fractions.Fraction\), which loading with weights_only=True refuses"),
+    "audit-samples-without-labels": (lambda out: audit_cli().load_samples(audit_file(out, "suspects.pt", x)),
+                                     fh.CanaryError, "inputs without labels: a classifier's samples need labels"),
 }
 CASES.update(MORE_CASES)
 
@@ -245,7 +273,7 @@ WHERE = {
     "budget": "LeakageBudget", "monitor": "PrivacyMonitor", "driver": "integrations.driver",
     "keras": "integrations.keras", "lightning": "integrations.lightning",
     "torch": "integrations.torch", "history": "history", "log": "log_mia",
-    "chance": "chance_log_mia",
+    "chance": "chance_log_mia", "audit": "fesmia-hooks audit",
 }
 WHERE_SEQUENCE_SIGNALS = "text.SequenceSignals"
 
