@@ -187,9 +187,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "audit",
         help="test whether suspect samples were used to train a saved model",
         description=(
-            "Test whether the suspect samples were used to train a saved model, against "
-            "samples known never to have been trained on (non-members) from the suspects' "
-            "distribution. Exit status: 0 = membership not shown, 1 = shown, 2 = could not "
+            "Test whether the suspect samples were used to train a saved model, against\n"
+            "samples known never to have been trained on (non-members) from the suspects'\n"
+            "distribution. Exit status: 0 = membership not shown, 1 = shown, 2 = could not\n"
             "run."
         ),
         epilog=_EPILOG,
