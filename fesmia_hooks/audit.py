@@ -41,7 +41,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,11 +54,17 @@ from torch.utils.data import Dataset
 from fesmia_hooks._validation import choice, positive_int, probability
 from fesmia_hooks.canaries import Canaries, CanarySet
 from fesmia_hooks.epsilon import epsilon_lower_bound
-from fesmia_hooks.exceptions import CanaryError, ConfigurationError
+from fesmia_hooks.exceptions import (
+    CanaryError,
+    ConfigurationError,
+    FesmiaError,
+    ProbeError,
+    describe_error,
+)
 from fesmia_hooks.features import FeatureSpec, compute_features
 from fesmia_hooks.report import LeakageReport
 
-__all__ = ["AuditResult", "audit", "set_test"]
+__all__ = ["AuditResult", "audit", "set_test", "sides_named"]
 
 Kind = Literal["auto", "labelled", "sequences"]
 #: Fewest known members (and non-members) for the Log-MIA reading: the probe's default
@@ -90,6 +97,10 @@ class AuditResult:
         suspect_p_values: ``[suspects]`` each suspect's p-value against the non-members.
         log_mia: The probe's report on the known members and non-members (``None`` with
             fewer than 20 of either).
+        non_member_scores: ``[non_members]`` the non-members' scores of the set-level test.
+        suspect_set_scores: ``[suspects]`` the suspects' scores of the set-level test (the
+            same as ``suspect_scores`` without known members), comparable with
+            ``non_member_scores``.
         epsilon_lower_bound: The one-run audit's ε lower bound on the known members and
             non-members, for members chosen by independent coins; NaN otherwise.
     """
@@ -110,6 +121,8 @@ class AuditResult:
     log_mia: LeakageReport | None = field(default=None, repr=False, compare=False)
     epsilon_lower_bound: float = math.nan
     non_member_scores: np.ndarray = field(
+        default_factory=lambda: np.empty(0), repr=False, compare=False)
+    suspect_set_scores: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False)
 
     @property
@@ -138,6 +151,9 @@ class AuditResult:
             f"[{self.effect_auc_low:.2f}, {self.effect_auc_high:.2f}], 0.5 = no difference; "
             f"p = {self.p_value:.3g} {test} {self.alpha:g}, {self.permutations} permutations)"
         )
+        if self.shown and self.effect_auc_low <= 0.5:
+            head += ("; the AUC's interval reaches 0.5: the difference lies in a few suspects "
+                     "that score high, while the typical suspect scores like a non-member")
         if self.log_mia is not None:
             r = self.log_mia
             head += (f"; on the {self.members} known members: Log-MIA strict {r.strict:.2f} "
@@ -156,6 +172,8 @@ class AuditResult:
             "permutations": self.permutations, "signals": list(self.signals),
             "suspect_scores": [float(v) for v in self.suspect_scores],
             "suspect_p_values": [float(v) for v in self.suspect_p_values],
+            "suspect_set_scores": [float(v) for v in self.suspect_set_scores],
+            "non_member_scores": [float(v) for v in self.non_member_scores],
             "ranking": [int(i) for i in self.ranking()],
             "epsilon_lower_bound": None if not math.isfinite(self.epsilon_lower_bound)
             else self.epsilon_lower_bound,
@@ -272,20 +290,43 @@ def _kind_of(side: Any) -> Literal["labelled", "sequences"]:
     )
 
 
-def _pool(kind: str, first: Any, second: Any, **options: Any) -> Canaries:
-    """The two sides as one canary pool (the checks of the canary sets apply)."""
-    if kind == "labelled":
-        return CanarySet(members=first, non_members=second,
-                         num_classes=options.get("num_classes"))
-    from fesmia_hooks.sequences import SequenceCanarySet
+def _pool(kind: str, first: Any, second: Any, *, first_name: str = "members",
+          **options: Any) -> Canaries:
+    """The two sides as one canary pool (the checks of the canary sets apply).
 
-    return SequenceCanarySet(first, second, pad_token_id=options.get("pad_token_id"),
-                             vocab_size=options.get("vocab_size"),
-                             decode=options.get("decode"))
+    The canary sets' messages name their sides "members" and "non_members"; they are told
+    here of ``first_name`` and "non-members".
+    """
+    try:
+        if kind == "labelled":
+            return CanarySet(members=first, non_members=second,
+                             num_classes=options.get("num_classes"))
+        from fesmia_hooks.sequences import SequenceCanarySet
+
+        return SequenceCanarySet(first, second, pad_token_id=options.get("pad_token_id"),
+                                 vocab_size=options.get("vocab_size"),
+                                 decode=options.get("decode"))
+    except CanaryError as exc:
+        raise CanaryError(sides_named(str(exc), first_name)) from None
+
+
+def sides_named(message: str, first_name: str = "suspects") -> str:
+    """A canary set's message about (members, non_members) told of the audit's sides.
+
+    Example:
+        >>> sides_named("2 sample(s) appear among both members and non_members")
+        '2 sample(s) appear among both suspects and non-members'
+    """
+    message = re.sub(r"(?<![\w-])members\b", first_name, message)
+    return re.sub(r"\bnon_members\b", "non-members", message)
 
 
 def _signals(model: nn.Module, pool: Canaries, batch_size: int) -> tuple[np.ndarray, tuple]:
-    """``[n, F]`` raw signals of the pool (first side first) and their names."""
+    """``[n, F]`` raw signals of the pool (first side first) and their names.
+
+    A model that fails on the samples raises a :class:`~fesmia_hooks.ProbeError` naming the
+    failure's kind and words (never the samples).
+    """
     if pool.kind == "sequences":
         from fesmia_hooks.text import DEFAULT_SEQUENCE_SIGNALS, SequenceSignals
 
@@ -296,7 +337,12 @@ def _signals(model: nn.Module, pool: Canaries, batch_size: int) -> tuple[np.ndar
 
         names = tuple(DEFAULT_SIGNALS)
         spec = FeatureSpec(signals=names, batch_size=batch_size)
-    features = compute_features(model, pool, spec)
+    try:
+        features = compute_features(model, pool, spec)
+    except FesmiaError:
+        raise
+    except Exception as exc:  # the model's own failure, told in the library's terms
+        raise ProbeError(f"the model failed on the samples ({describe_error(exc)})") from exc
     assert features.signals is not None
     return features.signals.detach().to("cpu", torch.float64).numpy(), names
 
@@ -341,6 +387,7 @@ def audit(
     num_classes: int | None = None,
     pad_token_id: int | None = None,
     vocab_size: int | None = None,
+    decode: Callable[[list[int]], str | bytes] | None = None,
 ) -> AuditResult:
     """Test whether ``suspects`` were used to train ``model``, against known non-members.
 
@@ -368,6 +415,8 @@ def audit(
         num_classes: Checks labels lie in ``[0, num_classes)``.
         pad_token_id: Padding id of token sequences.
         vocab_size: Checks token ids lie in ``[0, vocab_size)``.
+        decode: ``decode(token_ids) -> str`` (a tokenizer's), for the zlib signal of token
+            sequences: it compresses the text rather than the ids.
 
     Returns:
         The :class:`AuditResult`.
@@ -388,11 +437,17 @@ def audit(
         raise ConfigurationError(
             f"`random_inclusion` must be True or False, got {type(random_inclusion).__name__}")
     resolved = _kind_of(suspects) if kind == "auto" else kind
+    if decode is not None and not callable(decode):
+        raise ConfigurationError(f"`decode` must be callable, got {type(decode).__name__}")
     options = {"num_classes": num_classes, "pad_token_id": pad_token_id,
-               "vocab_size": vocab_size}
-    pool = _pool(resolved, suspects, non_members, **options)
+               "vocab_size": vocab_size, "decode": decode}
+    pool = _pool(resolved, suspects, non_members, first_name="suspects", **options)
     n_s, n_n = pool.num_members, pool.num_non_members
     _check_size(n_s, n_n, alpha)
+    if members is not None and n_n < 2:
+        raise CanaryError(
+            f"with known members the per-suspect scores need at least 2 non-members (one "
+            f"half to fit, one to calibrate), got {n_n}")
     raw, names = _signals(model, pool, batch_size)
     member_raw = np.empty((0, raw.shape[1]))
     known = None
@@ -403,10 +458,6 @@ def audit(
     score = _combined(rows)
     s_score, n_score = score[:n_s], score[n_s:n_s + n_n]
     auc, p_value, low, high = set_test(s_score, n_score, permutations=permutations, seed=seed)
-    if known is not None and n_n < 2:
-        raise CanaryError(
-            f"with known members the per-suspect scores need at least 2 non-members (one "
-            f"half to fit, one to calibrate), got {n_n}")
     per_suspect, p_each = s_score, _conformal(s_score, n_score)
     if len(member_raw):
         per_suspect, p_each = _few_shot(rows, n_s, n_n, len(member_raw), seed)
@@ -427,6 +478,7 @@ def audit(
         non_members=n_n, members=len(member_raw), permutations=permutations,
         signals=names, suspect_scores=per_suspect, suspect_p_values=p_each,
         log_mia=log_mia, epsilon_lower_bound=epsilon, non_member_scores=n_score,
+        suspect_set_scores=s_score,
     )
 
 

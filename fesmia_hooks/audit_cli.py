@@ -73,7 +73,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fesmia_hooks.exceptions import CanaryError, ConfigurationError, FesmiaError, ProbeError
+from fesmia_hooks.exceptions import (
+    CanaryError,
+    ConfigurationError,
+    FesmiaError,
+    ProbeError,
+    describe_error,
+)
 
 __all__ = [
     "DATA_FORMATS",
@@ -260,15 +266,6 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` of an exception (TorchScript's: its last line)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and any(line.startswith("Traceback of TorchScript") for line in lines):
-        return _one_line(lines[-1])  # "RuntimeError: what went wrong", after the traceback
-    message = _one_line(lines[0]) if lines else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _importable_cwd() -> Iterator[None]:
     """The current folder on ``sys.path`` while a user's module is imported (as ``python``)."""
@@ -322,7 +319,7 @@ def resolve(spec: str, option: str) -> Any:
         except Exception as exc:
             sys.modules.pop(unique, None)
             raise ConfigurationError(
-                f"{option} {spec!r}: importing {module_name} failed: {_first_line(exc)}"
+                f"{option} {spec!r}: importing {module_name} failed: {describe_error(exc)}"
             ) from exc
     else:
         try:
@@ -334,7 +331,7 @@ def resolve(spec: str, option: str) -> Any:
             ) from exc
         except Exception as exc:
             raise ConfigurationError(
-                f"{option} {spec!r}: importing {module_name} failed: {_first_line(exc)}"
+                f"{option} {spec!r}: importing {module_name} failed: {describe_error(exc)}"
             ) from exc
     target: Any = module
     for part in name.split("."):
@@ -373,12 +370,12 @@ def _torch_load(path: Path, what: str, error: type[FesmiaError]) -> Any:
                 "and lists of tensors only"
             ) from exc
         raise error(f"{what} {path} is not a readable torch.save file "
-                    f"({_first_line(exc)})") from exc
+                    f"({describe_error(exc)})") from exc
     except Exception as exc:  # corrupt archive, not a torch file, cannot be read
         kind = "" if zipfile.is_zipfile(path) else (
             "not the zip archive torch.save writes: truncated, or another kind of file; ")
         raise error(f"{what} {path} is not a readable torch.save file "
-                    f"({kind}{_first_line(exc)})") from exc
+                    f"({kind}{describe_error(exc)})") from exc
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -495,7 +492,7 @@ def _load_keras(path: Path) -> LoadedModel:
         import keras
     except ImportError as exc:
         raise ConfigurationError(
-            f"reading a .keras model needs keras on the torch backend ({_first_line(exc)}): "
+            f"reading a .keras model needs keras on the torch backend ({describe_error(exc)}): "
             "pip install 'fesmia-hooks[keras]' and set KERAS_BACKEND=torch") from exc
     backend = keras.backend.backend()
     if backend != "torch":
@@ -506,7 +503,7 @@ def _load_keras(path: Path) -> LoadedModel:
         model = keras.saving.load_model(path, compile=False)  # no optimizer, no loss
     except Exception as exc:
         raise ConfigurationError(
-            f"--model {path} cannot be read as a Keras 3 file ({_first_line(exc)})") from exc
+            f"--model {path} cannot be read as a Keras 3 file ({describe_error(exc)})") from exc
     if not isinstance(model, nn.Module):  # pragma: no cover - the torch backend's models are
         raise ConfigurationError(
             f"--model {path}: the Keras model is a {type(model).__name__}, not a "
@@ -533,7 +530,7 @@ def _load_state_dict(path: Path, factory: str | None, device: torch.device) -> L
         model = build()
     except Exception as exc:
         raise ConfigurationError(
-            f"--factory {factory!r} failed when called with no arguments: {_first_line(exc)}"
+            f"--factory {factory!r} failed when called with no arguments: {describe_error(exc)}"
         ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigurationError(
@@ -582,7 +579,7 @@ def _load_lightning(path: Path, spec: str | None, device: torch.device) -> Loade
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise ConfigurationError(
-                f"--model {path} is not a readable Lightning checkpoint ({_first_line(exc)})"
+                f"--model {path} is not a readable Lightning checkpoint ({describe_error(exc)})"
             ) from exc
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         holds = f" ({found.group(1)})" if found else ""
@@ -594,7 +591,7 @@ def _load_lightning(path: Path, spec: str | None, device: torch.device) -> Loade
     except Exception as exc:
         raise ConfigurationError(
             f"--model {path} cannot be loaded by {spec}.load_from_checkpoint "
-            f"({_first_line(exc)})") from exc
+            f"({describe_error(exc)})") from exc
     return LoadedModel(model.to(device), "lightning", path)
 
 
@@ -630,7 +627,7 @@ def _load_huggingface(path: Path, device: torch.device) -> LoadedModel:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigurationError(
-            f"--model {path}: config.json is not readable JSON ({_first_line(exc)})") from exc
+            f"--model {path}: config.json is not readable JSON ({describe_error(exc)})") from exc
     if not isinstance(config, dict):
         raise ConfigurationError(
             f"--model {path}: config.json must hold an object, got {type(config).__name__}")
@@ -639,7 +636,7 @@ def _load_huggingface(path: Path, device: torch.device) -> LoadedModel:
         import transformers
     except ImportError as exc:
         raise ConfigurationError(
-            f"reading a Hugging Face model needs transformers ({_first_line(exc)}): "
+            f"reading a Hugging Face model needs transformers ({describe_error(exc)}): "
             "pip install 'fesmia-hooks[transformers]'") from exc
     causal = _causal_architecture(architectures)
     auto = (transformers.AutoModelForCausalLM if causal
@@ -650,7 +647,7 @@ def _load_huggingface(path: Path, device: torch.device) -> LoadedModel:
                 path, local_files_only=True, output_loading_info=True)
         except Exception as exc:
             raise ConfigurationError(
-                f"--model {path} cannot be loaded by {auto.__name__} ({_first_line(exc)})"
+                f"--model {path} cannot be loaded by {auto.__name__} ({describe_error(exc)})"
             ) from exc
         missing = list(info.get("missing_keys") or [])
         if missing:
@@ -666,7 +663,7 @@ def _load_huggingface(path: Path, device: torch.device) -> LoadedModel:
                     path, local_files_only=True)
             except Exception as exc:
                 raise ConfigurationError(
-                    f"--model {path}: its tokenizer cannot be loaded ({_first_line(exc)})"
+                    f"--model {path}: its tokenizer cannot be loaded ({describe_error(exc)})"
                 ) from exc
     vocab = getattr(model.config, "vocab_size", None)
     return LoadedModel(model.to(device), "huggingface", path,
@@ -718,7 +715,7 @@ def load_model(path: str | os.PathLike[str], fmt: str | None = None, *,
                                  "torchscript", path)
         except Exception as exc:
             raise ConfigurationError(
-                f"--model {path} is not a readable TorchScript file ({_first_line(exc)})"
+                f"--model {path} is not a readable TorchScript file ({describe_error(exc)})"
             ) from exc
     elif fmt == "state_dict":
         loaded = _load_state_dict(path, factory, where)
@@ -814,10 +811,10 @@ def _read_numpy(path: Path, role: str) -> tuple[Any, str]:
                 f"{role} {path} holds Python objects, which loading with allow_pickle=False "
                 "refuses (unpickling can run code): save numeric arrays only") from exc
         raise CanaryError(f"{role} {path} is not a readable numpy file "
-                          f"({_first_line(exc)})") from exc
+                          f"({describe_error(exc)})") from exc
     except Exception as exc:
         raise CanaryError(f"{role} {path} is not a readable numpy file "
-                          f"({_first_line(exc)})") from exc
+                          f"({describe_error(exc)})") from exc
     return _from_mapping(arrays, role, path)
 
 
@@ -847,7 +844,7 @@ def _read_images(path: Path, role: str, classes: Sequence[str] | None) -> tuple[
                     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
             except Exception as exc:
                 raise CanaryError(f"{role} {file} is not a readable image "
-                                  f"({_first_line(exc)})") from exc
+                                  f"({describe_error(exc)})") from exc
             if size is None:
                 size = array.shape[:2]
             elif array.shape[:2] != size:
@@ -995,26 +992,14 @@ def _fit(samples: Samples, model: LoadedModel) -> None:
         samples.data = (inputs, labels)
 
 
-def _suspects_named(message: str) -> str:
-    """A canary set's message about (members, non_members) told of suspects and non-members."""
-    message = re.sub(r"(?<![\w-])members\b", "suspects", message)
-    return re.sub(r"\bnon_members\b", "non-members", message)
-
-
 def _check_sides(kind: str, suspects: Samples, non_members: Samples,
                  members: Samples | None, options: dict[str, Any]) -> None:
     """The canary sets' checks, each message naming the sides as the command does."""
     from fesmia_hooks.audit import _pool
 
-    try:
-        _pool(kind, suspects.data, non_members.data, **options)
-    except CanaryError as exc:
-        raise CanaryError(_suspects_named(str(exc))) from None
+    _pool(kind, suspects.data, non_members.data, first_name="suspects", **options)
     if members is not None:
-        try:
-            _pool(kind, members.data, non_members.data, **options)
-        except CanaryError as exc:
-            raise CanaryError(re.sub(r"\bnon_members\b", "non-members", str(exc))) from None
+        _pool(kind, members.data, non_members.data, **options)
 
 
 # -------------------------------------------------------------------------------- output
@@ -1116,7 +1101,6 @@ def result_json(result: Any, model: LoadedModel, sides: Mapping[str, Samples | N
     from fesmia_hooks import __version__
 
     out = result.as_dict()
-    out["non_member_scores"] = [float(v) for v in result.non_member_scores]
     out["model"] = {"path": str(model.path), "format": model.format,
                     **({"note": model.note} if model.note else {})}
     out["inputs"] = {
@@ -1140,24 +1124,19 @@ def plot_scores(result: Any, target: Path) -> Path:
 
     fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     left, right = fig.subplots(1, 2)
-    suspects = np.asarray(result.suspect_scores, dtype=float)
-    if result.members == 0:
-        non_members = np.asarray(result.non_member_scores, dtype=float)
-        both = np.concatenate([suspects, non_members])
-        bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=30)
-        left.hist(non_members, bins=bins, density=True, alpha=0.55, color="tab:blue",
-                  label=f"non-members ({len(non_members)})")
-        left.hist(suspects, bins=bins, density=True, alpha=0.55, color="tab:red",
-                  label=f"suspects ({len(suspects)})")
-        left.set_title("membership score (higher = more member-like)")
-        left.legend()
-    else:
-        left.hist(suspects, bins=30, color="tab:red", alpha=0.7,
-                  label=f"suspects ({len(suspects)})")
-        left.set_title(f"suspects' few-shot score against {result.members} known members")
-        left.legend()
+    # the set-level test's scores: suspects and non-members on one scale
+    suspects = np.asarray(result.suspect_set_scores, dtype=float)
+    non_members = np.asarray(result.non_member_scores, dtype=float)
+    both = np.concatenate([suspects, non_members])
+    bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=30)
+    left.hist(non_members, bins=bins, density=True, alpha=0.55, color="tab:blue",
+              label=f"non-members ({len(non_members)})")
+    left.hist(suspects, bins=bins, density=True, alpha=0.55, color="tab:red",
+              label=f"suspects ({len(suspects)})")
+    left.set_title("membership score (higher = more member-like)")
+    left.legend()
     left.set_xlabel("score")
-    left.set_ylabel("density" if result.members == 0 else "suspects")
+    left.set_ylabel("density")
     right.hist(np.asarray(result.suspect_p_values, dtype=float), bins=20, range=(0, 1),
                color="tab:red", alpha=0.7)
     right.axhline(len(suspects) / 20, color="gray", linestyle="--",
@@ -1244,19 +1223,19 @@ def audit_files(args: argparse.Namespace) -> tuple[Any, LoadedModel, dict[str, S
         "vocab_size": vocab if suspects.kind == "sequences" else None,
     }
     _check_sides(suspects.kind, suspects, non_members, members, options)
+    tokenizer = model.tokenizer if any(
+        s is not None and s.source == "text" and s.encoding != "UTF-8 bytes"
+        for s in sides.values()) else None
     try:
         result = audit(
             model.module, suspects.data, non_members.data,
             members=None if members is None else members.data,
             kind=suspects.kind,  # type: ignore[arg-type]
             alpha=args.alpha, permutations=args.permutations, seed=args.seed,
-            random_inclusion=args.random_inclusion, batch_size=args.batch_size, **options)
-    except FesmiaError:
-        raise
-    except Exception as exc:  # the model's forward, on these samples
-        raise ProbeError(
-            f"the model failed on the samples, read as {_describe_kind(suspects.kind)} "
-            f"({_first_line(exc)})") from exc
+            random_inclusion=args.random_inclusion, batch_size=args.batch_size,
+            decode=getattr(tokenizer, "decode", None), **options)
+    except ProbeError as exc:  # the model failed on the samples: say how they were read
+        raise ProbeError(f"{exc}, read as {_describe_kind(suspects.kind)}") from exc
     return result, model, sides
 
 
@@ -1275,7 +1254,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         if getattr(args, "traceback", False):
             raise
-        message = str(exc) if isinstance(exc, FesmiaError) else _first_line(exc)
+        message = str(exc) if isinstance(exc, FesmiaError) else describe_error(exc)
         print(f"{_PROG}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     return 1 if result.shown else 0

@@ -6,12 +6,15 @@ while a run is going on subclass :class:`RuntimeError`. Catch :class:`FesmiaErro
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CanaryError",
     "ConfigurationError",
     "FesmiaError",
     "PrivacyBudgetExceeded",
     "ProbeError",
+    "describe_error",
 ]
 
 
@@ -43,3 +46,38 @@ class PrivacyBudgetExceeded(FesmiaError, RuntimeError):
         super().__init__(reason)
         self.reason = reason
         self.report = report
+
+
+# A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape).
+_BARE_NUMBER = re.compile(
+    r"(?<![\w.])(?<!cuda:)(?<!mps:)(?<!xpu:)[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)"
+)
+
+
+def describe_error(exc: BaseException, *, with_kind: bool = True) -> str:
+    """One line about an error that tells its cause without quoting canary data.
+
+    fesmia-hooks' own messages never hold canary data. Any other message may quote the
+    values of the input that failed (an index, a token id, a value a model's assertion
+    printed), so only its first line is kept (a TorchScript error's last, after its
+    traceback), and every number standing alone is withheld; names with digits in them stay
+    (``float32``, ``cuda:0``, a ``64x4`` shape), so a dtype, device, shape or
+    missing-argument error still says what is wrong.
+
+    Example:
+        >>> describe_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)"))
+        'RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)'
+        >>> describe_error(IndexError("index 987 is out of bounds for dimension 0 with size 50"))
+        'IndexError: index # is out of bounds for dimension # with size #'
+        >>> describe_error(ValueError("input out of range: 987.25 (expected float32)"))
+        'ValueError: input out of range: # (expected float32)'
+        >>> describe_error(ValueError("token id 50257. value:0.5 on cuda:0"))
+        'ValueError: token id #. value:# on cuda:0'
+    """  # noqa: E501
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    torchscript = any(line.startswith("Traceback of TorchScript") for line in lines)
+    text = (lines[-1] if torchscript else lines[0]) if lines else "(no message)"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # no terminal colours
+    if not isinstance(exc, FesmiaError):
+        text = _BARE_NUMBER.sub("#", text)[:300]
+    return f"{type(exc).__name__}: {text}" if with_kind else text

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import uuid
 import warnings
@@ -48,8 +47,8 @@ from fesmia_hooks.dp import Accountant, accountant_epsilon, check_accountant, ep
 from fesmia_hooks.exceptions import (
     CanaryError,
     ConfigurationError,
-    FesmiaError,
     PrivacyBudgetExceeded,
+    describe_error,
 )
 from fesmia_hooks.guard import model_device
 from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
@@ -681,7 +680,7 @@ class PrivacyMonitor:
 
     def _output_failed(self, sink: Any, hook: str, exc: BaseException) -> None:
         message = (f"fesmia-hooks: {type(sink).__name__}.{hook} failed and its output "
-                   f"was skipped: {_describe(exc)}")
+                   f"was skipped: {describe_error(exc)}")
         self.output_errors.append(message)
         warnings.warn(message, stacklevel=4)
 
@@ -726,7 +725,7 @@ class PrivacyMonitor:
                 fn(report, decision)
             except Exception as exc:  # noqa: BLE001 - the user's callback; reported
                 message = (f"fesmia-hooks: the on_breach callback {_name(fn)} failed: "
-                           f"{_describe(exc)}")
+                           f"{describe_error(exc)}")
                 self.output_errors.append(message)
                 warnings.warn(message, stacklevel=3)
         if decision.should_stop and self.budget.action == "raise":
@@ -749,7 +748,7 @@ class PrivacyMonitor:
         if self.on_error == "raise" or isinstance(exc, PrivacyBudgetExceeded):
             raise exc
         kind = type(exc).__name__
-        text = _describe(exc, with_kind=False)
+        text = describe_error(exc, with_kind=False)
         record = {"check": index, "epoch": epoch, "step": step, "error": f"{kind}: {text}"}
         self.errors.append(record)
         self._start_run()
@@ -812,7 +811,8 @@ class PrivacyMonitor:
             trial.load_state_dict(calibration)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigurationError(
-                f"not a monitor's state: {type(exc).__name__} while reading it ({_describe(exc)})"
+                f"not a monitor's state: {type(exc).__name__} while reading it "
+                f"({describe_error(exc)})"
             ) from None
         self._reset_state()
         self.run_id = str(state.get("run_id") or self.run_id)
@@ -952,7 +952,7 @@ def _conclude_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
             monitor.flush()
         except BaseException as exc:  # noqa: BLE001 - nothing can be raised to anyone at exit
             log.warning("fesmia-hooks: the last asynchronous check failed at exit: %s",
-                        _describe(exc) if isinstance(exc, Exception) else type(exc).__name__)
+                        describe_error(exc) if isinstance(exc, Exception) else type(exc).__name__)
 
 
 _STATE_KEYS = frozenset({
@@ -960,37 +960,6 @@ _STATE_KEYS = frozenset({
     "should_stop", "stop_reason", "stop_message", "stopped_epoch", "stopped_step", "checked",
     "probe", "canaries", "sequential", "streak",  # the last two: version 1
 })
-# A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape).
-_BARE_NUMBER = re.compile(
-    r"(?<![\w.])(?<!cuda:)(?<!mps:)(?<!xpu:)[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)"
-)
-
-
-def _describe(exc: BaseException, *, with_kind: bool = True) -> str:
-    """One line about an error that tells its cause without quoting canary data.
-
-    fesmia-hooks' own messages never hold canary data. Any other message may quote the
-    values of the input that failed (an index, a token id, a value a model's assertion
-    printed), so only its first line is kept, and every number standing alone is withheld;
-    names with digits in them stay (``float32``, ``cuda:0``, a ``64x4`` shape), so a dtype,
-    device, shape or missing-argument error still says what is wrong.
-
-    Example:
-        >>> _describe(RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)"))
-        'RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x4 and 8x3)'
-        >>> _describe(IndexError("index 987 is out of bounds for dimension 0 with size 50"))
-        'IndexError: index # is out of bounds for dimension # with size #'
-        >>> _describe(ValueError("input out of range: 987.25 (expected float32)"))
-        'ValueError: input out of range: # (expected float32)'
-        >>> _describe(ValueError("token id 50257. value:0.5 on cuda:0"))
-        'ValueError: token id #. value:# on cuda:0'
-    """
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
-    if not isinstance(exc, FesmiaError):
-        text = _BARE_NUMBER.sub("#", text)[:300]
-    return f"{type(exc).__name__}: {text}" if with_kind else text
-
-
 def _name(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
 

@@ -48,6 +48,17 @@ class SequenceMemoriser(nn.Module):
         return logits.scatter(2, nxt[..., None], value)
 
 
+class Broken(nn.Module):
+    """A model built for other inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 def _data(n, seed, width=6):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, width, generator=g), torch.randint(0, 4, (n,), generator=g)
@@ -107,6 +118,9 @@ def test_known_members_give_few_shot_scores_log_mia_and_an_epsilon_bound():
     assert result.epsilon_lower_bound > 0
     assert set(result.ranking()[:30].tolist()) == set(range(30))
     assert "known members: Log-MIA strict" in result.summary()
+    # the set-level scores stay on the non-members' scale, apart from the few-shot ones
+    assert len(result.suspect_set_scores) == 60
+    assert not np.allclose(result.suspect_set_scores, result.suspect_scores)
     plain = audit(trained, (x[:60], y[:60]), (x[200:], y[200:]), members=(x[100:140],
                   y[100:140]), permutations=999)
     assert math.isnan(plain.epsilon_lower_bound)  # members not drawn by coins: no claim
@@ -145,6 +159,7 @@ def test_the_result_serialises_without_the_data():
                    permutations=99)
     d = result.as_dict()
     assert d["verdict"] == result.verdict and len(d["suspect_scores"]) == 40
+    assert len(d["non_member_scores"]) == 150 and d["suspect_set_scores"] == d["suspect_scores"]
     assert sorted(d["ranking"]) == list(range(40))
     text = repr(d)
     assert str(round(float(x[0, 0]), 4)) not in text  # no input values in the output
@@ -154,7 +169,11 @@ def test_the_result_serialises_without_the_data():
     (lambda x, y: audit(nn.Linear(6, 4), (x[:2], y[:2]), (x[2:4], y[2:4])), fh.CanaryError,
      "with 2 suspect(s) and 2 non-member(s) no test can reach p <= 0.05"),
     (lambda x, y: audit(nn.Linear(6, 4), (x[:20], y[:20]), (x[10:40], y[10:40])), fh.CanaryError,
-     "appear among both"),
+     "10 sample(s) appear among both suspects and non-members"),
+    (lambda x, y: audit(Broken(), (x[:20], y[:20]), (x[20:40], y[20:40])), fh.ProbeError,
+     "the model failed on the samples (RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    (lambda x, y: audit(nn.Linear(6, 4), (x[:20], y[:20]), (x[20:40], y[20:40]), decode=3),
+     fh.ConfigurationError, "`decode` must be callable, got int"),
     (lambda x, y: audit(nn.Linear(6, 4), (x[:20], y[:20]), (x[20:40, :3], y[20:40])),
      fh.CanaryError, "same sample shape"),
     (lambda x, y: audit("model", (x[:20], y[:20]), (x[20:40], y[20:40])), fh.ConfigurationError,
