@@ -242,6 +242,8 @@ MORE_CASES = {
     "keras-unknown-log-key": (lambda out: keras_monitor(out, log_keys=["leak"]), fh.ConfigurationError, "leak"),
     "torch-attach-not-a-module": (lambda out: __import__("fesmia_hooks.integrations.torch", fromlist=["x"]).attach("model", None, monitor(out, every_n_steps=1)),
                                   fh.ConfigurationError, "`model` must be a torch.nn.Module, got str"),
+    "torch-attach-no-step-hooks": (lambda out: __import__("fesmia_hooks.integrations.torch", fromlist=["x"]).attach(nn.Linear(4, 3), HooklessOptimizer(), fh.PrivacyMonitor(canaries(), every_n_steps=1)),
+                                   fh.ConfigurationError, "attach\\(\\) needs an optimizer that takes step hooks"),
     "torch-attach-zero-total-steps": (lambda out: __import__("fesmia_hooks.integrations.torch", fromlist=["x"]).attach(nn.Linear(4, 3), torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1), fh.PrivacyMonitor(canaries(), every_n_steps=1), total_steps=0),
                                       fh.ConfigurationError, "`total_steps` must be a positive int, got 0"),
     # histories and the measure itself
@@ -267,6 +269,17 @@ MORE_CASES = {
 CASES.update(MORE_CASES)
 
 #: Where each case's name prefix points, for the docs table.
+class HooklessOptimizer(torch.optim.Optimizer):
+    """An Optimizer that skips ``Optimizer.__init__`` (so it has no hook registry) and wraps
+    no other optimizer: what a DPOptimizer would be without ``original_optimizer``."""
+
+    def __init__(self):  # noqa: D107 - deliberately not calling super().__init__
+        self.param_groups = []
+
+    def step(self, closure=None):
+        return None
+
+
 WHERE = {
     "canary": "CanarySet", "sequence": "SequenceCanarySet", "probe": "FeSMIA",
     "learner": "register_learner", "calibration": "Calibration", "bands": "LevelBands",
