@@ -215,8 +215,9 @@ def set_test(
     observed = s.mean() - n.mean()
     total = both.sum()
     above = 0
-    for start in range(0, permutations, 1000):  # blocks of 1,000: bounded memory
-        size = min(1000, permutations - start)
+    rows = max(1, min(1000, 10**7 // len(both)))  # blocks of bounded memory
+    for start in range(0, permutations, rows):
+        size = min(rows, permutations - start)
         first = rng.random((size, len(both))).argsort(axis=1)[:, : len(s)]  # random subsets
         picked = both[first].sum(axis=1)
         diff = picked / len(s) - (total - picked) / len(n)
@@ -234,8 +235,12 @@ def _bootstrap_aucs(s: np.ndarray, n: np.ndarray, rng: np.random.Generator,
     suspect ``i`` scores above, level with or below non-member ``j`` and ``w`` the resample's
     counts of each sample: one matrix product for all resamples, in blocks of bounded size.
     """
-    pair = (s[:, None] > n[None, :]) + 0.5 * (s[:, None] == n[None, :])
     out = np.empty(resamples)
+    if len(s) * len(n) > 2**22:  # too many pairs to hold: each resample from its ranks
+        for b in range(resamples):
+            out[b] = _auc(s[rng.integers(0, len(s), len(s))], n[rng.integers(0, len(n), len(n))])
+        return out
+    pair = (s[:, None] > n[None, :]) + 0.5 * (s[:, None] == n[None, :])
     block = max(1, min(resamples, 2**22 // max(len(s) + len(n), 1)))
     for start in range(0, resamples, block):
         size = min(block, resamples - start)
@@ -362,8 +367,10 @@ def _conformal(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def _check_size(suspects: int, non_members: int, alpha: float) -> None:
-    # the smallest p-value a permutation test can give is 1 / C(n, n_s)
-    if math.comb(suspects + non_members, suspects) * alpha < 1:
+    # the smallest p-value a permutation test can give is 1 / C(n, n_s); the guard keeps
+    # the binomial coefficient small (and exact: ints compare with floats without rounding)
+    if min(suspects, non_members) < 64 and math.comb(suspects + non_members,
+                                                     suspects) < 1 / alpha:
         raise CanaryError(
             f"with {suspects} suspect(s) and {non_members} non-member(s) no test can reach "
             f"p <= {alpha:g} (there are only {math.comb(suspects + non_members, suspects)} "
@@ -437,6 +444,9 @@ def audit(
         raise ConfigurationError(
             f"`random_inclusion` must be True or False, got {type(random_inclusion).__name__}")
     resolved = _kind_of(suspects) if kind == "auto" else kind
+    if random_inclusion and members is None:
+        raise ConfigurationError(
+            "random_inclusion=True describes the known members, but no `members` were given")
     if decode is not None and not callable(decode):
         raise ConfigurationError(f"`decode` must be callable, got {type(decode).__name__}")
     options = {"num_classes": num_classes, "pad_token_id": pad_token_id,

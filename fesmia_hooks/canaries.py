@@ -606,6 +606,7 @@ class CanarySet(Canaries):
             (True, 200, True)
         """
         positive_int("size", size, minimum=2)
+        positive_int("seed", seed, minimum=0)
         mislabel = _flag("mislabel", mislabel)
         if mislabel:
             if num_classes is None:
@@ -616,7 +617,9 @@ class CanarySet(Canaries):
             raise CanaryError(f"for_audit(size={size}) needs at least {size} samples, got {n}")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=g)[:size].tolist()
-        x, y = _select(data if isinstance(data, (tuple, list)) else _pairs(data), idx)
+        # a Dataset is read only where drawn
+        x, y = (_select(data, idx) if isinstance(data, (tuple, list))
+                else _pairs(Subset(data, idx)))
         heads = torch.rand(size, generator=g) < 0.5
         if bool(heads.all()) or not bool(heads.any()):
             raise CanaryError(
@@ -624,7 +627,17 @@ class CanarySet(Canaries):
                 "use more canaries or another seed"
             )
         one_hot = y.dim() == 2 and y.shape[1] > 1
-        labels = _class_indices("data", y, num_classes).long()
+        labels = _class_indices("data", y, num_classes)
+        if labels is None or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise CanaryError(
+                "for_audit needs integer class labels (or one-hot rows), got "
+                f"{'none' if labels is None else labels.dtype}")
+        labels = labels.long()
+        if num_classes is not None:
+            outside = int(((labels < 0) | (labels >= num_classes)).sum())
+            if outside:
+                raise CanaryError(f"for_audit: {outside} label(s) fall outside "
+                                  f"[0, {num_classes})")
         if mislabel:
             assert num_classes is not None
             labels = wrong_labels(labels, num_classes, g)

@@ -89,6 +89,25 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def rank_zero_value(value: float, device: torch.device) -> float:
+    """Rank zero's ``value`` on every rank (itself outside a distributed run).
+
+    For readings that each rank takes on its own but that decisions read (an accountant's
+    ε): every rank then decides on the same number. NaN travels as NaN.
+
+    Example:
+        >>> rank_zero_value(2.5, torch.device("cpu"))
+        2.5
+    """
+    if not is_distributed():
+        return value
+    if dist.get_backend() == "nccl" and device.type != "cuda":  # pragma: no cover
+        device = torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def agree_across_ranks(what: str, value: str, device: torch.device) -> None:
     """Raise on every rank, with one clear message, unless every rank holds the same ``value``.
 

@@ -104,6 +104,9 @@ def audit_p_value(canaries: int, guesses: int, correct: int, epsilon: float,
         0.000977
     """
     m, r, v = int(canaries), int(guesses), int(correct)
+    if not (math.isfinite(epsilon) and epsilon >= 0) or not 0 <= delta <= 1:
+        raise ConfigurationError(
+            f"need a finite epsilon >= 0 and delta in [0, 1], got {epsilon!r} and {delta!r}")
     if not 0 <= v <= r <= m:
         raise ConfigurationError(
             f"need 0 <= correct <= guesses <= canaries, got {v}, {r} and {m}"
@@ -202,12 +205,19 @@ def epsilon_lower_bound(
         >>> round(bound.epsilon, 2), bound.guesses, bound.correct
         (1.6, 24, 24)
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    b = np.asarray(is_member).reshape(-1)
-    if s.shape != b.shape:
+    try:
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigurationError(
-            f"`scores` and `is_member` must have one entry per canary, got {s.size} and {b.size}"
+            f"`scores` must be numbers, one per canary, got {type(scores).__name__}") from exc
+    b = np.asarray(is_member)
+    if s.ndim != 1 or b.ndim != 1 or s.shape != b.shape:
+        raise ConfigurationError(
+            "`scores` and `is_member` must have one entry per canary, got shapes "
+            f"{tuple(s.shape)} and {tuple(b.shape)}"
         )
+    if s.size == 0:
+        raise ConfigurationError("`scores` must hold at least one canary, got none")
     if b.dtype != np.bool_:
         raise ConfigurationError(f"`is_member` must be booleans, got {b.dtype}")
     positive_int("seed", seed, minimum=0)

@@ -42,7 +42,7 @@ from fesmia_hooks._validation import (
 from fesmia_hooks.budget import Decision, LeakageBudget, StopReason
 from fesmia_hooks.calibration import DEFAULT_STATISTIC, Calibration, alarm_components
 from fesmia_hooks.canaries import Canaries
-from fesmia_hooks.distributed import agree_across_ranks, is_distributed
+from fesmia_hooks.distributed import agree_across_ranks, is_distributed, rank_zero_value
 from fesmia_hooks.dp import Accountant, accountant_epsilon, check_accountant, epsilon_readings
 from fesmia_hooks.exceptions import (
     CanaryError,
@@ -259,13 +259,20 @@ class PrivacyMonitor:
                 f"got {type(canaries).__name__}"
             )
         self.probe.check_canaries(canaries)
-        if (self.budget is not None and "epsilon_lower_bound" in self.budget.max_values
-                and not canaries.random_inclusion):
-            raise ConfigurationError(
-                "the budget caps epsilon_lower_bound, which needs canaries included by "
-                "independent coins (CanarySet.for_audit, or random_inclusion=True); got "
-                "canaries without random_inclusion"
-            )
+        if self.budget is not None and "epsilon_lower_bound" in self.budget.max_values:
+            if not canaries.random_inclusion:
+                raise ConfigurationError(
+                    "the budget caps epsilon_lower_bound, which needs canaries included by "
+                    "independent coins (CanarySet.for_audit, or random_inclusion=True); got "
+                    "canaries without random_inclusion"
+                )
+            if getattr(self.probe, "features", None) not in ("signals", "both"):
+                raise ConfigurationError(
+                    "the budget caps epsilon_lower_bound, which is computed from the probe's "
+                    "signals: use a FeSMIA probe with features='signals' or 'both', got "
+                    f"{self.probe!r}"
+                )
+        self._land()  # a check still running reads the canaries it was taken on
         self.canaries = canaries
 
     def set_log_dir(
@@ -509,6 +516,7 @@ class PrivacyMonitor:
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
         accounted = accountant_epsilon(self.accountant, self.delta,  # ε of these weights
                                        warned=self._accountant_warned)
+        accounted = rank_zero_value(accounted, model_device(model))  # one decision for all
         try:
             if self.asynchronous:
                 attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]
@@ -691,8 +699,9 @@ class PrivacyMonitor:
         assert self.canaries is not None
         agree_across_ranks(
             "canary set and probe settings",
-            json.dumps([self.canaries.fingerprint(), self.probe.settings()], sort_keys=True,
-                       default=str),
+            json.dumps([self.canaries.fingerprint(), self.probe.settings(),
+                        self.canaries.random_inclusion, self.delta, self.audit_confidence,
+                        self.accountant is not None], sort_keys=True, default=str),
             model_device(model),
         )
         self._ranks_agree = True

@@ -386,7 +386,8 @@ class LeakageReport(Readings):
         )
         if math.isfinite(self.epsilon_lower_bound):
             text += (f"; DP audit: ε >= {self.epsilon_lower_bound:.2f} "
-                     f"({self.epsilon_confidence:.0%} confidence, δ {self.epsilon_delta:g})")
+                     f"(confidence {_confidence(self.epsilon_confidence)}, "
+                     f"δ {self.epsilon_delta:g})")
         if math.isfinite(self.epsilon_accountant):
             text += f"; accountant ε {self.epsilon_accountant:.2f}"
         if not self.can_alarm:
@@ -435,6 +436,14 @@ class LeakageReport(Readings):
                 }
             elif metric.key in data:
                 kwargs[metric.field] = data[metric.key]
+        # a history writes NaN as null: a float field read back as None is NaN again
+        float_fields = {f.name for f in fields(cls) if f.type in ("float", float)}
+        for name in float_fields & set(kwargs):
+            if kwargs[name] is None:
+                kwargs[name] = math.nan
+        if "tpr_at_fpr" in kwargs:
+            kwargs["tpr_at_fpr"] = {k: math.nan if v is None else v
+                                    for k, v in kwargs["tpr_at_fpr"].items()}
         kwargs["level"] = Level(data.get("level", "none"))
         missing = [key for key in required_keys() if key not in data]
         if missing:
@@ -445,6 +454,20 @@ class LeakageReport(Readings):
             if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
                 kwargs[f.name] = math.nan if f.type in ("float", float) else 0
         return cls(**kwargs)
+
+
+def _confidence(value: float) -> str:
+    """A confidence as a person reads it: ``95%``, ``99.58%`` (never rounded up to 100%).
+
+    Example:
+        >>> _confidence(0.95), _confidence(0.995833), _confidence(0.9999)
+        ('95%', '99.58%', '99.99%')
+    """
+    for digits in range(0, 6):
+        text = f"{value:.{digits}%}"
+        if float(text.rstrip("%")) / 100 <= value + 1e-12 and not text.startswith("100"):
+            return text
+    return f"{value:.6%}"
 
 
 def _example_report() -> LeakageReport:

@@ -192,3 +192,17 @@ def test_bad_inputs_get_clear_errors(call, error, message):
     x, y = _data(100, seed=7)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(x, y)
+
+
+def test_large_sets_are_audited_without_overflow():
+    x, y = _data(1300, seed=8)
+    torch.manual_seed(0)
+    result = audit(nn.Linear(6, 4), (x[:600], y[:600]), (x[600:1200], y[600:1200]),
+                   permutations=99)
+    assert result.suspects == 600 and 0 < result.p_value <= 1
+
+
+def test_random_inclusion_without_members_is_refused():
+    x, y = _data(100, seed=9)
+    with pytest.raises(fh.ConfigurationError, match="no `members` were given"):
+        audit(nn.Linear(6, 4), (x[:30], y[:30]), (x[30:], y[30:]), random_inclusion=True)

@@ -1,5 +1,6 @@
 """Two processes (gloo, CPU) training one DDP model: sharded probe, same report, same stop."""
 
+import contextlib
 import json
 import os
 
@@ -101,11 +102,20 @@ class NanOnNonMembers(nn.Module):
         return torch.where(x[:, :1] < 0, torch.full_like(z, float("nan")), z)
 
 
-def failing_worker(rank, world, folder):
+@contextlib.contextmanager
+def process_group(rank, world, folder, name):
+    """One gloo process of a spawned test, on one thread, torn down whatever happens."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous2", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{folder}/{name}", rank=rank,
                             world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def failing_worker(rank, world, folder):
+    with process_group(rank, world, folder, "rendezvous2"):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, 4, generator=g).abs()
         x[32:, 0] *= -1  # the non-members, second half of the pool: rank 1's shard
@@ -120,8 +130,6 @@ def failing_worker(rank, world, folder):
         with open(os.path.join(folder, f"fail{rank}.json"), "w") as fh_:
             json.dump({"result": result is None, "errors": monitor.errors,
                        "warned": [str(w.message) for w in caught]}, fh_)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_check_failing_on_one_rank_fails_on_all_without_hanging(tmp_path):
@@ -171,3 +179,34 @@ def test_a_sharded_model_is_probed_in_lockstep(tmp_path):
     readings = [{k: v for k, v in r["report"].items() if not k.startswith("seconds")}
                 for r in results]
     assert readings[0] == readings[1]
+
+
+def accountant_worker(rank, world, folder):
+    with process_group(rank, world, folder, "rendezvous3"):
+        import warnings
+
+        g = torch.Generator().manual_seed(0)
+        data = (torch.randn(600, 5, generator=g), torch.randint(0, 4, (600,), generator=g))
+        _, canaries = fh.CanarySet.for_audit(data, num_classes=4, size=128, seed=0)
+
+        def accountant(delta):  # a rank whose engine cannot answer (not attached there)
+            if rank == 1:
+                raise RuntimeError("no engine on this rank")
+            return 9.0
+
+        budget = fh.LeakageBudget(max_values={"epsilon_accountant": 8.0}, action="stop")
+        monitor = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=20, permutations=19),
+                                    preflight="off", accountant=accountant, budget=budget)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = monitor.step(nn.Linear(5, 4), epoch=0)
+        with open(os.path.join(folder, f"acc{rank}.json"), "w") as fh_:
+            json.dump({"stop": monitor.should_stop, "eps": report.epsilon_accountant}, fh_)
+
+
+def test_every_rank_decides_on_rank_zeros_accountant(tmp_path):
+    spawn_or_fail(accountant_worker, (2, str(tmp_path)),
+                  hang="a rank hung when the ranks' accountants disagreed")
+    results = [json.loads((tmp_path / f"acc{r}.json").read_text()) for r in range(2)]
+    assert results == [{"stop": True, "eps": 9.0}] * 2

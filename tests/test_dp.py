@@ -216,3 +216,39 @@ def test_readings_not_taken_are_left_out_of_the_scalars():
                                 accountant=lambda d: 1.0).step(nn.Linear(5, 4), epoch=0)
     assert {"privacy/epsilon_lower_bound", "privacy/epsilon_accountant"} <= set(
         scalar_metrics(audited))
+
+
+def test_a_budget_on_the_bound_needs_a_probe_that_reads_signals():
+    (_, _), canaries = _audit_canaries()
+    budget = fh.LeakageBudget(max_values={"epsilon_lower_bound": 1.0})
+    probe = fh.FeSMIA(features="embeddings", embedding_layer="0", episodes=40, permutations=99)
+    with pytest.raises(fh.ConfigurationError, match="computed from the probe's signals"):
+        fh.PrivacyMonitor(canaries, probe=probe, budget=budget)
+
+
+def test_new_canaries_wait_for_the_asynchronous_check_taken_on_the_old_ones():
+    (x_in, y_in), first = _audit_canaries(seed=0)
+    (_, _), second = _audit_canaries(seed=5)
+    sync = fh.PrivacyMonitor(first, probe=_probe(), preflight="off")
+    lazy = fh.PrivacyMonitor(first, probe=_probe(), preflight="off", asynchronous=True)
+    model = Memoriser(x_in, y_in, 4)
+    expected = sync.step(model, epoch=0)
+    lazy.step(model, epoch=0)
+    lazy.set_canaries(second)  # the pending check lands first, on the canaries it was taken on
+    assert lazy.history[0].epsilon_lower_bound == expected.epsilon_lower_bound
+    lazy.close()
+
+
+def test_a_history_line_without_dp_readings_reads_back_as_nan(tmp_path):
+    from fesmia_hooks.report import LeakageReport
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 5, generator=g), torch.randint(0, 4, (200,), generator=g)
+    plain = fh.CanarySet(members=(x[:100], y[:100]), non_members=(x[100:], y[100:]))
+    monitor = fh.PrivacyMonitor(plain, probe=_probe(), preflight="off", log_dir=tmp_path)
+    monitor.step(nn.Linear(5, 4), epoch=0)
+    monitor.close()
+    line = checks_in(tmp_path / "privacy_history.jsonl")[0]
+    assert line["epsilon_lower_bound"] is None  # JSON has no NaN
+    back = LeakageReport.from_dict(line)
+    assert math.isnan(back.epsilon_lower_bound) and "DP audit" not in back.summary()

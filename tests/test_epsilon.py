@@ -138,14 +138,18 @@ def test_non_finite_scores_abstain():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: epsilon_lower_bound(np.zeros(3), np.zeros(4, bool)), "one entry per canary, got 3 and 4"),
+    (lambda: epsilon_lower_bound(np.zeros(3), np.zeros(4, bool)), "one entry per canary, got shapes (3,) and (4,)"),
+    (lambda: epsilon_lower_bound(np.zeros((50, 2)), np.zeros(100, bool)), "got shapes (50, 2) and (100,)"),
+    (lambda: epsilon_lower_bound(np.zeros(0), np.zeros(0, bool)), "at least one canary, got none"),
+    (lambda: epsilon_lower_bound(["a", "b"], np.zeros(2, bool)), "`scores` must be numbers, one per canary, got list"),
+    (lambda: audit_p_value(10, 5, 3, float("nan"), 0.0), "need a finite epsilon >= 0"),
     (lambda: epsilon_lower_bound(np.zeros(3), np.zeros(3)), "`is_member` must be booleans, got float64"),
     (lambda: epsilon_lower_bound(np.zeros(3), np.zeros(3, bool), confidence=1.5), "confidence"),
     (lambda: epsilon_lower_bound(np.zeros(3), np.zeros(3, bool), delta=-1.0), "delta"),
     (lambda: audit_p_value(10, 5, 6, 1.0, 0.0), "need 0 <= correct <= guesses <= canaries, got 6, 5 and 10"),
 ])
 def test_bad_inputs_get_clear_errors(call, message):
-    with pytest.raises(fh.ConfigurationError, match=message.replace("(", r"\(")):
+    with pytest.raises(fh.ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
 
 
@@ -201,3 +205,35 @@ def test_random_inclusion_is_declared_not_assumed():
     with pytest.raises(fh.ConfigurationError, match="`random_inclusion` must be True or False"):
         fh.CanarySet(members=(x[:50], y[:50]), non_members=(x[50:100], y[50:100]),
                      random_inclusion="yes")
+
+
+def test_for_audit_reads_only_the_drawn_samples_of_a_dataset():
+    from torch.utils.data import Dataset
+
+    class Counting(Dataset):
+        def __init__(self):
+            self.reads = 0
+            self.x, self.y = _data(2000)
+
+        def __len__(self):
+            return 2000
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return self.x[i], self.y[i]
+
+    data = Counting()
+    (_, _), canaries = fh.CanarySet.for_audit(data, num_classes=4, size=64)
+    assert len(canaries) == 64 and data.reads == 64
+
+
+@pytest.mark.parametrize("labels, kwargs, message", [
+    (lambda y: y + 5, {"num_classes": 4}, "label(s) fall outside [0, 4)"),
+    (lambda y: y.float() + 0.5, {"num_classes": 4}, "needs integer class labels"),
+    (lambda y: y, {"num_classes": 4, "seed": 1.5}, "`seed` must be an int >= 0, got 1.5"),
+])
+def test_for_audit_checks_the_labels_it_is_given(labels, kwargs, message):
+    x, y = _data()
+    with pytest.raises((fh.CanaryError, fh.ConfigurationError),
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        fh.CanarySet.for_audit((x, labels(y)), size=100, **kwargs)
