@@ -70,6 +70,9 @@ Kind = Literal["auto", "labelled", "sequences"]
 #: Fewest known members (and non-members) for the Log-MIA reading: the probe's default
 #: shots + queries per side.
 LOG_MIA_MINIMUM = 20
+#: Most random draws the permutation test makes (permutations times samples): about a
+#: minute on one core. Beyond it the test refuses rather than run for hours.
+MAX_PERMUTATION_WORK = 2 * 10**9
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,12 @@ def set_test(
     n = np.asarray(non_member_scores, dtype=np.float64)
     positive_int("permutations", permutations)
     both = np.concatenate([s, n])
+    if permutations * len(both) > MAX_PERMUTATION_WORK:
+        raise ConfigurationError(
+            f"{permutations} permutations of {len(both):,} samples is "
+            f"{permutations * len(both):.1e} draws, hours of work: lower `permutations` "
+            f"(at most {MAX_PERMUTATION_WORK // len(both):,} here; 999 already tests at "
+            "alpha = 0.05) or audit a random subset of the samples")
     rng = np.random.default_rng(seed)
     observed = s.mean() - n.mean()
     total = both.sum()
@@ -236,10 +245,8 @@ def _bootstrap_aucs(s: np.ndarray, n: np.ndarray, rng: np.random.Generator,
     counts of each sample: one matrix product for all resamples, in blocks of bounded size.
     """
     out = np.empty(resamples)
-    if len(s) * len(n) > 2**22:  # too many pairs to hold: each resample from its ranks
-        for b in range(resamples):
-            out[b] = _auc(s[rng.integers(0, len(s), len(s))], n[rng.integers(0, len(n), len(n))])
-        return out
+    if len(s) * len(n) > 2**22:  # too many pairs to hold: the normal interval instead
+        return _hanley_mcneil(_auc(s, n), len(s), len(n), rng, resamples)
     pair = (s[:, None] > n[None, :]) + 0.5 * (s[:, None] == n[None, :])
     block = max(1, min(resamples, 2**22 // max(len(s) + len(n), 1)))
     for start in range(0, resamples, block):
@@ -247,6 +254,19 @@ def _bootstrap_aucs(s: np.ndarray, n: np.ndarray, rng: np.random.Generator,
         w_s, w_n = _counts(rng, len(s), size), _counts(rng, len(n), size)
         out[start:start + size] = ((w_s @ pair) * w_n).sum(axis=1) / (len(s) * len(n))
     return out
+
+
+def _hanley_mcneil(auc: float, n_s: int, n_n: int, rng: np.random.Generator,
+                   draws: int) -> np.ndarray:
+    """Draws from the AUC's normal approximation (Hanley and McNeil, 1982), for large sets.
+
+    With millions of pairs the bootstrap's resamples cost minutes and the normal
+    approximation of the AUC's sampling distribution is accurate.
+    """
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_s - 1) * (q1 - auc * auc) + (n_n - 1) * (q2 - auc * auc)) / (
+        n_s * n_n)
+    return np.clip(rng.normal(auc, math.sqrt(max(var, 0.0)), draws), 0.0, 1.0)
 
 
 def _counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from fesmia_hooks._validation import positive_int
-from fesmia_hooks.exceptions import CanaryError, ConfigurationError
+from fesmia_hooks.exceptions import CanaryError, ConfigurationError, describe_error
 from fesmia_hooks.features import (
     Features,
     FeatureSpec,
@@ -113,9 +113,19 @@ def _stack_dataset(name: str, dataset: Dataset) -> tuple[torch.Tensor, torch.Ten
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
         raise CanaryError(f"{name}: a Dataset must define __len__") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's __len__, told without its values
+        raise CanaryError(f"{name}: the Dataset's __len__ failed ({describe_error(exc)})"
+                          ) from None
     xs, ys = [], []
     for i in range(n):
-        item = dataset[i]
+        try:
+            item = dataset[i]
+        except Exception as exc:  # noqa: BLE001 - the user's __getitem__: its message may
+            # quote the sample, so it is told without its values
+            raise CanaryError(f"{name}: reading a sample of the Dataset failed "
+                              f"({type(exc).__name__}; its message is withheld, since it may "
+                              "quote the sample: read one sample yourself to see it)"
+                              ) from None
         if isinstance(item, (tuple, list)) and len(item) >= 2:
             xs.append(_to_tensor(f"{name} inputs", item[0]))
             ys.append(_to_tensor(f"{name} labels", item[1]))

@@ -48,10 +48,14 @@ class PrivacyBudgetExceeded(FesmiaError, RuntimeError):
         self.report = report
 
 
-# A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape).
+# A number standing alone (not part of a name such as float32, cuda:0 or a 64x4 shape), in
+# any of Python's spellings: 987, -987.25, .25, 9.8e2, 0x3DB, 987.25j, 987.25f.
 _BARE_NUMBER = re.compile(
-    r"(?<![\w.])(?<!cuda:)(?<!mps:)(?<!xpu:)[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)"
+    r"(?<![\w.])(?<!cuda:)(?<!mps:)(?<!xpu:)[-+]?"
+    r"(?:0[xX][0-9a-fA-F]+|(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?[jJfF]?)(?!\w|\.\d)"
 )
+# A quoted piece of text (a dictionary key, a word a lookup failed on): data, withheld.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 def describe_error(exc: BaseException, *, with_kind: bool = True) -> str:
@@ -73,11 +77,17 @@ def describe_error(exc: BaseException, *, with_kind: bool = True) -> str:
         'ValueError: input out of range: # (expected float32)'
         >>> describe_error(ValueError("token id 50257. value:0.5 on cuda:0"))
         'ValueError: token id #. value:# on cuda:0'
+        >>> describe_error(KeyError("zanzibar"))
+        "KeyError: '…'"
+        >>> describe_error(ValueError("bad 0x3DB, .25, 987.25j and 987.25f in float16"))
+        'ValueError: bad #, #, # and # in float16'
     """  # noqa: E501
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     torchscript = any(line.startswith("Traceback of TorchScript") for line in lines)
     text = (lines[-1] if torchscript else lines[0]) if lines else "(no message)"
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # no terminal colours
     if not isinstance(exc, FesmiaError):
-        text = _BARE_NUMBER.sub("#", text)[:300]
+        if isinstance(exc, LookupError) and exc.args and not isinstance(exc.args[0], str):
+            text = "(a key or index; withheld)"  # KeyError(987) and the like: the key is data
+        text = _BARE_NUMBER.sub("#", _QUOTED.sub("'…'", text))[:300]
     return f"{type(exc).__name__}: {text}" if with_kind else text

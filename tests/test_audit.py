@@ -206,3 +206,32 @@ def test_random_inclusion_without_members_is_refused():
     x, y = _data(100, seed=9)
     with pytest.raises(fh.ConfigurationError, match="no `members` were given"):
         audit(nn.Linear(6, 4), (x[:30], y[:30]), (x[30:], y[30:]), random_inclusion=True)
+
+
+def test_a_test_that_would_run_for_hours_is_refused_with_what_to_do():
+    with pytest.raises(fh.ConfigurationError, match="lower `permutations` \\(at most 1,000 here"):
+        set_test(np.zeros(10**6), np.zeros(10**6))
+
+
+def test_huge_sets_get_a_normal_interval_quickly():
+    rng = np.random.default_rng(0)
+    auc, p, low, high = set_test(rng.normal(0.1, 1, 5000), rng.normal(0, 1, 5000),
+                                 permutations=99)
+    assert low < auc < high and high - low < 0.05 and p == 0.01
+
+
+def test_a_failing_dataset_is_told_without_its_values():
+    from torch.utils.data import Dataset
+
+    class Failing(Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            raise ValueError("cannot decode sample zanzibar 987.25")
+
+    x, y = _data(100, seed=10)
+    with pytest.raises(fh.CanaryError) as caught:
+        audit(nn.Linear(6, 4), Failing(), (x, y))
+    assert "reading a sample of the Dataset failed" in str(caught.value)
+    assert "zanzibar" not in str(caught.value) and "987" not in str(caught.value)
