@@ -4,6 +4,9 @@ The command loads a saved model and three sets of samples from files, runs
 :func:`fesmia_hooks.audit.audit` on them and prints the verdict. Its exit status fits CI:
 0 when membership of the suspects is *not shown*, 1 when it is *shown*, 2 when the audit could
 not run (the one line ``fesmia-hooks: error: ...`` on stderr says why, without a traceback).
+The output paths (``--json``, ``--plot``) are checked before anything is loaded, and the
+files are written whole, all or none (each to a temporary file beside it, then moved in),
+before the verdict is printed.
 
 Models (``--model``; the format is told from the path, ``--format`` overrides it):
 
@@ -54,15 +57,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
 import pickle
 import re
+import secrets
+import stat
 import sys
+import traceback
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -267,6 +276,25 @@ def _one_line(text: str) -> str:
 
 
 @contextlib.contextmanager
+def _exits_as(error: type[FesmiaError], what: str) -> Iterator[None]:
+    """User code run inside that calls ``sys.exit`` raises ``error("<what> called sys.exit")``.
+
+    The exit code is not told (user code may pass anything to ``sys.exit``).
+
+    Example:
+        >>> with _exits_as(ConfigurationError, "the factory"):
+        ...     sys.exit(3)
+        Traceback (most recent call last):
+        ...
+        fesmia_hooks.exceptions.ConfigurationError: the factory called sys.exit
+    """
+    try:
+        yield
+    except SystemExit as exc:
+        raise error(f"{what} called sys.exit") from exc
+
+
+@contextlib.contextmanager
 def _importable_cwd() -> Iterator[None]:
     """The current folder on ``sys.path`` while a user's module is imported (as ``python``)."""
     cwd = os.getcwd()
@@ -314,17 +342,23 @@ def resolve(spec: str, option: str) -> Any:
         module = importlib.util.module_from_spec(spec_)
         sys.modules[unique] = module
         try:
-            with _importable_cwd():
+            with _importable_cwd(), _exits_as(ConfigurationError,
+                                              f"{option} {spec!r}: importing {module_name}"):
                 spec_.loader.exec_module(module)
-        except Exception as exc:
+        except BaseException as exc:
             sys.modules.pop(unique, None)
+            if not isinstance(exc, Exception) or isinstance(exc, FesmiaError):
+                raise
             raise ConfigurationError(
                 f"{option} {spec!r}: importing {module_name} failed: {describe_error(exc)}"
             ) from exc
     else:
         try:
-            with _importable_cwd():
+            with _importable_cwd(), _exits_as(ConfigurationError,
+                                              f"{option} {spec!r}: importing {module_name}"):
                 module = importlib.import_module(module_name)
+        except FesmiaError:
+            raise
         except ModuleNotFoundError as exc:
             raise ConfigurationError(
                 f"{option} {spec!r} cannot be imported: no module named {exc.name!r}"
@@ -500,7 +534,10 @@ def _load_keras(path: Path) -> LoadedModel:
             f"reading a .keras model needs Keras's 'torch' backend, got {backend!r}: set "
             "KERAS_BACKEND=torch")
     try:
-        model = keras.saving.load_model(path, compile=False)  # no optimizer, no loss
+        with _exits_as(ConfigurationError, f"loading the Keras model {path}"):
+            model = keras.saving.load_model(path, compile=False)  # no optimizer, no loss
+    except FesmiaError:
+        raise
     except Exception as exc:
         raise ConfigurationError(
             f"--model {path} cannot be read as a Keras 3 file ({describe_error(exc)})") from exc
@@ -527,7 +564,10 @@ def _load_state_dict(path: Path, factory: str | None, device: torch.device) -> L
         raise ConfigurationError(
             f"--factory {factory!r} must name a callable, got {type(build).__name__}")
     try:
-        model = build()
+        with _exits_as(ConfigurationError, f"--factory {factory!r}"):
+            model = build()
+    except FesmiaError:
+        raise
     except Exception as exc:
         raise ConfigurationError(
             f"--factory {factory!r} failed when called with no arguments: {describe_error(exc)}"
@@ -575,7 +615,10 @@ def _load_lightning(path: Path, spec: str | None, device: torch.device) -> Loade
     if "weights_only" in inspect.signature(load).parameters:
         options["weights_only"] = True
     try:
-        model = load(str(path), **options)
+        with _exits_as(ConfigurationError, f"--lightning-module {spec!r} loading {path}"):
+            model = load(str(path), **options)
+    except FesmiaError:
+        raise
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise ConfigurationError(
@@ -607,19 +650,27 @@ def _causal_architecture(architectures: Sequence[str]) -> bool:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Transformers' progress bars and load reports off, then as they were."""
-    from transformers.utils import logging as hf_logging
+    """Transformers' progress bars, load reports and warnings off, then as they were.
 
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    Python's warnings are off too. Without transformers imported, only the warnings are.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if "transformers" not in sys.modules:
+            yield
+            return
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def _load_huggingface(path: Path, device: torch.device) -> LoadedModel:
@@ -802,9 +853,10 @@ def _read_numpy(path: Path, role: str) -> tuple[Any, str]:
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            return _bare(_tensor(loaded, role, "array"), role, path)
-        with loaded:
-            arrays = {name: loaded[name] for name in loaded.files}
+            array = loaded
+        else:
+            with loaded:
+                arrays = {name: loaded[name] for name in loaded.files}
     except ValueError as exc:
         if "pickle" in str(exc) or "Object arrays" in str(exc):
             raise CanaryError(
@@ -815,10 +867,13 @@ def _read_numpy(path: Path, role: str) -> tuple[Any, str]:
     except Exception as exc:
         raise CanaryError(f"{role} {path} is not a readable numpy file "
                           f"({describe_error(exc)})") from exc
+    if isinstance(loaded, np.ndarray):  # the file was read: its checks are the tool's own
+        return _bare(_tensor(array, role, "array"), role, path)
     return _from_mapping(arrays, role, path)
 
 
-def _read_images(path: Path, role: str, classes: Sequence[str] | None) -> tuple[Any, list[str]]:
+def _read_images(path: Path, role: str, classes: Sequence[str] | None,
+                 classes_from: str | None = None) -> tuple[Any, list[str]]:
     try:
         from PIL import Image
     except ImportError as exc:
@@ -830,10 +885,21 @@ def _read_images(path: Path, role: str, classes: Sequence[str] | None) -> tuple[
             f"{role} {path} is a folder without class subfolders: images go in "
             "DIR/<class>/*.png (the label of an image is the index of its sorted class folder)")
     if classes is not None and list(classes) != found:
+        other = classes_from or "the other samples"
+        here = f"{role} {path}"
+        only_other = [c for c in classes if c not in found]
+        only_here = [c for c in found if c not in classes]
+
+        def listed(names: list[str]) -> str:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            return ", ".join(repr(n) for n in names[:3]) + more
+
+        odd = [f"{listed(names)} only in {side}" for names, side in
+               ((only_other, other), (only_here, here)) if names]
         raise CanaryError(
-            f"{role} {path} has {len(found)} class folder(s), other samples "
-            f"{len(classes)}, not the same names: labels are the indices of the sorted class "
-            "folders, so every image folder needs the same class folders (add empty ones)")
+            f"the class folders of {other} ({len(classes)}) and {here} ({len(found)}) "
+            f"differ: {'; '.join(odd)}: labels are the indices of the sorted class folders, "
+            "so every image folder needs the same class folders (add empty ones)")
     images, labels, size = [], [], None
     for index, name in enumerate(found):
         files = sorted(p for p in (path / name).iterdir()
@@ -881,12 +947,17 @@ def _read_text(path: Path, role: str, encode: Callable[[str], Any], how: str,
     except UnicodeDecodeError as exc:
         raise CanaryError(f"{role} {path} is not UTF-8 text (byte {exc.start} cannot be "
                           "decoded)") from exc
+    who = "--encode" if how.startswith("--encode") else how
     sequences, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            ids = encode(line)
+            with _quiet_transformers():  # e.g. a tokenizer's "longer than the maximum length"
+                ids = encode(line)
+        except SystemExit as exc:
+            raise CanaryError(f"{role} {path}: {how} called sys.exit on line {number}"
+                              ) from exc
         except Exception as exc:
             raise CanaryError(f"{role} {path}: tokenizing line {number} with {how} failed "
                               f"({type(exc).__name__})") from exc
@@ -896,6 +967,8 @@ def _read_text(path: Path, role: str, encode: Callable[[str], Any], how: str,
                 isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
             raise CanaryError(f"{role} {path}: {how} must turn a line into a list of int "
                               f"token ids, got {type(ids).__name__} for line {number}")
+        if not ids:
+            raise CanaryError(f"{role} {path}: {who} returned no token ids for line {number}")
         ids = [int(i) for i in ids]
         sequences.append(ids[:max_length] if max_length is not None else ids)
         lines.append(number)
@@ -907,7 +980,7 @@ def _read_text(path: Path, role: str, encode: Callable[[str], Any], how: str,
 def load_samples(path: str | os.PathLike[str], role: str = "--suspects", *,
                  model: LoadedModel | None = None, encode: str | None = None,
                  max_length: int | None = None, classes: Sequence[str] | None = None,
-                 ) -> Samples:
+                 classes_from: str | None = None) -> Samples:
     """Read one side of an audit from ``path`` (see the module's docstring for the forms).
 
     Args:
@@ -917,6 +990,7 @@ def load_samples(path: str | os.PathLike[str], role: str = "--suspects", *,
         encode: ``"package.module:function"`` tokenizing a line of text.
         max_length: Keep the first ``max_length`` tokens of each line of text.
         classes: For an image folder: the class folders of another side (they must match).
+        classes_from: That side, for messages (e.g. ``"--suspects DIR"``).
 
     Raises:
         CanaryError: When the samples cannot be read or are of no accepted form.
@@ -933,7 +1007,7 @@ def load_samples(path: str | os.PathLike[str], role: str = "--suspects", *,
         raise CanaryError(f"{role} {path}: no such file or folder")
     suffix = path.suffix.lower()
     if path.is_dir():
-        data, found = _read_images(path, role, classes)
+        data, found = _read_images(path, role, classes, classes_from)
         return Samples(data, "labelled", "images", path, len(data[1]), classes=found)
     if suffix == ".txt":
         if max_length is not None and max_length < 2:
@@ -956,11 +1030,19 @@ def load_samples(path: str | os.PathLike[str], role: str = "--suspects", *,
             raise CanaryError(
                 f"{role} {path}: inputs and labels must hold one row per sample, got "
                 f"{tuple(inputs.shape)} inputs and {tuple(labels.shape)} labels")
+        if labels.dtype == torch.bool:  # as the Python API: True/False are no class indices
+            raise CanaryError(f"{role} {path}: labels must be integer class indices, got "
+                              "torch.bool")
         if not torch.is_floating_point(labels) and labels.dtype != torch.long:
             labels = labels.long()
         data = (inputs, labels)
         count = len(labels)
     else:
+        for key, value in (data.items() if isinstance(data, Mapping) else [("", data)]):
+            if key != "attention_mask" and value.dtype == torch.bool:  # as the Python API
+                what = f" {key}" if key else ""
+                raise CanaryError(f"{role} {path}{what} must be integer token ids, got "
+                                  "torch.bool")
         if isinstance(data, Mapping):
             data = {k: v.long() if not torch.is_floating_point(v) else v
                     for k, v in data.items()}
@@ -1117,7 +1199,7 @@ def result_json(result: Any, model: LoadedModel, sides: Mapping[str, Samples | N
     return _finite(out)  # type: ignore[no-any-return]
 
 
-def plot_scores(result: Any, target: Path) -> Path:
+def _plot_bytes(result: Any, fmt: str) -> bytes:
     """Histograms of the suspects' and non-members' scores, and of the suspects' p-values."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1147,9 +1229,86 @@ def plot_scores(result: Any, target: Path) -> Path:
     right.legend()
     fig.suptitle(f"{result.verdict}: p = {result.p_value:.3g}, AUC {result.effect_auc:.2f} "
                  f"[{result.effect_auc_low:.2f}, {result.effect_auc_high:.2f}]")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_figure(str(target), format=target.suffix[1:].lower())
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig).print_figure(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def plot_scores(result: Any, target: Path) -> Path:
+    """Histograms of the suspects' and non-members' scores, and of the suspects' p-values.
+
+    The picture (its format told by ``target``'s suffix) is written whole or not at all.
+    """
+    target = Path(target)
+    _write_outputs([("--plot", target, _plot_bytes(result, target.suffix[1:].lower()))])
     return target
+
+
+class _OutputError(FesmiaError, OSError):
+    """An output file (``--json``, ``--plot``) cannot be written."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (links followed; either may not exist yet)."""
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def _check_output(option: str, value: str, inputs: Sequence[tuple[str, str]]) -> None:
+    """Refuse an output path that cannot be written or would overwrite an input."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigurationError(f"{option} {value} is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise ConfigurationError(
+            f"{option} {value} exists and is not a regular file (a device, a pipe or a "
+            "socket); give a file path")
+    for in_option, in_value in inputs:
+        source = Path(in_value)
+        if _same_file(path, source):
+            raise ConfigurationError(
+                f"{option} {value} is the {in_option} input, which writing would overwrite; "
+                "give another path")
+        if source.is_dir() and _inside(path, source) and (
+                path.exists() or in_option != "--model"):
+            raise ConfigurationError(
+                f"{option} {value} lies inside the {in_option} folder {in_value}: writing "
+                "it would change what is read from there; give a path outside it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        if folder.is_symlink():  # a dangling link: mkdir cannot make its folder
+            raise ConfigurationError(
+                f"{option} {value}: its folder {folder} is a broken link")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigurationError(
+            f"{option} {value}: {folder} is a file, not a folder, so nothing can be written "
+            "below it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        made = "" if folder == path.parent else ", where its folder would be made"
+        raise ConfigurationError(
+            f"{option} {value}: the folder {folder} is not writable{made} (permission denied)")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ConfigurationError(f"{option} {value} exists and is not writable")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--json``/``--plot`` paths that cannot be written, before anything runs."""
+    inputs = [(option, getattr(args, key)) for key, option in
+              (("model", "--model"), *_SIDES) if getattr(args, key, None) is not None]
+    outputs = [(option, value) for option, value in (("--json", args.json),
+                                                      ("--plot", args.plot)) if value is not None]
+    for option, value in outputs:
+        _check_output(option, value, inputs)
+    if len(outputs) == 2 and _same_file(Path(args.json), Path(args.plot)):
+        raise ConfigurationError(
+            f"--json and --plot name the same file {args.json}; give two paths")
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -1166,28 +1325,106 @@ def _check_options(args: argparse.Namespace) -> None:
                                  ("--pad-token-id", args.pad_token_id, 0)):
         if value is not None and value < least:
             raise ConfigurationError(f"{option} must be an int >= {least}, got {value}")
-    for option, value in (("--json", args.json), ("--plot", args.plot)):
-        if value is not None and Path(value).is_dir():
-            raise ConfigurationError(f"{option} {value} is a folder; give a file path")
     if args.plot is not None:
         if Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
             raise ConfigurationError(
                 f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {args.plot}")
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigurationError("--plot needs matplotlib: pip install 'fesmia-hooks[plot]'")
+    _check_outputs(args)
     if args.random_inclusion and args.members is None:
         raise ConfigurationError("--random-inclusion describes the known members: give "
                                  "--members too")
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+def _stage(option: str, path: Path, data: bytes, made: list[Path]) -> tuple[Path, Path]:
+    """Write ``data`` to a new temporary file beside ``path``: ``(temporary, target)``.
+
+    Folders that had to be made are added to ``made`` (outermost first). A link is
+    followed: the file it points to is replaced, the link stays.
+    """
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    missing = [folder for folder in (target.parent, *target.parent.parents)
+               if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir()
+        made.append(folder)
+    mode = 0o666  # as open() makes a file (less the umask), or the mode of the file replaced
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(target.stat().st_mode)
+    temporary = target.with_name(f".{target.name[:64]}.{secrets.token_hex(6)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with open(descriptor, "wb", closefd=True) as file:
+            file.write(data)
+            file.flush()
+            try:
+                os.fsync(file.fileno())
+            except OSError as exc:  # a file system without fsync: the write itself stands
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                    raise
+        if target.exists():
+            os.chmod(temporary, mode)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return temporary, target
+
+
+def _write_outputs(outputs: Sequence[tuple[str, Path, bytes]]) -> None:
+    """Write every ``(option, path, data)`` whole, or none of them.
+
+    Each file is written to a temporary file in its folder, and only when all are written
+    are they moved onto their paths (``os.replace``); on any failure the temporary files,
+    the outputs already moved and the folders made are removed.
+
+    Raises:
+        _OutputError: When a file cannot be written (disk full, file-size limit, ...).
+    """
+    made: list[Path] = []
+    staged: list[tuple[Path, Path]] = []
+    moved: list[Path] = []
+    failing = ""  # the output being written, for the message
+    try:
+        for option, path, data in outputs:
+            failing = f"{option} {path}"
+            staged.append(_stage(option, path, data, made))
+        for (temporary, target), (option, path, _) in zip(staged, outputs, strict=True):
+            failing = f"{option} {path}"
+            os.replace(temporary, target)
+            moved.append(target)
+    except BaseException as exc:
+        for temporary, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        for target in moved:  # all or nothing: an output written before the failure goes
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if not isinstance(exc, OSError):
+            raise
+        reason = exc.strerror or describe_error(exc)
+        raise _OutputError(f"{failing} cannot be written ({reason}); no output was "
+                           "written") from exc
 
 
 # ------------------------------------------------------------------------------------ run
 def audit_files(args: argparse.Namespace) -> tuple[Any, LoadedModel, dict[str, Samples | None]]:
-    """Load what ``args`` name, check it and run the audit; raises on any problem."""
+    """Load what ``args`` name, check it and run the audit; raises on any problem.
+
+    Python's warnings (and transformers' log) are kept off stderr meanwhile: loaders'
+    notices are no part of the command's output.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _audit_files(args)
+
+
+def _audit_files(args: argparse.Namespace
+                 ) -> tuple[Any, LoadedModel, dict[str, Samples | None]]:
     from fesmia_hooks.audit import audit
 
     _check_options(args)
@@ -1195,15 +1432,17 @@ def audit_files(args: argparse.Namespace) -> tuple[Any, LoadedModel, dict[str, S
                        lightning_module=args.lightning_module, device=args.device)
     sides: dict[str, Samples | None] = {}
     classes: list[str] | None = None
+    classes_from: str | None = None
     for key, option in _SIDES:
         path = getattr(args, key)
         if path is None:
             sides[key] = None
             continue
         samples = load_samples(path, option, model=model, encode=args.encode,
-                               max_length=args.max_length, classes=classes)
-        if samples.source == "images":
-            classes = samples.classes
+                               max_length=args.max_length, classes=classes,
+                               classes_from=classes_from)
+        if samples.source == "images" and classes is None:
+            classes, classes_from = samples.classes, f"{option} {path}"
         _fit(samples, model)
         sides[key] = samples
     suspects, non_members, members = sides["suspects"], sides["non_members"], sides["members"]
@@ -1214,47 +1453,105 @@ def audit_files(args: argparse.Namespace) -> tuple[Any, LoadedModel, dict[str, S
                 f"{suspects.path} holds {_describe_kind(suspects.kind)} but {other.path} "
                 f"holds {_describe_kind(other.kind)}: every side must be of one kind")
     vocab = model.vocab_size
-    if suspects.kind == "sequences" and any(s is not None and s.source == "text" and
-                                            s.encoding == "UTF-8 bytes"
-                                            for s in sides.values()):
+    texts = [s for s in sides.values() if s is not None and s.source == "text"]
+    if suspects.kind == "sequences" and any(s.encoding == "UTF-8 bytes" for s in texts):
         vocab = BYTE_VOCABULARY if vocab is None else min(vocab, BYTE_VOCABULARY)
     options: dict[str, Any] = {
         "num_classes": args.num_classes, "pad_token_id": args.pad_token_id,
         "vocab_size": vocab if suspects.kind == "sequences" else None,
     }
     _check_sides(suspects.kind, suspects, non_members, members, options)
-    tokenizer = model.tokenizer if any(
-        s is not None and s.source == "text" and s.encoding != "UTF-8 bytes"
-        for s in sides.values()) else None
+    tokenizer = model.tokenizer if any(s.encoding != "UTF-8 bytes" for s in texts) else None
     try:
-        result = audit(
-            model.module, suspects.data, non_members.data,
-            members=None if members is None else members.data,
-            kind=suspects.kind,  # type: ignore[arg-type]
-            alpha=args.alpha, permutations=args.permutations, seed=args.seed,
-            random_inclusion=args.random_inclusion, batch_size=args.batch_size,
-            decode=getattr(tokenizer, "decode", None), **options)
+        with _quiet_transformers(), _exits_as(ProbeError, "the model's forward"):
+            result = audit(
+                model.module, suspects.data, non_members.data,
+                members=None if members is None else members.data,
+                kind=suspects.kind,  # type: ignore[arg-type]
+                alpha=args.alpha, permutations=args.permutations, seed=args.seed,
+                random_inclusion=args.random_inclusion, batch_size=args.batch_size,
+                decode=getattr(tokenizer, "decode", None), **options)
     except ProbeError as exc:  # the model failed on the samples: say how they were read
-        raise ProbeError(f"{exc}, read as {_describe_kind(suspects.kind)}") from exc
+        if isinstance(exc.__cause__, SystemExit):
+            raise
+        hint = ""
+        if suspects.kind == "sequences" and _index_error(exc):
+            cure = "try --max-length" if texts else "cut them shorter"
+            hint = (" (token ids beyond the model's vocabulary, or sequences longer than its "
+                    f"context window: {cure})")
+        raise ProbeError(f"{exc}, read as {_describe_kind(suspects.kind)}{hint}") from exc
     return result, model, sides
 
 
+def _index_error(exc: BaseException) -> bool:
+    """Whether an IndexError caused ``exc`` (in its chain, or told in its message)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, IndexError) or "IndexError" in str(cause):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _error(message: str) -> int:
+    """Print the one error line and return 2."""
+    print(f"{_PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe, send what is left of stdout to devnull (Python's docs' advice).
+
+    The flush at exit then fails no more.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``fesmia-hooks audit``; returns 0 (not shown), 1 (shown) or 2 (could not run)."""
+    """Run ``fesmia-hooks audit``; returns 0 (not shown), 1 (shown) or 2 (could not run).
+
+    The outputs (``--json``, ``--plot``) are written, all or none, before the verdict is
+    printed; when one cannot be written no verdict is printed. A stdout closed early (``|
+    head``) still gets the verdict's status.
+    """
+    show = bool(getattr(args, "traceback", False))
     try:
         result, model, sides = audit_files(args)
-        print(format_result(result, model, sides, top=args.top))
+        outputs: list[tuple[str, Path, bytes]] = []
         if args.json is not None:
             document = json.dumps(result_json(result, model, sides), indent=2,
                                   allow_nan=False)
-            _write(Path(args.json), document + "\n")
-            print(f"wrote {args.json}")
+            outputs.append(("--json", Path(args.json), (document + "\n").encode("utf-8")))
         if args.plot is not None:
-            print(f"wrote {plot_scores(result, Path(args.plot))}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                picture = _plot_bytes(result, Path(args.plot).suffix[1:].lower())
+            outputs.append(("--plot", Path(args.plot), picture))
+        _write_outputs(outputs)
+    except KeyboardInterrupt:
+        if show:
+            traceback.print_exc()
+        return _error("interrupted")
+    except SystemExit:  # user code outside the places that name it
+        if show:
+            traceback.print_exc()
+        return _error("user code called sys.exit while the audit ran")
     except Exception as exc:
-        if getattr(args, "traceback", False):
-            raise
-        message = str(exc) if isinstance(exc, FesmiaError) else describe_error(exc)
-        print(f"{_PROG}: error: {_one_line(message)}", file=sys.stderr)
-        return 2
+        if show:
+            traceback.print_exc()
+        return _error(str(exc) if isinstance(exc, FesmiaError) else describe_error(exc))
+    text = format_result(result, model, sides, top=args.top)
+    for _, path, _ in outputs:
+        text += f"\nwrote {path}"
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # e.g. `| head -1`: the outputs are written, the status stands
+        _stdout_to_devnull()
     return 1 if result.shown else 0

@@ -628,3 +628,295 @@ def test_help_names_every_format(capsys):
                  "DIR/<class>/*.png", ".txt", "exit status: 0 not shown, 1 shown, 2 could not run"):
         assert word in out, word
     assert textwrap.dedent(out) == out
+
+
+# ------------------------------------------------------- outputs whole or not at all, exits
+def console(*args: object) -> list[str]:
+    script = Path(sys.executable).with_name("fesmia-hooks")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fesmia_hooks.cli"]
+    return [*command, "audit", *map(str, args)]
+
+
+def limited(bytes_: int):
+    """A ``preexec_fn`` limiting the size of any file the command writes (as a full disk)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (bytes_, bytes_))
+
+
+def test_a_failed_write_leaves_no_partial_nor_emptied_file_and_prints_no_verdict(vision, capsys,
+                                                                                 tmp_path):
+    pytest.importorskip("matplotlib")
+    root = vision["root"]
+    sample = ["--model", root / "seen.pt", "--suspects", root / "suspects.pt", "--non-members",
+              root / "non_members.pt", *FAST]
+    status, _, _ = run_cli(capsys, *sample, "--json", tmp_path / "size.json", "--plot",
+                           tmp_path / "size.png")
+    assert status == 1
+    json_size, png_size = ((tmp_path / f"size.{e}").stat().st_size for e in ("json", "png"))
+    assert json_size < png_size
+    (tmp_path / "audit.json").write_text("old\n")
+    # the JSON cannot be written whole: the old file stays as it was
+    done = subprocess.run(console(*sample, "--json", tmp_path / "audit.json"),
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=limited(json_size // 2))
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr == (f"fesmia-hooks: error: --json {tmp_path / 'audit.json'} cannot be "
+                           "written (File too large); no output was written\n")
+    assert (tmp_path / "audit.json").read_text() == "old\n"
+    # the JSON fits, the picture does not: neither is written, nor its folder made
+    done = subprocess.run(console(*sample, "--json", tmp_path / "audit.json", "--plot",
+                                  tmp_path / "new" / "audit.png"),
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=limited((json_size + png_size) // 2))
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "--plot" in done.stderr and "File too large" in done.stderr
+    assert (tmp_path / "audit.json").read_text() == "old\n"
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "size.json", "size.png"]
+
+
+def test_when_the_second_output_cannot_be_moved_in_the_first_is_removed(vision, capsys, tmp_path,
+                                                                        monkeypatch):
+    pytest.importorskip("matplotlib")
+    root = vision["root"]
+    replace = os.replace
+
+    def failing(source, target):
+        if str(target).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    status, out, err = run_cli(capsys, "--model", root / "seen.pt", "--suspects",
+                               root / "suspects.pt", "--non-members", root / "non_members.pt",
+                               "--json", tmp_path / "a.json", "--plot", tmp_path / "a.png", *FAST)
+    assert status == 2 and out == "", out + err
+    assert err == (f"fesmia-hooks: error: --plot {tmp_path / 'a.png'} cannot be written (No "
+                   "space left on device); no output was written\n")
+    assert list(tmp_path.iterdir()) == []  # no JSON, no picture, no temporary file
+
+
+def test_output_paths_are_refused_before_anything_is_loaded(vision, capsys, tmp_path):
+    root = vision["root"]
+    (tmp_path / "s.pt").write_bytes((root / "suspects.pt").read_bytes())
+    (tmp_path / "a_file").write_text("x")
+    base = ["--model", tmp_path / "no_such_model.pt", "--suspects", tmp_path / "s.pt",
+            "--non-members", root / "non_members.pt"]  # a missing model: the paths come first
+    cases = [
+        (["--json", tmp_path / "s.pt"], f"--json {tmp_path / 's.pt'} is the --suspects input"),
+        (["--json", tmp_path / ".." / tmp_path.name / "s.pt"], "is the --suspects input"),
+        (["--json", tmp_path / "no_such_model.pt"], "is the --model input"),
+        (["--json", tmp_path / "a.png", "--plot", tmp_path / "a.png"],
+         "--json and --plot name the same file"),
+        (["--json", tmp_path / "a_file" / "deeper" / "x.json"],
+         f"{tmp_path / 'a_file'} is a file, not a folder"),
+        (["--plot", tmp_path / "a_file" / "x.png"], "is a file, not a folder"),
+        (["--json", os.devnull], "is not a regular file"),
+        (["--json", tmp_path], "is a folder; give a file path"),
+    ]
+    if vision["images"]:
+        cases.append((["--suspects", root / "suspects_img", "--json",
+                       root / "suspects_img" / "a_cat" / "x.json"],
+                      "lies inside the --suspects folder"))
+    for extra, message in cases:
+        status, out, err = run_cli(capsys, *base, *extra)
+        assert status == 2 and out == "", (extra, out + err)
+        assert err.startswith("fesmia-hooks: error: ") and err.count("\n") == 1, err
+        assert message in err, (extra, err)
+    assert (tmp_path / "s.pt").read_bytes() == (root / "suspects.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "s.pt"]
+
+
+def test_a_closed_stdout_still_writes_the_outputs_and_exits_with_the_verdict(vision, tmp_path):
+    root = vision["root"]
+    process = subprocess.Popen(
+        console("--model", root / "seen.pt", "--suspects", root / "suspects.pt",
+                "--non-members", root / "non_members.pt", *FAST, "--json", tmp_path / "a.json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as `| head -1` does, before anything is printed
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 1, err
+    assert err == b""
+    assert json.loads((tmp_path / "a.json").read_text())["verdict"] == "shown"
+
+
+EXITING = f"""\
+import sys
+
+import torch
+from torch import nn
+
+{MLP}
+
+class Exiting(nn.Sequential):
+    def forward(self, x):
+        sys.exit(0)
+
+
+def exits():
+    sys.exit(0)
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+def exiting_forward():
+    return Exiting(*mlp())
+
+
+def exits_on_a_line(line):
+    sys.exit(1)
+
+
+def nothing(line):
+    return []
+"""
+
+
+def guarded_main(capsys, *args) -> tuple[int, str, str]:
+    """``run_cli`` that fails the test, rather than the session, on an escaping exit."""
+    try:
+        status = main(["audit", *map(str, args)])
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+        pytest.fail(f"{type(exc).__name__} escaped the command")
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_user_code_that_calls_sys_exit_or_is_interrupted_exits_2_with_one_line(vision, capsys,
+                                                                              tmp_path):
+    root = vision["root"]
+    (tmp_path / "user.py").write_text(EXITING)
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    data = ["--suspects", root / "suspects.pt", "--non-members", root / "non_members.pt", *FAST]
+    weights = ["--model", root / "seen_weights.pt"]
+    cases = [
+        ([*weights, "--factory", f"{tmp_path / 'user.py'}:exits"],
+         f"--factory '{tmp_path / 'user.py'}:exits' called sys.exit"),
+        ([*weights, "--factory", f"{tmp_path / 'exits_on_import.py'}:build"],
+         "exits_on_import.py called sys.exit"),
+        ([*weights, "--factory", f"{tmp_path / 'user.py'}:interrupted"], "interrupted"),
+        ([*weights, "--factory", f"{tmp_path / 'user.py'}:exiting_forward", "--json",
+          tmp_path / "a.json"], "the model's forward called sys.exit"),
+    ]
+    for arguments, message in cases:
+        status, out, err = guarded_main(capsys, *arguments, *data)
+        assert status == 2 and out == "", (arguments, out + err)
+        assert err.startswith("fesmia-hooks: error: ") and err.count("\n") == 1, err
+        assert message in err and "Traceback" not in err, (arguments, err)
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_text_encoders_that_exit_or_return_nothing_name_the_line(language, capsys, tmp_path):
+    (tmp_path / "user.py").write_text(EXITING)
+    text = ["--model", language / "trained_no_tokenizer", "--suspects",
+            language / "suspects.txt", "--non-members", language / "non_members.txt"]
+    status, _, err = guarded_main(capsys, *text, "--encode", f"{tmp_path / 'user.py'}:nothing")
+    assert status == 2
+    assert err == (f"fesmia-hooks: error: --suspects {language / 'suspects.txt'}: --encode "
+                   "returned no token ids for line 1\n")
+    status, _, err = guarded_main(capsys, *text, "--encode",
+                                  f"{tmp_path / 'user.py'}:exits_on_a_line")
+    assert status == 2 and err.count("\n") == 1
+    assert "exits_on_a_line called sys.exit on line 1" in err
+
+
+def test_loaders_warnings_stay_off_stderr(vision, capsys, tmp_path):
+    pytest.importorskip("lightning")
+    import warnings
+
+    root = vision["root"]
+    (tmp_path / "lit.py").write_text(LIGHTNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # a TorchScript file read as a checkpoint: Lightning's cloud_io warns, then fails
+        status, out, err = guarded_main(
+            capsys, "--model", root / "seen.pt", "--format", "lightning", "--lightning-module",
+            f"{tmp_path / 'lit.py'}:Classifier", "--suspects", root / "suspects.pt",
+            "--non-members", root / "non_members.pt")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "cannot be loaded by" in err
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_tokenizers_length_warning_stays_off_stderr(language, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "short_tokenizer"
+    folder.mkdir()
+    for file in (language / "trained").iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    # the tokenizer warns of lines longer than 4 tokens ("... will result in indexing errors")
+    AutoTokenizer.from_pretrained(folder, model_max_length=4).save_pretrained(folder)
+    done = subprocess.run(
+        console("--model", folder, "--suspects", language / "suspects.txt", "--non-members",
+                language / "non_members.txt", *FAST),
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == ""
+
+
+def test_the_tools_own_message_is_not_told_as_an_unreadable_numpy_file(vision, capsys, tmp_path):
+    root = vision["root"]
+    np.save(tmp_path / "floats.npy", np.zeros((4, 6), dtype=np.float32))
+    status, _, err = run_cli(capsys, "--model", root / "seen.pt", "--suspects",
+                             tmp_path / "floats.npy", "--non-members", root / "non_members.pt")
+    assert status == 2 and err.count("\n") == 1
+    assert "holds 2-d float32 inputs without labels" in err
+    assert "is not a readable numpy file" not in err and "CanaryError" not in err
+
+
+def test_mismatched_image_folders_name_the_side_with_the_odd_class_folders(vision, capsys,
+                                                                           tmp_path):
+    import shutil
+
+    root = vision["root"]
+    if not vision["images"]:
+        pytest.skip("Pillow is not installed")
+    shutil.copytree(root / "suspects_img", tmp_path / "suspects_img")
+    (tmp_path / "suspects_img" / "d_extra").mkdir()
+    status, _, err = run_cli(capsys, "--model", root / "seen.pt", "--suspects",
+                             tmp_path / "suspects_img", "--non-members", root / "non_members_img")
+    assert status == 2 and err.count("\n") == 1
+    assert f"'d_extra' only in --suspects {tmp_path / 'suspects_img'}" in err, err
+    assert "only in --non-members" not in err
+
+
+def test_boolean_token_ids_and_labels_are_refused(vision, capsys, tmp_path):
+    root = vision["root"]
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).random((30, 8)) > 0.5)
+    s_x, s_y = vision["suspects"]
+    torch.save((s_x, s_y > 0), tmp_path / "bool_labels.pt")
+    torch.save({"input_ids": torch.ones(30, 8, dtype=torch.bool)}, tmp_path / "bool_ids.pt")
+    for suspects, message in (
+            ("ids.npy", "ids.npy must be integer token ids, got torch.bool"),
+            ("bool_ids.pt", "bool_ids.pt input_ids must be integer token ids, got torch.bool"),
+            ("bool_labels.pt", "labels must be integer class indices, got torch.bool")):
+        status, out, err = run_cli(capsys, "--model", root / "seen.pt", "--suspects",
+                                   tmp_path / suspects, "--non-members", root / "non_members.pt",
+                                   *FAST)
+        assert status == 2 and out == "", out + err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_an_index_error_on_token_sequences_hints_at_vocabulary_and_context(language, capsys,
+                                                                          tmp_path):
+    rng = np.random.default_rng(1)
+    for name, rows in (("long_s.txt", 20), ("long_n.txt", 20)):  # 80 tokens > 64 positions
+        (tmp_path / name).write_text(
+            "\n".join(" ".join(rng.choice(WORDS, 80)) for _ in range(rows)) + "\n")
+    status, out, err = run_cli(capsys, "--model", language / "trained", "--suspects",
+                               tmp_path / "long_s.txt", "--non-members", tmp_path / "long_n.txt",
+                               *FAST)
+    assert status == 2 and err.count("\n") == 1, out + err
+    assert "IndexError" in err
+    assert err.rstrip().endswith(
+        "read as token sequences (token ids beyond the model's vocabulary, or sequences "
+        "longer than its context window: try --max-length)"), err
+    status, out, err = run_cli(capsys, "--model", language / "trained", "--suspects",
+                               tmp_path / "long_s.txt", "--non-members", tmp_path / "long_n.txt",
+                               "--max-length", "32", *FAST)
+    assert status in (0, 1) and err == "", err
