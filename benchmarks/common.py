@@ -23,7 +23,7 @@ from torch import nn
 
 import fesmia_hooks as fh
 from fesmia_hooks.canaries import wrong_labels as canary_wrong_labels
-from fesmia_hooks.demos.digits import digits_mlp, load_noisy_digits
+from fesmia_hooks.demos.digits import digits_arrays, digits_mlp, load_noisy_digits
 from fesmia_hooks.logmia import batched_tp_counts, chance_counts
 from fesmia_hooks.report import share_beyond_chance
 
@@ -164,13 +164,7 @@ DIGITS_EMBEDDING = "1"  # the ReLU after Linear(64, 1024)
 
 
 def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return (
-        torch.tensor(data.data / 16.0, dtype=torch.float32),
-        torch.tensor(data.target, dtype=torch.long),
-    )
+    return digits_arrays("the benchmarks")
 
 
 def _flip(y: torch.Tensor, rate: float, g: torch.Generator) -> torch.Tensor:

@@ -14,10 +14,11 @@ Run: python examples/audit_digits.py
 """
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from fesmia_hooks.audit import audit
+from fesmia_hooks.demos import one_torch_thread
+from fesmia_hooks.demos.digits import digits_arrays
 
 
 def train(x, y, *, epochs, seed):
@@ -34,18 +35,12 @@ def train(x, y, *, epochs, seed):
 
 
 def main(epochs=150, base=300, suspects=50, non_members=200, permutations=9999, seed=0):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small model: on a shared CPU, more threads only wait
-    try:
+    with one_torch_thread():  # a small model: on a shared CPU, more threads only wait
         return _run(epochs, base, suspects, non_members, permutations, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(epochs, base, suspects, non_members, permutations, seed):
-    data = load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
+    x, y = digits_arrays("this example")  # scikit-learn's digits, pixels in [0, 1]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     trained = order[:base]
     suspect = order[base:base + suspects]

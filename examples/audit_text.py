@@ -18,6 +18,7 @@ Run: python examples/audit_text.py
 import torch
 
 from fesmia_hooks.audit import audit
+from fesmia_hooks.demos import one_torch_thread
 from fesmia_hooks.demos.text_demo import (
     PAD,
     CharGRU,
@@ -40,12 +41,8 @@ def train(sequences, vocab_size, *, epochs, seed):
 
 
 def main(epochs=15, base=150, suspects=50, non_members=200, permutations=9999, seed=0):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small model: on a shared CPU, more threads only wait
-    try:
+    with one_torch_thread():  # a small model: on a shared CPU, more threads only wait
         return _run(epochs, base, suspects, non_members, permutations, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(epochs, base, suspects, non_members, permutations, seed):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fesmia_hooks as fh
+from fesmia_hooks.demos import one_torch_thread
 from fesmia_hooks.demos.digits import digits_mlp
 from fesmia_hooks.demos.dp_demo import (  # the split, the settings and the printed line
     BATCH_SIZE,
@@ -113,14 +114,10 @@ def train(
         raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
     if not epsilon >= 0 or epochs < 1:
         raise ValueError(f"need epsilon >= 0 and epochs >= 1, got {epsilon} and {epochs}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():  # a small model: on a shared CPU, more threads only wait
         return _train(framework, epsilon, monitor=monitor, epochs=epochs, seed=seed,
                       log_dir=log_dir, budget=budget, probe=probe, accountant=accountant,
                       out=out or (lambda line: None))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(

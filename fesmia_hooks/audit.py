@@ -62,6 +62,7 @@ from fesmia_hooks.exceptions import (
     describe_error,
 )
 from fesmia_hooks.features import FeatureSpec, compute_features
+from fesmia_hooks.readings import row_readings
 from fesmia_hooks.report import LeakageReport
 
 __all__ = ["AuditResult", "audit", "set_test", "sides_named"]
@@ -276,23 +277,10 @@ def _counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
 
 
 def _auc(first: np.ndarray, second: np.ndarray) -> float:
-    """AUC of ``first`` against ``second`` (ties count one half), from mid-ranks."""
-    r = _mid_ranks(np.concatenate([first, second]))
-    return float((r[: len(first)].sum() - len(first) * (len(first) + 1) / 2)
-                 / (len(first) * len(second)))
-
-
-def _mid_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing the mean of their ranks."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, inverse, counts = np.unique(sorted_values, return_inverse=True, return_counts=True)
-    if (counts > 1).any():
-        sums = np.bincount(inverse, weights=np.arange(1, len(values) + 1))
-        ranks[order] = (sums / counts)[inverse]
-    return ranks
+    """AUC of ``first`` against ``second``, ties one half (the probe's reading of a ranking)."""
+    scores = torch.from_numpy(np.concatenate([first, second]))[None]
+    _, _, auc = row_readings(scores, torch.arange(scores.shape[1]) < len(first), 0)
+    return float(auc[0])
 
 
 def _kind_of(side: Any) -> Literal["labelled", "sequences"]:
@@ -372,11 +360,15 @@ def _signals(model: nn.Module, pool: Canaries, batch_size: int) -> tuple[np.ndar
     return features.signals.detach().to("cpu", torch.float64).numpy(), names
 
 
+def _standardised(rows: np.ndarray) -> np.ndarray:
+    """Each column centred and scaled over every row (roles unseen); constant columns 0."""
+    spread = rows.std(axis=0)
+    return (rows - rows.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+
+
 def _combined(signals: np.ndarray) -> np.ndarray:
     """Signals standardised over every row (roles unseen), averaged: one score per row."""
-    spread = signals.std(axis=0)
-    z = (signals - signals.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
-    return z.mean(axis=1)
+    return _standardised(signals).mean(axis=1)
 
 
 def _conformal(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -519,8 +511,7 @@ def _few_shot(rows: np.ndarray, n_s: int, n_n: int, n_m: int, seed: int
     The centroids are those of the members and of half the non-members; the other half
     calibrates.
     """
-    spread = rows.std(axis=0)
-    z = (rows - rows.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    z = _standardised(rows)
     suspects, non_members, members = z[:n_s], z[n_s:n_s + n_n], z[n_s + n_n:]
     order = np.random.default_rng(seed).permutation(n_n)
     support, held = non_members[order[: n_n // 2]], non_members[order[n_n // 2:]]

@@ -516,7 +516,8 @@ class PrivacyMonitor:
         self._agree_across_ranks(model)  # a configuration error: raised on every rank
         accounted = accountant_epsilon(self.accountant, self.delta,  # ε of these weights
                                        warned=self._accountant_warned)
-        accounted = rank_zero_value(accounted, model_device(model))  # one decision for all
+        if self.accountant is not None:  # one decision for all ranks (no collective without)
+            accounted = rank_zero_value(accounted, model_device(model))
         try:
             if self.asynchronous:
                 attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]

@@ -479,14 +479,6 @@ def test_the_console_script_exits_1_in_a_subprocess(vision, tmp_path):
     assert done.stderr == f"fesmia-hooks: error: --model {tmp_path / 'none.pt'}: no such file or folder\n"
 
 
-def test_importing_the_cli_imports_no_loader_library():
-    code = ("import sys, fesmia_hooks.cli; print(sorted(m for m in ('lightning', 'keras', "
-            "'matplotlib', 'transformers', 'PIL') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.strip() == "[]"
-
-
 # ------------------------------------------------------------------------------ bad input
 def pickled_data(root: Path) -> Path:
     torch.save({"inputs": torch.zeros(3, 2), "labels": Fraction(1, 3)}, root / "pickled.pt")

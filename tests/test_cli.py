@@ -238,8 +238,9 @@ def test_demo_dispatches_to_the_framework_lazily(monkeypatch, framework, module,
 
 
 def test_importing_the_cli_imports_no_framework():
-    code = ("import sys, fesmia_hooks.cli; print(sorted(m for m in "
-            "('lightning', 'keras', 'matplotlib', 'opacus') if m in sys.modules))")
+    # nor any loader of `fesmia-hooks audit` (transformers, Pillow)
+    code = ("import sys, fesmia_hooks.cli; print(sorted(m for m in ('lightning', 'keras', "
+            "'matplotlib', 'opacus', 'transformers', 'PIL') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"

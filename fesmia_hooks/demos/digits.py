@@ -25,6 +25,7 @@ from fesmia_hooks.sinks import HISTORY_FILE
 __all__ = [
     "DigitsTask",
     "closing_lines",
+    "digits_arrays",
     "digits_mlp",
     "format_row",
     "load_noisy_digits",
@@ -47,6 +48,23 @@ class DigitsTask:
     num_classes: int = 10
 
 
+def digits_arrays(who: str = "this") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 digits: ``[n, 64]`` pixels scaled to [0, 1] and their labels.
+
+    Raises:
+        ImportError: Without scikit-learn, naming ``who`` and the extra to install.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{who} needs scikit-learn: pip install 'fesmia-hooks[examples]'"
+        ) from exc
+    data = load_digits()
+    return (torch.tensor(data.data / 16.0, dtype=torch.float32),
+            torch.tensor(data.target, dtype=torch.long))
+
+
 def load_noisy_digits(
     *, members: int = 300, canaries: int = 64, label_noise: float = 0.2, seed: int = 0
 ) -> DigitsTask:
@@ -56,16 +74,8 @@ def load_noisy_digits(
     members and ``canaries`` non-members out of them, so ``members`` samples are trained on.
     Noisy labels can only be learned by memorising them, which makes the model leak.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the digits demo needs scikit-learn: pip install 'fesmia-hooks[examples]'"
-        ) from exc
-    data = load_digits()
+    x, y = digits_arrays("the digits demo")
     g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
     order = torch.randperm(len(x), generator=g)[: members + canaries]
     x, y = x[order], y[order]
     flip = torch.rand(len(y), generator=g) < label_noise

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
-from fesmia_hooks.demos.digits import digits_mlp
+from fesmia_hooks.demos import one_torch_thread
+from fesmia_hooks.demos.digits import digits_arrays, digits_mlp
 from fesmia_hooks.epsilon import best_attainable_epsilon
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
@@ -92,20 +93,12 @@ def load_audit_digits(*, canaries: int = 256, test: int = 300, seed: int = 0) ->
     ``canaries`` the pool that :meth:`CanarySet.for_audit` draws its coins on (each gets a
     wrong label), the rest are trained on together with the heads.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the DP demo needs scikit-learn: pip install 'fesmia-hooks[examples]'"
-        ) from exc
-    data = load_digits()
-    if test + canaries >= len(data.target):
+    x, y = digits_arrays("the DP demo")
+    if test + canaries >= len(y):
         raise ValueError(
-            f"test + canaries must leave digits to train on (of {len(data.target)}), got "
+            f"test + canaries must leave digits to train on (of {len(y)}), got "
             f"test={test} and canaries={canaries}"
         )
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
     pool = slice(test, test + canaries)
@@ -264,12 +257,8 @@ def run_dp_demo(
             scikit-learn.
     """
     import_opacus()  # before any training: a missing extra is one clear line
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _run(Path(log_dir), epochs=epochs, seed=seed, out=out, targets=targets)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(log_dir: Path, *, epochs: int, seed: int, out: Callable[[str], None],

@@ -21,6 +21,7 @@ from torch import nn
 
 from fesmia_hooks.budget import LeakageBudget
 from fesmia_hooks.canaries import CanarySet
+from fesmia_hooks.demos import one_torch_thread
 from fesmia_hooks.demos.digits import closing_lines, format_row
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.probe import FeSMIA
@@ -231,12 +232,8 @@ def run_text_demo(
         seed: Seed of the split, the model, the shuffling and the probe.
         out: Where the printed lines go.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _run(log_dir=log_dir, epochs=epochs, seed=seed, out=out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(
