@@ -172,11 +172,6 @@ def cadence(overhead_row: dict[str, Any]) -> tuple[float, int]:
     return share, max(1, math.ceil(share / 0.02))
 
 
-def cost_fits(cost: dict[str, Any]) -> list[dict[str, Any]]:
-    """Cheaper settings measured that meet the cost target."""
-    return [c for c in cost["candidates"] if c["ratio"] <= TARGETS["cost"]]
-
-
 def strict_flat_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leaky runs where the relaxed reading tracks (ρ ≥ 0.5) and the strict one does not."""
     return [r for r in runs if r["summary"]["leaky"] and r["summary"]["rho_strict"] is not None

@@ -123,7 +123,7 @@ class Config:
     text_repeats: int = 15
     # the alarm statistic and the interval (benchmarks/statistics.py): synthetic 64 + 64 pools
     stat_pools: int = 300
-    stat_permutations: int = 499
+    stat_permutations: int = 999
     stat_population: int = 4_000
     stat_pop_episodes: int = 2_000
     # differential privacy (benchmarks/dp_bench.py): DP-SGD at each target ε, and without DP

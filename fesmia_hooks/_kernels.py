@@ -1,8 +1,11 @@
 """Compiled loops of the attack (numba), imported only when numba is installed.
 
-Two kernels share one reading of a ranking (:func:`read_row`):
+Three kernels share one reading of a ranking (:func:`read_row`, :func:`read_split`):
 
 * :func:`row_readings` reads every row of a ready score matrix (any learner);
+* :func:`centroid_readings` scores the whole pool against its two class centroids (each
+  canary left out of its own) under each label permutation and reads that ranking (the
+  default alarm's statistics);
 * :func:`simpleshot_episodes` is the whole inner loop of the default attack, fused: for each
   label permutation and each episode it gathers the support, forms the two centroids,
   scores the queries and reads the ranking, without building any intermediate tensor. The
@@ -22,7 +25,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["read_row", "row_readings", "simpleshot_episodes"]
+__all__ = ["centroid_readings", "read_row", "row_readings", "simpleshot_episodes"]
 
 
 def _jit(**options: Any) -> Any:
@@ -148,6 +151,99 @@ def row_readings(scores: Any, is_member: Any, relaxed_fp: int) -> Any:  # pragma
         tpk[r] = b
         auc[r] = u / (n_pos * n_neg)
     return tp0, tpk, auc
+
+
+@_jit(inline="always")
+def _pool_score(  # pragma: no cover
+    features: Any, r: int, total_m: Any, total_n: Any, mean_m: Any, mean_n: Any,
+    inv_m: float, inv_n: float, member: bool,
+) -> float:
+    """``d_n^2 - d_m^2`` of canary ``r``, its own class's centroid taken without it.
+
+    ``inv_m`` and ``inv_n`` are ``1 / (count - 1)`` of each class (a product, not a
+    division per canary: the reference multiplies alike).
+    """
+    near_n = 0.0
+    near_m = 0.0
+    for f in range(features.shape[1]):
+        x = features[r, f]
+        if member:
+            dn = x - mean_n[f]
+            dm = x - (total_m[f] - x) * inv_m
+        else:
+            dn = x - (total_n[f] - x) * inv_n
+            dm = x - mean_m[f]
+        if f == 0:
+            near_n = dn * dn
+            near_m = dm * dm
+        else:
+            near_n = near_n + dn * dn
+            near_m = near_m + dm * dm
+    return near_n - near_m
+
+
+@_jit()
+def centroid_readings(
+    features: Any, perms: Any, num_members: int, relaxed_fp: int, careful: bool = True
+) -> Any:  # pragma: no cover
+    """Nearest-centroid scores of the whole pool, leave-one-out, under every permutation.
+
+    Under row ``b`` of ``perms``, slot ``i`` holds canary ``perms[b, i]`` and slots below
+    ``num_members`` are the members. Each canary is scored ``d_n^2 - d_m^2``, its squared
+    distances to the non-members' and the members' centroids, its own class's centroid
+    taken without it (``(total - x) * (1 / (count - 1))``). Totals are summed over slots left to
+    right, distances over features left to right: the order of
+    :func:`fesmia_hooks.fused.centroid_readings_torch`.
+
+    Returns:
+        ``(tp0 [B], tpk [B], auc [B], non-finite scores)``: members scored above every
+        non-member, above all but ``relaxed_fp`` of them, and the AUC (ties one half).
+    """
+    n, width = features.shape
+    b_count = perms.shape[0]
+    m = num_members
+    n_neg = n - m
+    tp0 = np.empty(b_count, np.int64)
+    tpk = np.empty(b_count, np.int64)
+    auc = np.empty(b_count, np.float64)
+    sided = np.full(m + 4 * ((n_neg + 3) // 4), -np.inf)  # see read_split
+    member_scores = sided[:m]
+    non_scores = sided[m:]
+    total_m = np.empty(width, np.float64)
+    total_n = np.empty(width, np.float64)
+    mean_m = np.empty(width, np.float64)
+    mean_n = np.empty(width, np.float64)
+    inv_m = 1.0 / (m - 1)
+    inv_n = 1.0 / (n_neg - 1)
+    broken = 0
+    for b in range(b_count):
+        perm = perms[b]
+        for f in range(width):
+            total_m[f] = features[perm[0], f]
+            total_n[f] = features[perm[m], f]
+        for i in range(1, m):
+            r = perm[i]
+            for f in range(width):
+                total_m[f] = total_m[f] + features[r, f]
+        for i in range(m + 1, n):
+            r = perm[i]
+            for f in range(width):
+                total_n[f] = total_n[f] + features[r, f]
+        for f in range(width):
+            mean_m[f] = total_m[f] / m
+            mean_n[f] = total_n[f] / n_neg
+        for i in range(n):
+            r = perm[i]
+            own = i < m  # the canary's own class: its centroid is taken without it
+            v = _pool_score(features, r, total_m, total_n, mean_m, mean_n, inv_m, inv_n, own)
+            sided[i] = v
+            if careful and not np.isfinite(v):
+                broken += 1
+        a, c, u = read_split(member_scores, non_scores, n_neg, relaxed_fp)
+        tp0[b] = a
+        tpk[b] = c
+        auc[b] = u / (m * n_neg)
+    return tp0, tpk, auc, broken
 
 
 @_jit()

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md).
-DEFAULT_STATISTIC = "auc+strict"
+DEFAULT_STATISTIC = "centroid_auc+centroid_strict"
 
 
 def alarm_components(statistic: Any) -> tuple[str, ...]:
@@ -71,15 +71,31 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
         >>> m = Measurement(**{k: v for k, v in _example_report().__dict__.items()
         ...                    if k in Measurement.__dataclass_fields__},
         ...                 statistics={"relaxed": 0.9, "strict": 0.2, "auc": 1.5,
-        ...                             "pooled_auc": 0.8},
-        ...                 null=torch.rand(99, 4, generator=torch.Generator().manual_seed(0)))
+        ...                             "pooled_auc": 0.8, "centroid_strict": 0.1,
+        ...                             "centroid_auc": 0.6},
+        ...                 null=torch.rand(99, 6, generator=torch.Generator().manual_seed(0)))
         >>> observed, null = alarm_statistic("auc+strict", m)
         >>> round(observed, 4), null.shape  # the AUC beats every permutation: p = 1/100
-        (-0.0122, torch.Size([99]))
+        (-0.0119, torch.Size([99]))
     """
     parts = alarm_components(statistic)
     columns = [STATISTICS.index(p) for p in parts]
+    if measurement.null.ndim != 2 or measurement.null.shape[1] != len(STATISTICS):
+        raise ConfigurationError(
+            f"a measurement's null must be [permutations, {len(STATISTICS)}], one column per "
+            f"statistic of fesmia_hooks.measurement.STATISTICS in order, got "
+            f"{list(measurement.null.shape)}"
+        )
     null = measurement.null[:, columns].double()
+    missing = [p for p, col in zip(parts, null.T, strict=True) if bool(col.isnan().all())]
+    if missing and null.shape[0] > 0:
+        raise ConfigurationError(
+            f"statistic {statistic!r} reads {', '.join(repr(p) for p in missing)}, which the "
+            "probe did not compute under its permutations; a probe computes only the "
+            "statistics it is asked for: call probe.use_statistics(fesmia_hooks.calibration."
+            f"alarm_components({statistic!r})) before measuring (a PrivacyMonitor does this "
+            "for its own statistic)"
+        )
     observed = torch.tensor([[measurement.statistics[p] for p in parts]], dtype=torch.float64)
     if len(parts) == 1:
         return float(observed[0, 0]), null[:, 0]
@@ -116,9 +132,8 @@ class Calibration:
         ...                 auc_episode_low=0.88, auc_episode_high=0.92, members_named=4.0,
         ...                 chance_members_named=0.9375, members_named_relaxed=11.0,
         ...                 chance_members_named_relaxed=4.6875,
-        ...                 statistics={"relaxed": 0.9, "strict": 0.9, "auc": 0.9,
-        ...                             "pooled_auc": 0.9},
-        ...                 null=torch.linspace(0.4, 0.7, 99)[:, None].repeat(1, 4), queries=15)
+        ...                 statistics=dict.fromkeys(STATISTICS, 0.9),
+        ...                 null=torch.linspace(0.4, 0.7, 99)[:, None].repeat(1, 6), queries=15)
         >>> report = Calibration(alpha=0.05, horizon=1).report(m, check=1)
         >>> report.p_value, report.significant, report.level.value, report.can_alarm
         (0.01, True, 'moderate', True)

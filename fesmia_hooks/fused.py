@@ -1,19 +1,22 @@
-"""The default attack's inner loop, fused: SimpleShot scored and read per episode.
+"""The attack's compiled loops: SimpleShot per episode, and the whole pool's ranking.
 
-A check solves ``E`` episodes under the true labels and under each of ``B`` label
-permutations (``E * (B + 1)`` episodes, ~100,000 by default), then a few thousand more in
-half-pools for the interval. :func:`simpleshot_readings` runs them all through **one**
-implementation, so ties and rounding cannot differ between the observed statistic and its
-null:
+A check solves its ``E`` episodes under the true labels, then a few thousand more in
+half-pools for the interval; an alarm on an episode statistic solves them again under each
+of the ``B`` label permutations (``E * (B + 1)`` episodes, ~100,000). The default alarm
+reads the whole pool's leave-one-out nearest-centroid ranking instead
+(:func:`centroid_readings`): one ranking of ``n`` canaries per permutation.
+:func:`simpleshot_readings` runs every episode, observed or permuted, through **one**
+implementation, so ties and rounding cannot differ between an observed statistic and its
+null; :func:`centroid_readings` likewise. Each is:
 
 * compiled (numba, :mod:`fesmia_hooks._kernels`) when numba is installed: one pass per
-  episode that gathers the support, forms the two centroids, scores the queries and reads
-  the ranking, with no intermediate tensor and without holding the GIL (the permutations
-  are split over as many threads as torch uses, ``torch.get_num_threads()``: while a
-  check runs synchronously, training's threads are idle);
-* otherwise a torch reference (:func:`simpleshot_readings_torch`) that performs the same
-  float64 operations in the same order, so both give identical readings (a test compares
-  them on many seeds, tie-heavy features included).
+  episode (or labeling) with no intermediate tensor and without holding the GIL (the
+  permutations are split over as many threads as torch uses, ``torch.get_num_threads()``:
+  while a check runs synchronously, training's threads are idle);
+* otherwise a torch reference (:func:`simpleshot_readings_torch`,
+  :func:`centroid_readings_torch`) that performs the same float64 operations in the same
+  order, so both give identical readings (tests compare them on many seeds, tie-heavy
+  features included).
 
 Other learners (LaplacianShot, fine-tuning, the threshold baseline, your own) score
 episodes in batches and are read by :func:`fesmia_hooks.readings.row_readings`.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,6 +39,9 @@ from fesmia_hooks.readings import HAVE_NUMBA, row_readings
 
 __all__ = [
     "EpisodeReadings",
+    "PoolReadings",
+    "centroid_readings",
+    "centroid_readings_torch",
     "host_features",
     "simpleshot_readings",
     "simpleshot_readings_torch",
@@ -148,26 +154,15 @@ def simpleshot_readings(
     args += (not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1]),)
     from fesmia_hooks import _kernels
 
-    rows = args[2].shape[0]
-    limit = getattr(_LOCAL, "threads", None)
-    threads = min(torch.get_num_threads() if limit is None else limit, rows // _ROWS_PER_THREAD)
-    if threads <= 1:
-        parts = [_kernels.simpleshot_episodes(*args)]
-    else:  # the kernel releases the GIL: permutations split over torch's threads
-        bounds = np.linspace(0, rows, threads + 1).astype(int)
-        with ThreadPoolExecutor(threads, thread_name_prefix="fesmia-hooks-null") as pool:
-            parts = list(pool.map(
-                lambda lo_hi: _kernels.simpleshot_episodes(
-                    *args[:2], args[2][lo_hi[0]:lo_hi[1]], *args[3:]),
-                zip(bounds[:-1], bounds[1:], strict=True)))
+    parts = _over_threads(lambda rows: _kernels.simpleshot_episodes(*args[:2], rows, *args[3:]),
+                          args[2])
     broken = sum(int(p[5]) for p in parts)
     if broken:
         raise ProbeError(
             f"the canary features give non-finite scores (NaN or infinity) for {broken} "
             f"queries: features this large overflow the learner; rescale them"
         )
-    tp0, tpk, auc, pooled_auc, scores = (np.concatenate([p[i] for p in parts])
-                                         for i in range(5))
+    tp0, tpk, auc, pooled_auc, scores = (_joined(parts, i) for i in range(5))
     return EpisodeReadings(tp0, tpk, auc, pooled_auc, scores if keep_scores else None)
 
 
@@ -216,6 +211,139 @@ def simpleshot_readings_torch(
     tp0, tpk, auc, pooled_auc = (torch.cat([p[i] for p in parts]).numpy() for i in range(4))
     return EpisodeReadings(tp0, tpk, auc, pooled_auc,
                            torch.cat(kept).numpy() if keep_scores else None)
+
+
+def _over_threads(kernel: Callable[[np.ndarray], tuple], perms: np.ndarray) -> list[tuple]:
+    """Each block's outputs of ``kernel`` on the permutations' rows, split over threads.
+
+    As many threads as torch uses (or the limit of :func:`threads_at_most`), each with at
+    least ``_ROWS_PER_THREAD`` rows; the kernels release the GIL.
+    """
+    rows = perms.shape[0]
+    limit = getattr(_LOCAL, "threads", None)
+    threads = min(torch.get_num_threads() if limit is None else limit, rows // _ROWS_PER_THREAD)
+    if threads <= 1:
+        return [kernel(perms)]
+    bounds = np.linspace(0, rows, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads, thread_name_prefix="fesmia-hooks-null") as pool:
+        return list(pool.map(lambda lo_hi: kernel(perms[lo_hi[0]:lo_hi[1]]),
+                             zip(bounds[:-1], bounds[1:], strict=True)))
+
+
+def _joined(parts: list[tuple], i: int) -> np.ndarray:
+    """Output ``i`` of every block, joined (no copy for a single block)."""
+    return parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
+
+
+@dataclass(frozen=True)
+class PoolReadings:
+    """What the whole pool's nearest-centroid ranking reads, under ``G`` labelings.
+
+    Attributes:
+        tp_strict: ``[G]`` members scored above every non-member.
+        tp_relaxed: ``[G]`` members scored above all but the relaxed allowance of them.
+        auc: ``[G]`` the AUC of members against non-members (ties one half).
+    """
+
+    tp_strict: np.ndarray
+    tp_relaxed: np.ndarray
+    auc: np.ndarray
+
+
+def centroid_readings(
+    features: torch.Tensor | np.ndarray,
+    perms: np.ndarray,
+    *,
+    num_members: int,
+    relaxed_fp: int,
+) -> PoolReadings:
+    """The whole pool ranked by its nearest-centroid scores, under each row of ``perms``.
+
+    Each canary is scored by SimpleShot with every other canary as support: ``d_n^2 -
+    d_m^2``, its squared distances to the two class centroids, its own class's centroid
+    taken without it (leave-one-out). The test statistics of the default alarm read this
+    ranking; it costs ``O(n F + m (n - m))`` per labeling, not ``E`` episodes.
+
+    Args:
+        features: ``[n, F]`` canary features, on any device (copied to the host once).
+        perms: ``[G, n]`` int64; under row ``g``, slot ``i`` holds canary ``perms[g, i]``
+            and slots below ``num_members`` are members (the identity row: the true labels).
+        num_members: Member slots (at least 2, and at least 2 non-member slots).
+        relaxed_fp: False positives the relaxed count allows.
+
+    Returns:
+        The :class:`PoolReadings`.
+
+    Raises:
+        ProbeError: When a feature is NaN or infinite, or the scores overflow.
+
+    Example:
+        >>> x = torch.tensor([[3.0], [2.0], [0.0], [-1.0]])
+        >>> out = centroid_readings(x, np.array([[0, 1, 2, 3], [0, 2, 1, 3]]), num_members=2,
+        ...                         relaxed_fp=0)
+        >>> out.tp_strict.tolist(), out.auc.tolist()
+        ([2, 0], [1.0, 0.0])
+    """
+    x = host_features(features)
+    perms = np.ascontiguousarray(perms, np.int64)
+    n = x.shape[0]
+    if not 2 <= num_members <= n - 2:
+        raise ProbeError(f"the pool's centroids need at least 2 members and 2 non-members, "
+                         f"got {num_members} of {n} canaries as members")
+    if not HAVE_NUMBA:
+        return centroid_readings_torch(x, perms, num_members, relaxed_fp)
+    from fesmia_hooks import _kernels
+
+    careful = not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1])
+    parts = _over_threads(
+        lambda rows: _kernels.centroid_readings(x, rows, int(num_members), int(relaxed_fp),
+                                                careful), perms)
+    broken = sum(int(p[3]) for p in parts)
+    if broken:
+        raise ProbeError(
+            f"the canary features give non-finite scores (NaN or infinity) for {broken} "
+            f"canaries: features this large overflow the learner; rescale them"
+        )
+    return PoolReadings(*(_joined(parts, i) for i in range(3)))
+
+
+def centroid_readings_torch(
+    features: np.ndarray, perms: np.ndarray, num_members: int, relaxed_fp: int
+) -> PoolReadings:
+    """The reference of :func:`centroid_readings`: the same float64 operations, in torch."""
+    x = torch.from_numpy(np.ascontiguousarray(features, np.float64))
+    perm_t = torch.from_numpy(np.ascontiguousarray(perms, np.int64))
+    m = num_members
+    n_neg = x.shape[0] - m
+    out = []
+    per_block = max(1, _BLOCK_ROWS // max(x.shape[0], 1))
+    for start in range(0, perm_t.shape[0], per_block):
+        rows = x[perm_t[start : start + per_block]]  # [g, n, F]
+        total_m, total_n = rows[:, 0], rows[:, m]
+        for i in range(1, m):  # slot by slot, as the compiled loop adds them
+            total_m = total_m + rows[:, i]
+        for i in range(m + 1, rows.shape[1]):
+            total_n = total_n + rows[:, i]
+        is_member = (torch.arange(rows.shape[1]) < m)[None, :, None]
+        c_m = torch.where(is_member, (total_m[:, None] - rows) * (1.0 / (m - 1)),
+                          (total_m / m)[:, None])
+        c_n = torch.where(is_member, (total_n / n_neg)[:, None],
+                          (total_n[:, None] - rows) * (1.0 / (n_neg - 1)))
+        dn, dm = rows - c_n, rows - c_m
+        near_n, near_m = dn[..., 0] * dn[..., 0], dm[..., 0] * dm[..., 0]
+        for f in range(1, rows.shape[2]):
+            near_n = near_n + dn[..., f] * dn[..., f]
+            near_m = near_m + dm[..., f] * dm[..., f]
+        out.append(near_n - near_m)  # [g, n], the members' slots first
+    scores = torch.cat(out)
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ProbeError(
+            f"the canary features give non-finite scores (NaN or infinity) for {bad} "
+            f"canaries: features this large overflow the learner; rescale them"
+        )
+    tp0, tpk, auc = row_readings(scores, torch.arange(scores.shape[1]) < m, relaxed_fp)
+    return PoolReadings(tp0.numpy(), tpk.numpy(), auc.double().numpy())
 
 
 def host_features(features: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ from fesmia_hooks.readings import row_readings
 from fesmia_hooks.report import TPR_FPRS, Readings
 
 __all__ = [
+    "EPISODE_STATISTICS",
+    "POOL_STATISTICS",
     "STATISTICS",
     "Measurement",
     "canary_interval",
@@ -32,9 +34,16 @@ __all__ = [
 ]
 
 #: The statistics of the permutation test, in the order of :attr:`Measurement.null`'s
-#: columns: mean relaxed and strict Log-MIA over episodes, mean episode AUC, and the AUC of
-#: each canary's score pooled over the episodes where it was a query.
-STATISTICS: tuple[str, ...] = ("relaxed", "strict", "auc", "pooled_auc")
+#: columns: mean relaxed and strict Log-MIA over episodes, mean episode AUC, the AUC of
+#: each canary's score pooled over the episodes where it was a query, and two readings of
+#: the whole pool's leave-one-out nearest-centroid ranking: its strict Log-MIA (``N`` =
+#: the members) and its AUC (see :func:`fesmia_hooks.fused.centroid_readings`).
+STATISTICS: tuple[str, ...] = ("relaxed", "strict", "auc", "pooled_auc", "centroid_strict",
+                               "centroid_auc")
+#: The statistics read from the few-shot episodes (each permutation solves them all again).
+EPISODE_STATISTICS: tuple[str, ...] = STATISTICS[:4]
+#: The statistics read from the whole pool's ranking (no episodes: cheap under permutations).
+POOL_STATISTICS: tuple[str, ...] = STATISTICS[4:]
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def episode_statistics(
     Returns:
         ``{"tp_strict", "tp_relaxed", "strict_episodes", "relaxed_episodes",
         "auc_episodes": [G, E]}`` per episode, and each name of
-        :data:`STATISTICS` as ``[G]``.
+        :data:`EPISODE_STATISTICS` as ``[G]``.
     """
     g, e, q2 = scores.shape
     flat = scores.reshape(g * e, q2)

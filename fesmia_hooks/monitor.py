@@ -888,9 +888,12 @@ class PrivacyMonitor:
             differ = sorted(k for k in ("alpha", "statistic")
                             if k in calibration and calibration[k] != mine[k])
             if differ:
+                saved_as = ", ".join(f"{k}={calibration[k]!r}" for k in differ)
+                mine_as = ", ".join(f"{k}={mine[k]!r}" for k in differ)
                 raise ConfigurationError(
-                    f"the saved run was calibrated with another {' and '.join(differ)}: its "
-                    "run-level test cannot continue under other settings"
+                    f"the saved run was calibrated with {saved_as}, this monitor with "
+                    f"{mine_as}: its run-level test cannot continue under other settings; "
+                    f"build the monitor with {saved_as} to go on with that run"
                 )
         saved = _saved_permutations(state)
         current = int(getattr(self.probe, "permutations", saved) or saved)

@@ -9,6 +9,7 @@ permutation null). Significance and levels are the run's
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -20,16 +21,24 @@ import torch.distributed as dist
 from torch import nn
 
 from fesmia_hooks._validation import choice, positive_int
+from fesmia_hooks.calibration import DEFAULT_STATISTIC, alarm_components
 from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distributed, shard
 from fesmia_hooks.episodes import EpisodePlan, HalfPlan
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.features import FeatureKind, Features, FeatureSpec, compute_features
-from fesmia_hooks.fused import EpisodeReadings, host_features, simpleshot_readings
+from fesmia_hooks.fused import (
+    EpisodeReadings,
+    centroid_readings,
+    host_features,
+    simpleshot_readings,
+)
 from fesmia_hooks.guard import model_device, random_streams_forked
 from fesmia_hooks.learners import Learner, get_learner, learner_name, simpleshot
 from fesmia_hooks.logmia import chance_counts, chance_log_mia, relaxed_false_positives
 from fesmia_hooks.measurement import (
+    EPISODE_STATISTICS,
+    POOL_STATISTICS,
     STATISTICS,
     Measurement,
     canary_interval,
@@ -137,8 +146,8 @@ class FeSMIA:
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
         >>> probe = FeSMIA(shots=5, queries=15, episodes=50, permutations=99, seed=0)
         >>> m = probe.measure(model, canaries)
-        >>> round(m.chance_strict, 3), m.null.shape  # 99 permutations x 4 statistics
-        (0.178, torch.Size([99, 4]))
+        >>> round(m.chance_strict, 3), m.null.shape  # 99 permutations x 6 statistics
+        (0.178, torch.Size([99, 6]))
         >>> probe.evaluate(model, canaries).level.value  # one check read on its own
         'none'
 
@@ -206,7 +215,8 @@ class FeSMIA:
         self._learner = get_learner(method, options)
         # The default learner runs through the fused loop (fesmia_hooks.fused).
         self._fused = self._learner.func is simpleshot and not self._learner.keywords
-        self.null_statistics: frozenset[str] = frozenset(STATISTICS)
+        self.null_statistics: frozenset[str] = frozenset()
+        self.use_statistics(alarm_components(DEFAULT_STATISTIC))
         self.learner_options = options
         self.batch_size = positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -264,22 +274,36 @@ class FeSMIA:
     def use_statistics(self, names: Sequence[str]) -> None:
         """Compute only the statistics ``names`` under the permutations (others read NaN).
 
+        By default a probe computes those of the default alarm statistic
+        (:data:`~fesmia_hooks.calibration.DEFAULT_STATISTIC`); testing another on its
+        measurements needs this call first (the test refuses columns it was not given).
+
         ``names`` are of :data:`~fesmia_hooks.measurement.STATISTICS`; the columns of
         :attr:`Measurement.null` of the others read NaN.
 
         A monitor calls it when a run starts, with the statistics its alarm reads: the
-        pooled AUC costs a tenth of the null and the default alarm does not read it.
+        episodes' statistics cost ``B`` times the episodes of a check under the
+        permutations, the whole pool's (the default alarm's) a small fraction of that.
 
         Example:
             >>> probe = FeSMIA(permutations=9)
             >>> probe.use_statistics(["auc", "strict"])
             >>> sorted(probe.null_statistics)
             ['auc', 'relaxed', 'strict']
+            >>> probe.use_statistics(["centroid_auc"])
+            >>> sorted(probe.null_statistics)
+            ['centroid_auc', 'centroid_strict']
         """
         for name in names:
             choice("statistic", name, STATISTICS)
-        # relaxed, strict and the episode AUC come from one pass: only the pooled AUC is extra
-        self.null_statistics = frozenset(names) | {"relaxed", "strict", "auc"}
+        wanted = frozenset(names)
+        # Each group comes from one pass: relaxed, strict and the episode AUC together (the
+        # pooled AUC is extra), and both readings of the pool's ranking together.
+        if wanted & {"relaxed", "strict", "auc"}:
+            wanted |= {"relaxed", "strict", "auc"}
+        if wanted & set(POOL_STATISTICS):
+            wanted |= set(POOL_STATISTICS)
+        self.null_statistics = wanted
 
     # ------------------------------------------------------------------ public
     def check_canaries(self, canaries: Canaries) -> None:
@@ -402,6 +426,8 @@ class FeSMIA:
             observed, null, in_halves, scores = self._attack_fused(features, plan, halves)
         else:
             observed, null, in_halves, scores = self._attack_batched(features, plan, halves)
+        pool_observed, pool_null = self._pool_statistics(features, plan)
+        null = torch.cat([null, pool_null], dim=1)
         s2 = 2 * self.shots
         pooled = pooled_scores(scores, plan.slots[:, s2:], n)[0].cpu().numpy()
 
@@ -429,7 +455,8 @@ class FeSMIA:
             chance_members_named=self.chance_counts[0],
             members_named_relaxed=float(observed["tp_relaxed"].double().mean()),
             chance_members_named_relaxed=self.chance_counts[1],
-            statistics={k: float(observed[k][0]) for k in STATISTICS},
+            statistics={**{k: float(observed[k][0]) for k in EPISODE_STATISTICS},
+                        **pool_observed},
             null=null.cpu(),
             method=self.method, shots=self.shots, queries=self.queries,
             episodes=self.episodes, permutations=self.permutations,
@@ -470,9 +497,12 @@ class FeSMIA:
                   "num_members": plan.num_members}
         seen = simpleshot_readings(x, slots, identity, flags, keep_scores=True, **common)
         observed = _statistics(seen, len(flags) // 2)
-        null_readings = simpleshot_readings(
-            x, slots, perms, flags, pooled="pooled_auc" in self.null_statistics, **common)
-        null = _stack(_statistics(null_readings, len(flags) // 2))
+        if self.null_statistics & set(EPISODE_STATISTICS):
+            null_readings = simpleshot_readings(
+                x, slots, perms, flags, pooled="pooled_auc" in self.null_statistics, **common)
+            null = _stack(_statistics(null_readings, len(flags) // 2))
+        else:  # the alarm reads none of them: no episode is solved under the permutations
+            null = _unused(perms.shape[0])
         in_halves: dict[str, torch.Tensor] = {}
         if halves.fits:
             half = simpleshot_readings(x, halves.slots.numpy(), identity, flags, pooled=False,
@@ -495,8 +525,11 @@ class FeSMIA:
         scores = self._scores(features[slots], s2)  # [E, 2q]
         observed = episode_statistics(scores[None], is_query_member, slots[:, s2:],
                                       plan.num_members, n)
-        null = self._null_statistics(features, slots, perms, is_query_member,
-                                     plan.num_members)
+        if self.null_statistics & set(EPISODE_STATISTICS):
+            null = self._null_statistics(features, slots, perms, is_query_member,
+                                         plan.num_members)
+        else:
+            null = _unused(perms.shape[0])
         in_halves: dict[str, torch.Tensor] = {}
         if halves.fits:
             half_slots = halves.on(features.device)
@@ -506,6 +539,29 @@ class FeSMIA:
                 half_slots[: halves.episodes, s2:], plan.num_members, n, pooled=False,
             )
         return observed, null, in_halves, scores
+
+    def _pool_statistics(
+        self, features: torch.Tensor, plan: EpisodePlan
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """The whole pool's statistics: observed, and ``[B, 2]`` under the permutations.
+
+        The permutations' columns read NaN when the alarm reads neither.
+        """
+        x = host_features(features)
+        _, perms, identity = plan.host()
+        m = plan.num_members
+        denom = math.log1p(m)
+
+        def columns(r: Any) -> np.ndarray:
+            return np.stack([np.log1p(r.tp_strict.astype(np.float64)) / denom, r.auc], axis=1)
+
+        seen = columns(centroid_readings(x, identity, num_members=m, relaxed_fp=0))[0]
+        observed = dict(zip(POOL_STATISTICS, (float(v) for v in seen), strict=True))
+        if not self.null_statistics & set(POOL_STATISTICS):
+            return observed, torch.full((perms.shape[0], len(POOL_STATISTICS)), float("nan"),
+                                        dtype=torch.float64)
+        null = columns(centroid_readings(x, perms, num_members=m, relaxed_fp=0))
+        return observed, torch.from_numpy(np.ascontiguousarray(null))
 
     # ------------------------------------------------------------------ internals
     def _with_trajectory(self, features: Features) -> Features:
@@ -561,7 +617,7 @@ class FeSMIA:
         is_query_member: torch.Tensor,
         num_members: int,
     ) -> torch.Tensor:
-        """Every statistic of :data:`STATISTICS` under each label permutation, ``[B, K]``."""
+        """The statistics of :data:`EPISODE_STATISTICS` under each label permutation, ``[B, K]``."""
         per_perm = slots.numel() * features.shape[1]
         chunk = max(1, _BLOCK_ELEMENTS // max(per_perm, 1))
         out = []
@@ -586,8 +642,13 @@ def _statistics(readings: EpisodeReadings, query_members: int) -> dict[str, torc
 
 
 def _stack(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[G, K]``: the statistics of :data:`STATISTICS`, in order, as float64."""
-    return torch.stack([stats[k].double() for k in STATISTICS], dim=1)
+    """``[G, K]``: the statistics of :data:`EPISODE_STATISTICS`, in order, as float64."""
+    return torch.stack([stats[k].double() for k in EPISODE_STATISTICS], dim=1)
+
+
+def _unused(permutations: int) -> torch.Tensor:
+    """``[B, K]`` NaN: the episodes' statistics, not computed under the permutations."""
+    return torch.full((permutations, len(EPISODE_STATISTICS)), float("nan"), dtype=torch.float64)
 
 
 def _sync(t: torch.Tensor) -> None:

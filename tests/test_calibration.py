@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import fesmia_hooks as fh
-from fesmia_hooks.calibration import alarm_statistic
+from fesmia_hooks.calibration import DEFAULT_STATISTIC, alarm_components, alarm_statistic
 from fesmia_hooks.logmia import chance_counts
+from fesmia_hooks.measurement import STATISTICS
 from fesmia_hooks.report import share_beyond_chance
 from fesmia_hooks.sequential import permutation_p_values
 
@@ -64,12 +65,15 @@ def test_the_canary_interval_is_wider_than_the_episode_interval_and_covers_the_p
     assert max(episode_covered.values()) < 0.75 * 40  # the episode interval does not
 
 
-@pytest.mark.parametrize("statistic", ["auc+strict", "relaxed", "pooled_auc+strict"])
+@pytest.mark.parametrize("statistic", ["auc+strict", "relaxed", "pooled_auc+strict",
+                                       "centroid_auc+centroid_strict", "centroid_strict"])
 def test_every_statistic_keeps_its_size_under_the_null(statistic):
     rejected = 0
     pools = 150
     for seed in range(pools):
-        m = fh.FeSMIA(episodes=20, permutations=99, seed=seed).attack(pool(seed), 64)
+        probe = fh.FeSMIA(episodes=20, permutations=99, seed=seed)
+        probe.use_statistics(alarm_components(statistic))
+        m = probe.attack(pool(seed), 64)
         observed, null = alarm_statistic(statistic, m)
         rank, _ = permutation_p_values(observed, null)
         rejected += rank / 100 <= 0.05
@@ -78,16 +82,19 @@ def test_every_statistic_keeps_its_size_under_the_null(statistic):
 
 
 def test_the_min_p_statistic_finds_a_low_tail_that_strict_misses():
-    found = {"auc+strict": 0, "strict": 0}
+    found = {"auc+strict": 0, "centroid_auc+centroid_strict": 0, "strict": 0}
     for seed in range(30):
         f = pool(seed)
         g = torch.Generator().manual_seed(seed)
         tail = (torch.rand(64, generator=g) < 0.3)
         f[64:][tail] -= 3.0  # non-members with a low tail; the top of the ranking is unchanged
-        m = fh.FeSMIA(episodes=50, permutations=99, seed=seed).attack(f, 64)
+        probe = fh.FeSMIA(episodes=50, permutations=99, seed=seed)
+        probe.use_statistics(STATISTICS)
+        m = probe.attack(f, 64)
         for statistic in found:
             found[statistic] += fh.Calibration(statistic=statistic).single_check(m).significant
     assert found["auc+strict"] > 2 * found["strict"]
+    assert found["centroid_auc+centroid_strict"] > 2 * found["strict"]
 
 
 def test_a_check_that_cannot_alarm_says_so():
@@ -196,13 +203,13 @@ def test_min_p_ties_at_the_smallest_p_are_broken_so_one_trajectory_can_alarm():
 
     base = {k: v for k, v in _example_report().__dict__.items()
             if k in Measurement.__dataclass_fields__}
-    null = torch.rand(1999, 4, generator=torch.Generator().manual_seed(0))
-    observed = {"relaxed": 2.0, "strict": 2.0, "auc": 2.0, "pooled_auc": 2.0}
+    null = torch.rand(1999, len(STATISTICS), generator=torch.Generator().manual_seed(0))
+    observed = dict.fromkeys(STATISTICS, 2.0)
     m = Measurement(**base, statistics=observed, null=null)
     report = fh.Calibration(horizon=100).report(m, check=1)
     assert report.p_value == pytest.approx(1 / 2000)  # alone at the top
     assert report.significant and report.can_alarm
-    value, null_values = alarm_statistic("auc+strict", m)
+    value, null_values = alarm_statistic(DEFAULT_STATISTIC, m)
     ranks = [(null_values >= v).sum().item() for v in null_values.tolist()]
     assert len(set(ranks)) > len(ranks) * 0.9  # (almost) no ties left among the permutations
 
@@ -251,7 +258,7 @@ def test_a_state_is_refused_whole_or_loaded_whole():
         assert not monitor.is_due(epoch=1)
     other = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=5, permutations=99),
                               statistic="relaxed")
-    with pytest.raises(fh.ConfigurationError, match="calibrated with another statistic"):
+    with pytest.raises(fh.ConfigurationError, match="calibrated with statistic="):
         other.load_state_dict(good)
 
 
@@ -278,3 +285,24 @@ def test_a_run_that_starts_on_a_trained_model_skips_the_preflight_check():
     driver.begin_run(model=nn.Linear(4, 3), fresh=False)  # resumed training: not checked
     with pytest.raises(fh.CanaryError):
         driver.begin_run(model=nn.Linear(4, 3))  # from step 0: checked
+
+
+def test_a_statistic_the_probe_did_not_compute_under_its_permutations_is_refused():
+    probe = fh.FeSMIA(episodes=20, permutations=49, seed=0)
+    m = probe.attack(pool(0), 64)  # the default alarm's statistics only
+    assert fh.Calibration().single_check(m).p_value > 0
+    with pytest.raises(fh.ConfigurationError, match=r"reads 'auc', 'strict', which the probe"):
+        fh.Calibration(statistic="auc+strict").single_check(m)
+    probe.use_statistics(alarm_components("auc+strict"))
+    assert fh.Calibration(statistic="auc+strict").single_check(probe.attack(pool(0), 64))
+
+
+def test_a_null_without_a_column_per_statistic_is_refused():
+    from fesmia_hooks.measurement import Measurement
+    from fesmia_hooks.report import _example_report
+
+    base = {k: v for k, v in _example_report().__dict__.items()
+            if k in Measurement.__dataclass_fields__}
+    old = Measurement(**base, statistics=dict.fromkeys(STATISTICS, 0.5), null=torch.rand(99, 4))
+    with pytest.raises(fh.ConfigurationError, match=r"must be \[permutations, 6\].*got \[99, 4\]"):
+        fh.Calibration().single_check(old)

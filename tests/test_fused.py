@@ -11,6 +11,7 @@ import fesmia_hooks as fh
 from fesmia_hooks import fused
 from fesmia_hooks.episodes import EpisodePlan
 from fesmia_hooks.exceptions import ProbeError
+from fesmia_hooks.measurement import EPISODE_STATISTICS, POOL_STATISTICS, STATISTICS
 from fesmia_hooks.readings import HAVE_NUMBA
 
 needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="the compiled loop needs numba")
@@ -66,7 +67,10 @@ def test_the_fused_path_and_the_batched_learner_path_give_the_same_report():
     slow = fh.FeSMIA(permutations=199, seed=3)
     assert fast._fused
     slow._fused = False  # the learner path: batches of SimpleShot scores, read afterwards
+    for probe in (fast, slow):
+        probe.use_statistics(STATISTICS)  # every statistic under the permutations
     a, b = fast.attack(x, 64), slow.attack(x, 64)
+    assert not a.null.isnan().any()
     for field in dataclasses.fields(a):
         if field.name.startswith("seconds"):
             continue
@@ -131,3 +135,62 @@ def test_features_that_overflow_the_scores_are_refused_on_both_paths(monkeypatch
 def test_features_without_columns_are_refused():
     with pytest.raises(ProbeError, match=r"\[canaries, F >= 1\]"):
         fh.FeSMIA(permutations=9).attack(torch.empty(128, 0), 64)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "duplicates", "saturated"])
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_and_reference_pool_rankings_read_the_same(kind, seed):
+    n = (16, 64, 128, 37, 200, 9)[seed]
+    x = fused.host_features(features(kind, seed, n=n, width=(1, 4, 5, 8, 3, 13)[seed]))
+    members = max(2, min(n - 2, n // 2 + seed - 3))
+    rng = np.random.default_rng(seed)
+    perms = np.stack([np.arange(n)] + [rng.permutation(n) for _ in range(150)])
+    got = fused.centroid_readings(x, perms, num_members=members, relaxed_fp=seed % 3)
+    ref = fused.centroid_readings_torch(x, perms, members, seed % 3)
+    for field in dataclasses.fields(fused.PoolReadings):
+        a, b = getattr(got, field.name), getattr(ref, field.name)
+        np.testing.assert_array_equal(a, b, err_msg=f"{field.name} ({kind}, seed {seed})")
+
+
+def test_the_pool_ranking_leaves_each_canary_out_of_its_own_centroid():
+    # Two members far apart and two non-members between them: with itself in its centroid a
+    # member would sit nearer the members' centroid; without it, each is nearer the other side.
+    x = torch.tensor([[-4.0], [4.0], [-1.0], [1.0]])
+    out = fused.centroid_readings(x, np.arange(4)[None], num_members=2, relaxed_fp=0)
+    assert out.auc.tolist() == [0.0] and out.tp_strict.tolist() == [0]
+    # a constant pool ties everywhere: AUC one half, no member named
+    flat = fused.centroid_readings(torch.ones(8, 3), np.arange(8)[None], num_members=4,
+                                   relaxed_fp=1)
+    assert flat.auc.tolist() == [0.5] and flat.tp_strict.tolist() == [0]
+
+
+def test_the_pool_ranking_needs_two_canaries_on_each_side():
+    with pytest.raises(ProbeError, match="at least 2 members and 2 non-members, got 1 of 6"):
+        fused.centroid_readings(torch.randn(6, 2), np.arange(6)[None], num_members=1,
+                                relaxed_fp=0)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_features_that_overflow_the_pool_scores_are_refused(compiled, monkeypatch):
+    if compiled and not HAVE_NUMBA:
+        pytest.skip("the compiled loop needs numba")
+    monkeypatch.setattr(fused, "HAVE_NUMBA", compiled)
+    x = np.random.default_rng(0).normal(size=(16, 2)) * 1e200
+    with pytest.raises(ProbeError, match="non-finite scores"):
+        fused.centroid_readings(x, np.arange(16)[None], num_members=8, relaxed_fp=0)
+
+
+def test_an_alarm_on_the_pool_computes_no_episode_under_the_permutations():
+    x = features("gaussian", 1, n=128).double()
+    probe = fh.FeSMIA(permutations=49, seed=1)
+    probe.use_statistics(["centroid_auc", "centroid_strict"])
+    m = probe.attack(x, 64)
+    pool_cols = [STATISTICS.index(s) for s in POOL_STATISTICS]
+    episode_cols = [STATISTICS.index(s) for s in EPISODE_STATISTICS]
+    assert torch.isfinite(m.null[:, pool_cols]).all()
+    assert torch.isnan(m.null[:, episode_cols]).all()
+    # the observed statistics are all there, and the pool's match a full computation
+    full = fh.FeSMIA(permutations=49, seed=1).attack(x, 64)
+    assert m.statistics == full.statistics
+    assert torch.equal(m.null[:, pool_cols], full.null[:, pool_cols])

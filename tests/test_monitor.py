@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fesmia_hooks as fh
+from fesmia_hooks.measurement import STATISTICS
 
 
 def measured(strict, leaking):
@@ -15,7 +16,8 @@ def measured(strict, leaking):
     The members named (and so the share beyond chance the level reads) rise with ``strict``:
     share = strict - 0.2, so 0.1 reads low, 0.3 moderate, 0.6 high and 0.9 critical.
     """
-    null = torch.zeros(499, 4) if leaking else torch.linspace(0, 2, 499)[:, None].repeat(1, 4)
+    k = len(STATISTICS)
+    null = torch.zeros(499, k) if leaking else torch.linspace(0, 2, 499)[:, None].repeat(1, k)
     chance = 15 / 16
     stat = 1.0 if leaking else 0.5
     return fh.Measurement(
@@ -28,7 +30,7 @@ def measured(strict, leaking):
         auc_episode_high=0.82, members_named=chance + (strict - 0.2) * (15 - chance),
         chance_members_named=chance, members_named_relaxed=6.0,
         chance_members_named_relaxed=4.6875,
-        statistics=dict.fromkeys(("relaxed", "strict", "auc", "pooled_auc"), stat), null=null,
+        statistics=dict.fromkeys(STATISTICS, stat), null=null,
         method="simpleshot", shots=5, queries=15, episodes=5, permutations=499,
     )
 
@@ -160,6 +162,21 @@ def test_state_dict_round_trip_continues_history_and_counters(tmp_path):
     older = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([]), budget=budget)
     older.load_state_dict({"version": 1, "history": state["history"]})  # an older, smaller state
     assert older.checks == 2 and older.streak == 0
+
+
+def test_a_run_saved_with_another_statistic_says_which_to_go_on_with():
+    first = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([(0.1, False)]),
+                              statistic="auc+strict")  # say, an earlier default
+    first.step(nn.Linear(4, 2), epoch=0)
+    state = json.loads(json.dumps(first.state_dict()))
+    with pytest.raises(fh.ConfigurationError,
+                       match="build the monitor with statistic='auc\\+strict' to go on"):
+        fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([])).load_state_dict(state)
+    probe = ScriptedProbe([(0.3, True)])
+    resumed = fh.PrivacyMonitor(canaries(), probe=probe, statistic="auc+strict")
+    resumed.load_state_dict(state)
+    assert {"auc", "strict"} <= probe.null_statistics  # computed under the permutations
+    assert resumed.step(nn.Linear(4, 2), epoch=1).statistic == "auc+strict"
 
 
 def test_a_failing_check_warns_and_is_recorded(tmp_path):

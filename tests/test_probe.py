@@ -8,6 +8,7 @@ from torch import nn
 
 import fesmia_hooks as fh
 from fesmia_hooks.learners import LEARNERS
+from fesmia_hooks.measurement import STATISTICS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -45,7 +46,7 @@ def test_every_learner_stays_near_chance_without_leakage(method):
 
 def test_report_fields_and_interval():
     measured = fh.FeSMIA(episodes=40, permutations=49).measure(nn.Linear(6, 3), canaries())
-    assert measured.null.shape == (49, 4)  # each statistic of the test, per permutation
+    assert measured.null.shape == (49, len(STATISTICS))  # each statistic of the test, per permutation
     report = fh.Calibration().single_check(measured)
     assert not hasattr(report, "null_statistics")  # the null stays with the measurement
     assert report.strict_low <= report.strict <= report.strict_high
@@ -62,8 +63,11 @@ def test_report_fields_and_interval():
 
 def test_same_seed_same_report_bit_for_bit():
     model, c = nn.Linear(6, 3), canaries()
-    ma = fh.FeSMIA(seed=7, episodes=30, permutations=49).measure(model, c)
-    mb = fh.FeSMIA(seed=7, episodes=30, permutations=49).measure(model, c)
+    pa, pb = (fh.FeSMIA(seed=7, episodes=30, permutations=49) for _ in range(2))
+    for probe in (pa, pb):
+        probe.use_statistics(STATISTICS)  # the episodes' statistics too
+    ma, mb = pa.measure(model, c), pb.measure(model, c)
+    assert not ma.null.isnan().any()
     a, b = fh.Calibration().single_check(ma), fh.Calibration().single_check(mb)
     da, db = a.as_dict(), b.as_dict()
     for key in ("seconds_forward", "seconds_attack"):
