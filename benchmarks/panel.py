@@ -115,14 +115,24 @@ def _probe_row(report: fh.LeakageReport) -> dict[str, Any]:
     }
 
 
+def watcher(
+    canaries: fh.CanarySet, probe: fh.FeSMIA, statistic: str | None = None
+) -> fh.PrivacyMonitor:
+    """An alerting monitor of ``canaries`` (the library's alarm statistic unless given)."""
+    extra = {} if statistic is None else {"statistic": statistic}
+    return fh.PrivacyMonitor(canaries, probe=probe, budget=fh.LeakageBudget(action="alert"),
+                             **extra)
+
+
 def replay(
     work: Workload,
     canaries: fh.CanarySet,
     snapshots: dict[int, dict[str, torch.Tensor]],
     probe: fh.FeSMIA,
+    statistic: str | None = None,
 ) -> list[dict[str, Any]]:
     """A fresh monitor with ``probe`` over the kept weights, one check per kept epoch."""
-    monitor = fh.PrivacyMonitor(canaries, probe=probe, budget=fh.LeakageBudget(action="alert"))
+    monitor = watcher(canaries, probe, statistic)
     model = work.make_model()
     rows = []
     for epoch in sorted(snapshots):
@@ -162,17 +172,14 @@ def run_one(spec: RunSpec, cfg: Any) -> dict[str, Any]:
     """Train one panel run with every per-epoch measurement, then LiRA and item 6."""
     work, recipe = make_workload(spec, cfg)
     probe_kw = dict(cfg.probe_kwargs)
-    monitor = fh.PrivacyMonitor(work.canaries, probe=fh.FeSMIA(seed=cfg.seed, **probe_kw),
-                                budget=fh.LeakageBudget(action="alert"))
-    candidate = fh.PrivacyMonitor(
-        work.canaries, probe=fh.FeSMIA(seed=cfg.seed, **cfg.candidate_probe_kwargs),
-        budget=fh.LeakageBudget(action="alert"))
+    statistic = getattr(cfg, "panel_statistic", None)
+    monitor = watcher(work.canaries, fh.FeSMIA(seed=cfg.seed, **probe_kw), statistic)
+    candidate = watcher(work.canaries, fh.FeSMIA(seed=cfg.seed, **cfg.candidate_probe_kwargs),
+                        statistic)
     crafted_set: fh.CanarySet | None = work.extra.get("crafted")
     crafted_monitor = None
     if crafted_set is not None:
-        crafted_monitor = fh.PrivacyMonitor(
-            crafted_set, probe=fh.FeSMIA(seed=cfg.seed, **probe_kw),
-            budget=fh.LeakageBudget(action="alert"))
+        crafted_monitor = watcher(crafted_set, fh.FeSMIA(seed=cfg.seed, **probe_kw), statistic)
     keep = set(alt_epochs(recipe.epochs, cfg.alt_checks))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     checks: list[dict[str, Any]] = []
@@ -250,7 +257,7 @@ def alt_configs(
             continue
         probe = fh.FeSMIA(method, features=features, embedding_layer=work.embedding_layer,
                           seed=cfg.seed, **cfg.alt_probe_kwargs)
-        rows = replay(work, canaries, snapshots, probe)
+        rows = replay(work, canaries, snapshots, probe, getattr(cfg, "panel_statistic", None))
         out[name] = summarise(rows, pop_by_epoch)
     if cost_only:
         model = work.make_model()

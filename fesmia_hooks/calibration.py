@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md).
-DEFAULT_STATISTIC = "centroid_auc+centroid_strict"
+DEFAULT_STATISTIC = "auc+strict"
 
 
 def alarm_components(statistic: Any) -> tuple[str, ...]:

@@ -291,10 +291,12 @@ def test_a_statistic_the_probe_did_not_compute_under_its_permutations_is_refused
     probe = fh.FeSMIA(episodes=20, permutations=49, seed=0)
     m = probe.attack(pool(0), 64)  # the default alarm's statistics only
     assert fh.Calibration().single_check(m).p_value > 0
-    with pytest.raises(fh.ConfigurationError, match=r"reads 'auc', 'strict', which the probe"):
-        fh.Calibration(statistic="auc+strict").single_check(m)
-    probe.use_statistics(alarm_components("auc+strict"))
-    assert fh.Calibration(statistic="auc+strict").single_check(probe.attack(pool(0), 64))
+    with pytest.raises(fh.ConfigurationError,
+                       match=r"reads 'centroid_auc', 'centroid_strict', which the probe"):
+        fh.Calibration(statistic="centroid_auc+centroid_strict").single_check(m)
+    probe.use_statistics(alarm_components("centroid_auc+centroid_strict"))
+    m = probe.attack(pool(0), 64)
+    assert fh.Calibration(statistic="centroid_auc+centroid_strict").single_check(m)
 
 
 def test_a_null_without_a_column_per_statistic_is_refused():
