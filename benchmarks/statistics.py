@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 SCENARIOS = ("null", "mean shift", "memorised outliers", "low tail")
 CANDIDATES = ("relaxed", "strict", "auc", "pooled_auc", "auc+strict", "pooled_auc+strict",
               "auc+strict+relaxed", "centroid_strict", "centroid_auc",
-              "centroid_auc+centroid_strict")
+              "centroid_auc+centroid_strict", "signal_mean", "signal_mean+centroid_strict",
+              "signal_mean+strict")
 #: A second, smaller per-check level: what the run-level rule leaves a check of a run with
 #: ten expected checks (alpha / 10), where the alarms of a real run are decided.
 SMALL_LEVEL = 0.005

@@ -24,14 +24,17 @@ from fesmia_hooks.sequential import SequentialTest, permutation_p_values
 
 __all__ = [
     "DEFAULT_STATISTIC",
+    "EPISODE_STATISTIC",
     "Calibration",
     "alarm_components",
     "alarm_statistic",
     "expected_checks",
 ]
 
-#: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md).
-DEFAULT_STATISTIC = "auc+strict"
+#: The alarm statistic by default: chosen by measured power (see BENCHMARKS.md, item 8).
+DEFAULT_STATISTIC = "signal_mean+centroid_strict"
+#: The default of a probe that reads no signals (embeddings only): no oriented score.
+EPISODE_STATISTIC = "auc+strict"
 
 
 def alarm_components(statistic: Any) -> tuple[str, ...]:
@@ -72,11 +75,11 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
         ...                    if k in Measurement.__dataclass_fields__},
         ...                 statistics={"relaxed": 0.9, "strict": 0.2, "auc": 1.5,
         ...                             "pooled_auc": 0.8, "centroid_strict": 0.1,
-        ...                             "centroid_auc": 0.6},
-        ...                 null=torch.rand(99, 6, generator=torch.Generator().manual_seed(0)))
+        ...                             "centroid_auc": 0.6, "signal_mean": 0.2},
+        ...                 null=torch.rand(99, 7, generator=torch.Generator().manual_seed(0)))
         >>> observed, null = alarm_statistic("auc+strict", m)
         >>> round(observed, 4), null.shape  # the AUC beats every permutation: p = 1/100
-        (-0.0119, torch.Size([99]))
+        (-0.012, torch.Size([99]))
     """
     parts = alarm_components(statistic)
     columns = [STATISTICS.index(p) for p in parts]
@@ -133,7 +136,7 @@ class Calibration:
         ...                 chance_members_named=0.9375, members_named_relaxed=11.0,
         ...                 chance_members_named_relaxed=4.6875,
         ...                 statistics=dict.fromkeys(STATISTICS, 0.9),
-        ...                 null=torch.linspace(0.4, 0.7, 99)[:, None].repeat(1, 6), queries=15)
+        ...                 null=torch.linspace(0.4, 0.7, 99)[:, None].repeat(1, 7), queries=15)
         >>> report = Calibration(alpha=0.05, horizon=1).report(m, check=1)
         >>> report.p_value, report.significant, report.level.value, report.can_alarm
         (0.01, True, 'moderate', True)

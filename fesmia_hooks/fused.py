@@ -42,6 +42,7 @@ __all__ = [
     "PoolReadings",
     "centroid_readings",
     "centroid_readings_torch",
+    "signal_mean_differences",
     "host_features",
     "simpleshot_readings",
     "simpleshot_readings_torch",
@@ -344,6 +345,33 @@ def centroid_readings_torch(
         )
     tp0, tpk, auc = row_readings(scores, torch.arange(scores.shape[1]) < m, relaxed_fp)
     return PoolReadings(tp0.numpy(), tpk.numpy(), auc.double().numpy())
+
+
+def signal_mean_differences(signals: np.ndarray, perms: np.ndarray, num_members: int) -> np.ndarray:
+    """Members' mean minus non-members' mean of a label-free score, under each labeling.
+
+    The score of a canary is the mean of its ``signals`` (standardised columns, each
+    oriented "higher = more member-like"); it uses no label, so permuting the labels leaves
+    it unchanged. Row ``g`` of ``perms`` puts canary ``perms[g, i]`` in slot ``i``, the
+    members' slots first. One numpy expression computes every row alike, so the observed
+    value (the identity row) and its null cannot differ in rounding.
+
+    Args:
+        signals: ``[n, k]`` oriented signal columns (``k >= 1``).
+        perms: ``[G, n]`` labelings.
+        num_members: Member slots.
+
+    Returns:
+        ``[G]`` float64 differences of means.
+
+    Example:
+        >>> x = np.array([[2.0], [1.0], [0.0], [-1.0]])
+        >>> signal_mean_differences(x, np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), 2).tolist()
+        [2.0, -2.0]
+    """
+    score = np.asarray(signals, dtype=np.float64).mean(axis=1)
+    placed = score[np.asarray(perms, dtype=np.int64)]
+    return placed[:, :num_members].mean(axis=1) - placed[:, num_members:].mean(axis=1)
 
 
 def host_features(features: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from fesmia_hooks.readings import row_readings
 from fesmia_hooks.report import TPR_FPRS, Readings
 
 __all__ = [
+    "CENTROID_STATISTICS",
     "EPISODE_STATISTICS",
     "POOL_STATISTICS",
     "STATISTICS",
@@ -35,15 +36,19 @@ __all__ = [
 
 #: The statistics of the permutation test, in the order of :attr:`Measurement.null`'s
 #: columns: mean relaxed and strict Log-MIA over episodes, mean episode AUC, the AUC of
-#: each canary's score pooled over the episodes where it was a query, and two readings of
-#: the whole pool's leave-one-out nearest-centroid ranking: its strict Log-MIA (``N`` =
-#: the members) and its AUC (see :func:`fesmia_hooks.fused.centroid_readings`).
+#: each canary's score pooled over the episodes where it was a query; two readings of the
+#: whole pool's leave-one-out nearest-centroid ranking, its strict Log-MIA (``N`` = the
+#: members) and its AUC (see :func:`fesmia_hooks.fused.centroid_readings`); and the
+#: members' mean minus the non-members' mean of a label-free signal score (the mean of the
+#: standardised signals, each oriented "higher = more member-like").
 STATISTICS: tuple[str, ...] = ("relaxed", "strict", "auc", "pooled_auc", "centroid_strict",
-                               "centroid_auc")
+                               "centroid_auc", "signal_mean")
 #: The statistics read from the few-shot episodes (each permutation solves them all again).
 EPISODE_STATISTICS: tuple[str, ...] = STATISTICS[:4]
-#: The statistics read from the whole pool's ranking (no episodes: cheap under permutations).
+#: The statistics read from the whole pool at once (no episodes: cheap under permutations).
 POOL_STATISTICS: tuple[str, ...] = STATISTICS[4:]
+#: The whole pool's centroid ranking (computed together).
+CENTROID_STATISTICS: tuple[str, ...] = ("centroid_strict", "centroid_auc")
 
 
 @dataclass(frozen=True)

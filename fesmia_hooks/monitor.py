@@ -65,6 +65,9 @@ STATE_VERSION = 2
 #: Significance level of the pre-flight check (strict: a split is refused only on clear
 #: evidence that its two sides differ).
 PREFLIGHT_ALPHA = 0.002
+#: The pre-flight check's statistic: the whole pool's centroid ranking, which sees the two
+#: sides differ in any direction.
+PREFLIGHT_STATISTIC = "centroid_auc+centroid_strict"
 _NO_BUDGET = Decision(False, False, StopReason.NOT_STOPPED, "no budget")
 
 
@@ -106,7 +109,10 @@ class PrivacyMonitor:
             integration set it from the run's limits (or spends ``alpha`` as
             ``alpha * c / (c + 10)``).
         bands: Where the qualitative levels start (on the share beyond chance).
-        statistic: The alarm statistic (see :func:`fesmia_hooks.calibration.alarm_statistic`).
+        statistic: The alarm statistic (see :func:`fesmia_hooks.calibration.alarm_statistic`);
+            ``None``: the probe's ``default_statistic``
+            (:data:`~fesmia_hooks.calibration.DEFAULT_STATISTIC` for a probe reading
+            signals).
         preflight: What :meth:`preflight` does when the attack already tells members from
             non-members before training: ``"error"`` raises a
             :class:`~fesmia_hooks.CanaryError`, ``"warn"`` warns and goes on (later
@@ -168,7 +174,7 @@ class PrivacyMonitor:
         alpha: float = 0.05,
         horizon: int | None = None,
         bands: LevelBands | None = None,
-        statistic: str = DEFAULT_STATISTIC,
+        statistic: str | None = None,
         preflight: Literal["error", "warn", "off"] = "error",
         asynchronous: bool = False,
         accountant: Accountant | None = None,
@@ -223,6 +229,8 @@ class PrivacyMonitor:
         self._worker = AttackWorker()
         self._pending: _Pending | None = None
         self._land_lock = threading.RLock()
+        if statistic is None:
+            statistic = getattr(self.probe, "default_statistic", DEFAULT_STATISTIC)
         self.calibration = Calibration(alpha, horizon=horizon, bands=bands, statistic=statistic)
         self.budget = budget
         if budget is not None and "epsilon_accountant" in budget.max_values and (
@@ -377,7 +385,8 @@ class PrivacyMonitor:
         Under a random split of one data set, an untrained (or not yet fine-tuned) model
         cannot tell the canary members from the non-members: every later reading assumes so
         (``docs/science.md#exchangeability``). If the attack already separates them at a
-        strict level (p <= :data:`PREFLIGHT_ALPHA`), the split is not exchangeable and later
+        strict level (p <= :data:`PREFLIGHT_ALPHA`, on :data:`PREFLIGHT_STATISTIC`, which
+        looks in every direction), the split is not exchangeable and later
         readings would measure the split, not memorisation. The report is kept as
         :attr:`baseline` and in the history's header; it is not a check of the run.
 
@@ -395,13 +404,24 @@ class PrivacyMonitor:
                 "the monitor has no canaries: pass `canaries` or call set_canaries() first"
             )
         self._agree_across_ranks(model)  # before the first collective of the run
+        # A difference in any direction breaks exchangeability: the test is two-sided (the
+        # pool's centroid ranking), where the alarm's default may look one way only.
+        statistic = self.calibration.statistic
+        use_statistics = getattr(self.probe, "use_statistics", None)
+        before = getattr(self.probe, "null_statistics", None)
+        if callable(use_statistics) and before is not None:
+            statistic = PREFLIGHT_STATISTIC
+            use_statistics(alarm_components(statistic))
         try:
             measured = self.probe.measure(model, self.canaries)
         except Exception as exc:  # noqa: BLE001 - reported like a failed check
             self._record_error(exc, epoch=None, step=None, index=0)
             return None
+        finally:
+            if callable(use_statistics) and before is not None:
+                self.probe.null_statistics = before  # type: ignore[attr-defined]
         report = Calibration(PREFLIGHT_ALPHA, bands=self.calibration.bands,
-                             statistic=self.calibration.statistic).single_check(measured)
+                             statistic=statistic).single_check(measured)
         self.baseline = report
         if not report.significant:
             return report

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fesmia_hooks._validation import choice, positive_int
-from fesmia_hooks.calibration import DEFAULT_STATISTIC, alarm_components
+from fesmia_hooks.calibration import DEFAULT_STATISTIC, EPISODE_STATISTIC, alarm_components
 from fesmia_hooks.canaries import Canaries
 from fesmia_hooks.distributed import agree_on_failure, gather_rows, is_distributed, shard
 from fesmia_hooks.episodes import EpisodePlan, HalfPlan
@@ -31,12 +31,14 @@ from fesmia_hooks.fused import (
     EpisodeReadings,
     centroid_readings,
     host_features,
+    signal_mean_differences,
     simpleshot_readings,
 )
 from fesmia_hooks.guard import model_device, random_streams_forked
 from fesmia_hooks.learners import Learner, get_learner, learner_name, simpleshot
 from fesmia_hooks.logmia import chance_counts, chance_log_mia, relaxed_false_positives
 from fesmia_hooks.measurement import (
+    CENTROID_STATISTICS,
     EPISODE_STATISTICS,
     POOL_STATISTICS,
     STATISTICS,
@@ -146,8 +148,8 @@ class FeSMIA:
         >>> canaries = CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
         >>> probe = FeSMIA(shots=5, queries=15, episodes=50, permutations=99, seed=0)
         >>> m = probe.measure(model, canaries)
-        >>> round(m.chance_strict, 3), m.null.shape  # 99 permutations x 6 statistics
-        (0.178, torch.Size([99, 6]))
+        >>> round(m.chance_strict, 3), m.null.shape  # 99 permutations x 7 statistics
+        (0.178, torch.Size([99, 7]))
         >>> probe.evaluate(model, canaries).level.value  # one check read on its own
         'none'
 
@@ -216,7 +218,7 @@ class FeSMIA:
         # The default learner runs through the fused loop (fesmia_hooks.fused).
         self._fused = self._learner.func is simpleshot and not self._learner.keywords
         self.null_statistics: frozenset[str] = frozenset()
-        self.use_statistics(alarm_components(DEFAULT_STATISTIC))
+        self.use_statistics(alarm_components(self.default_statistic))
         self.learner_options = options
         self.batch_size = positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -271,12 +273,27 @@ class FeSMIA:
             self.permutations = permutations
             self._plans.clear()
 
+    @property
+    def default_statistic(self) -> str:
+        """The alarm statistic this probe's checks are tested on unless told otherwise.
+
+        :data:`~fesmia_hooks.calibration.DEFAULT_STATISTIC` when the probe reads signals
+        (they give the label-free ``signal_mean`` score); the episodes'
+        :data:`~fesmia_hooks.calibration.EPISODE_STATISTIC` for embeddings alone.
+
+        Example:
+            >>> embeddings = FeSMIA(features="embeddings", embedding_layer="fc")
+            >>> FeSMIA().default_statistic, embeddings.default_statistic
+            ('signal_mean+centroid_strict', 'auc+strict')
+        """
+        return EPISODE_STATISTIC if self.features == "embeddings" else DEFAULT_STATISTIC
+
     def use_statistics(self, names: Sequence[str]) -> None:
         """Compute only the statistics ``names`` under the permutations (others read NaN).
 
-        By default a probe computes those of the default alarm statistic
-        (:data:`~fesmia_hooks.calibration.DEFAULT_STATISTIC`); testing another on its
-        measurements needs this call first (the test refuses columns it was not given).
+        By default a probe computes those of its :attr:`default_statistic`; testing another
+        on its measurements needs this call first (the test refuses columns it was not
+        given).
 
         ``names`` are of :data:`~fesmia_hooks.measurement.STATISTICS`; the columns of
         :attr:`Measurement.null` of the others read NaN.
@@ -290,9 +307,9 @@ class FeSMIA:
             >>> probe.use_statistics(["auc", "strict"])
             >>> sorted(probe.null_statistics)
             ['auc', 'relaxed', 'strict']
-            >>> probe.use_statistics(["centroid_auc"])
+            >>> probe.use_statistics(["centroid_auc", "signal_mean"])
             >>> sorted(probe.null_statistics)
-            ['centroid_auc', 'centroid_strict']
+            ['centroid_auc', 'centroid_strict', 'signal_mean']
         """
         for name in names:
             choice("statistic", name, STATISTICS)
@@ -301,8 +318,8 @@ class FeSMIA:
         # pooled AUC is extra), and both readings of the pool's ranking together.
         if wanted & {"relaxed", "strict", "auc"}:
             wanted |= {"relaxed", "strict", "auc"}
-        if wanted & set(POOL_STATISTICS):
-            wanted |= set(POOL_STATISTICS)
+        if wanted & set(CENTROID_STATISTICS):
+            wanted |= set(CENTROID_STATISTICS)
         self.null_statistics = wanted
 
     # ------------------------------------------------------------------ public
@@ -366,7 +383,9 @@ class FeSMIA:
         start = time.perf_counter()
         features = self.features_of(model, canaries)
         audit = self._audit_scores(features) if canaries.random_inclusion else np.empty(0)
-        matrix = self._with_trajectory(features).matrix()
+        oriented = self._with_trajectory(features)
+        matrix = oriented.matrix()
+        signal_columns = 0 if oriented.signals is None else int(oriented.signals.shape[1])
         if self._fused:  # the attack reads host memory: one copy, one sync
             matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
         else:
@@ -376,11 +395,11 @@ class FeSMIA:
 
         def attack() -> Measurement:
             if self._fused:  # draws no random numbers (its plans have their own generators)
-                return replace(self.attack(matrix, num_members), seconds_forward=forward,
-                               audit_scores=audit)
+                return replace(self.attack(matrix, num_members, signal_columns=signal_columns),
+                               seconds_forward=forward, audit_scores=audit)
             # A learner of the user's may draw random numbers: training's streams stay its own.
             with random_streams_forked(_cuda_indices(matrix)):
-                measured = self.attack(matrix, num_members)
+                measured = self.attack(matrix, num_members, signal_columns=signal_columns)
             return replace(measured, seconds_forward=forward, audit_scores=audit)
 
         return attack
@@ -410,13 +429,24 @@ class FeSMIA:
         from fesmia_hooks.calibration import Calibration
 
         measured = self.measure(model, canaries)
-        return Calibration(alpha, bands=bands).single_check(measured)
+        return Calibration(alpha, bands=bands,
+                           statistic=self.default_statistic).single_check(measured)
 
-    def attack(self, features: torch.Tensor, num_members: int) -> Measurement:
+    def attack(
+        self, features: torch.Tensor, num_members: int, *, signal_columns: int | None = None
+    ) -> Measurement:
         """The attack alone, on a ready ``[n, F]`` feature matrix (members first).
 
         Useful to test learners on synthetic features, or to attack features computed
         elsewhere (another process, a cached forward pass).
+
+        Args:
+            features: ``[n, F]`` label-free features, members first.
+            num_members: Members among the ``n`` rows.
+            signal_columns: How many leading columns are signals oriented "higher = more
+                member-like" (the ``signal_mean`` statistic averages them). ``None``: all
+                of them for a probe that reads signals only (``features="signals"``), none
+                otherwise.
         """
         start = time.perf_counter()
         n = features.shape[0]
@@ -426,7 +456,9 @@ class FeSMIA:
             observed, null, in_halves, scores = self._attack_fused(features, plan, halves)
         else:
             observed, null, in_halves, scores = self._attack_batched(features, plan, halves)
-        pool_observed, pool_null = self._pool_statistics(features, plan)
+        if signal_columns is None:
+            signal_columns = features.shape[1] if self.features == "signals" else 0
+        pool_observed, pool_null = self._pool_statistics(features, plan, signal_columns)
         null = torch.cat([null, pool_null], dim=1)
         s2 = 2 * self.shots
         pooled = pooled_scores(scores, plan.slots[:, s2:], n)[0].cpu().numpy()
@@ -541,26 +573,35 @@ class FeSMIA:
         return observed, null, in_halves, scores
 
     def _pool_statistics(
-        self, features: torch.Tensor, plan: EpisodePlan
+        self, features: torch.Tensor, plan: EpisodePlan, signal_columns: int
     ) -> tuple[dict[str, float], torch.Tensor]:
-        """The whole pool's statistics: observed, and ``[B, 2]`` under the permutations.
+        """The whole pool's statistics: observed, and ``[B, 3]`` under the permutations.
 
-        The permutations' columns read NaN when the alarm reads neither.
+        Columns the alarm does not read are NaN under the permutations; ``signal_mean`` is
+        NaN throughout without oriented signal columns.
         """
         x = host_features(features)
         _, perms, identity = plan.host()
         m = plan.num_members
         denom = math.log1p(m)
+        wanted = self.null_statistics
 
-        def columns(r: Any) -> np.ndarray:
+        def centroid(rows: np.ndarray) -> np.ndarray:
+            r = centroid_readings(x, rows, num_members=m, relaxed_fp=0)
             return np.stack([np.log1p(r.tp_strict.astype(np.float64)) / denom, r.auc], axis=1)
 
-        seen = columns(centroid_readings(x, identity, num_members=m, relaxed_fp=0))[0]
-        observed = dict(zip(POOL_STATISTICS, (float(v) for v in seen), strict=True))
-        if not self.null_statistics & set(POOL_STATISTICS):
-            return observed, torch.full((perms.shape[0], len(POOL_STATISTICS)), float("nan"),
-                                        dtype=torch.float64)
-        null = columns(centroid_readings(x, perms, num_members=m, relaxed_fp=0))
+        def signal(rows: np.ndarray) -> np.ndarray:
+            if signal_columns <= 0:
+                return np.full((rows.shape[0], 1), np.nan)
+            return signal_mean_differences(x[:, :signal_columns], rows, m)[:, None]
+
+        observed_row = np.concatenate([centroid(identity), signal(identity)], axis=1)[0]
+        observed = dict(zip(POOL_STATISTICS, (float(v) for v in observed_row), strict=True))
+        nan = np.full((perms.shape[0], 1), np.nan)
+        null = np.concatenate([
+            centroid(perms) if wanted & set(CENTROID_STATISTICS) else np.hstack([nan, nan]),
+            signal(perms) if "signal_mean" in wanted else nan,
+        ], axis=1)
         return observed, torch.from_numpy(np.ascontiguousarray(null))
 
     # ------------------------------------------------------------------ internals

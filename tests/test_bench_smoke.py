@@ -43,7 +43,8 @@ def test_tiny_benchmark_writes_results_and_every_table(tmp_path):
         assert sec["machine"]["torch_threads"] == 1
 
     cost = results["sections"]["cost"]["result"]
-    assert set(cost["workloads"]) == {"digits_mlp", "cnn", "digits_mlp_pool_alarm", "cnn_pool_alarm"}
+    assert set(cost["workloads"]) == {"digits_mlp", "cnn", "digits_mlp_episode_alarm",
+                                        "cnn_episode_alarm"}
     for w in cost["workloads"].values():
         assert w["floor_s"] > 0 and w["check_s"] > 0
         assert w["ratio"] == pytest.approx(w["check_s"] / w["floor_s"], rel=1e-3)

@@ -161,7 +161,8 @@ def test_a_report_is_redrawn_from_its_history_alone(tmp_path):
     monitor.flush()
     [header] = headers_in(tmp_path / HISTORY_FILE)
     settings = header["settings"]
-    assert settings["calibration"] == {"alpha": 0.1, "horizon": 3, "statistic": "auc+strict",
+    assert settings["calibration"] == {"alpha": 0.1, "horizon": 3,
+                                       "statistic": "signal_mean+centroid_strict",
                                        "bands": {"moderate": 0.3, "high": 0.6,
                                                  "critical": 0.9, "on": "strict"}}
     assert settings["budget"]["max_level"] == "moderate"

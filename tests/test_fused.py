@@ -184,7 +184,7 @@ def test_features_that_overflow_the_pool_scores_are_refused(compiled, monkeypatc
 def test_an_alarm_on_the_pool_computes_no_episode_under_the_permutations():
     x = features("gaussian", 1, n=128).double()
     probe = fh.FeSMIA(permutations=49, seed=1)
-    probe.use_statistics(["centroid_auc", "centroid_strict"])
+    probe.use_statistics(["signal_mean", "centroid_strict"])  # the default alarm
     m = probe.attack(x, 64)
     pool_cols = [STATISTICS.index(s) for s in POOL_STATISTICS]
     episode_cols = [STATISTICS.index(s) for s in EPISODE_STATISTICS]
@@ -196,3 +196,29 @@ def test_an_alarm_on_the_pool_computes_no_episode_under_the_permutations():
     full = everything.attack(x, 64)
     assert m.statistics == full.statistics
     assert torch.equal(m.null[:, pool_cols], full.null[:, pool_cols])
+
+
+def test_the_signal_score_is_the_mean_of_the_oriented_columns_and_label_free():
+    x = features("gaussian", 2, n=64).double()
+    x[:32] += 0.8  # members higher on every signal
+    probe = fh.FeSMIA(permutations=99, seed=2)
+    m = probe.attack(x, 32)
+    score = x.numpy().mean(1)
+    assert m.statistics["signal_mean"] == pytest.approx(score[:32].mean() - score[32:].mean())
+    assert fh.Calibration(statistic="signal_mean").single_check(m).p_value <= 0.02
+    # only the leading signal columns count: the rest (embeddings) change nothing
+    wider = torch.cat([x, torch.randn(64, 3, dtype=torch.float64)], dim=1)
+    w = probe.attack(wider, 32, signal_columns=4)
+    assert w.statistics["signal_mean"] == m.statistics["signal_mean"]
+    # no oriented signal: the statistic reads NaN, and testing it is refused
+    none = probe.attack(x, 32, signal_columns=0)
+    assert math.isnan(none.statistics["signal_mean"])
+    with pytest.raises(fh.ConfigurationError, match="'signal_mean', which the probe"):
+        fh.Calibration(statistic="signal_mean").single_check(none)
+
+
+def test_a_probe_of_embeddings_alone_defaults_to_the_episodes_statistic():
+    assert fh.FeSMIA().default_statistic == "signal_mean+centroid_strict"
+    probe = fh.FeSMIA(features="embeddings", embedding_layer="fc")
+    assert probe.default_statistic == "auc+strict"
+    assert {"auc", "strict"} <= probe.null_statistics
