@@ -91,6 +91,14 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
         )
     null = measurement.null[:, columns].double()
     missing = [p for p, col in zip(parts, null.T, strict=True) if bool(col.isnan().all())]
+    unreadable = [p for p in missing if math.isnan(measurement.statistics.get(p, math.nan))]
+    if unreadable and null.shape[0] > 0:
+        raise ConfigurationError(
+            f"statistic {statistic!r} reads {', '.join(repr(p) for p in unreadable)}, which "
+            "this check could not compute (NaN even under the true labels): 'signal_mean' "
+            "needs signal columns (a probe reading embeddings alone has none; FeSMIA.attack "
+            "takes signal_columns=); test another statistic, e.g. 'auc+strict'"
+        )
     if missing and null.shape[0] > 0:
         raise ConfigurationError(
             f"statistic {statistic!r} reads {', '.join(repr(p) for p in missing)}, which the "

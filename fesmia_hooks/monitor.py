@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import inspect
 import json
 import logging
 import math
@@ -379,6 +380,25 @@ class PrivacyMonitor:
         needed = self.calibration.permutations_needed() or low
         self.probe.set_permutations(max(low, min(high, needed)))  # type: ignore[attr-defined]
 
+    @property
+    def _takes_statistics(self) -> bool:
+        """Whether the probe's ``measure`` takes the statistics to compute (FeSMIA's does)."""
+        try:
+            params = inspect.signature(self.probe.measure).parameters
+        except (TypeError, ValueError):
+            return False
+        return "statistics" in params
+
+    def _statistics_of(self, statistic: str) -> dict[str, Any]:
+        """``measure``'s keyword for the statistics ``statistic`` reads (none if it takes none).
+
+        Passed with every check, so that a probe shared with another monitor, or switched
+        by a pre-flight check, computes what this monitor's test reads.
+        """
+        if not self._takes_statistics:
+            return {}
+        return {"statistics": alarm_components(statistic)}
+
     def preflight(self, model: nn.Module) -> LeakageReport | None:
         """Check, before training, that members and non-members cannot be told apart yet.
 
@@ -406,20 +426,12 @@ class PrivacyMonitor:
         self._agree_across_ranks(model)  # before the first collective of the run
         # A difference in any direction breaks exchangeability: the test is two-sided (the
         # pool's centroid ranking), where the alarm's default may look one way only.
-        statistic = self.calibration.statistic
-        use_statistics = getattr(self.probe, "use_statistics", None)
-        before = getattr(self.probe, "null_statistics", None)
-        if callable(use_statistics) and before is not None:
-            statistic = PREFLIGHT_STATISTIC
-            use_statistics(alarm_components(statistic))
+        statistic = PREFLIGHT_STATISTIC if self._takes_statistics else self.calibration.statistic
         try:
-            measured = self.probe.measure(model, self.canaries)
+            measured = self.probe.measure(model, self.canaries, **self._statistics_of(statistic))
         except Exception as exc:  # noqa: BLE001 - reported like a failed check
             self._record_error(exc, epoch=None, step=None, index=0)
             return None
-        finally:
-            if callable(use_statistics) and before is not None:
-                self.probe.null_statistics = before  # type: ignore[attr-defined]
         report = Calibration(PREFLIGHT_ALPHA, bands=self.calibration.bands,
                              statistic=statistic).single_check(measured)
         self.baseline = report
@@ -539,10 +551,12 @@ class PrivacyMonitor:
         if self.accountant is not None:  # one decision for all ranks (no collective without)
             accounted = rank_zero_value(accounted, model_device(model))
         try:
+            wanted = self._statistics_of(self.calibration.statistic)
             if self.asynchronous:
-                attack = self.probe.prepare(model, self.canaries)  # type: ignore[attr-defined]
+                attack = self.probe.prepare(  # type: ignore[attr-defined]
+                    model, self.canaries, **wanted)
             else:
-                measured = self.probe.measure(model, self.canaries)
+                measured = self.probe.measure(model, self.canaries, **wanted)
         except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
             if mark is not None:
                 self._checked.add(mark)  # a failed check is done: the next one moves on

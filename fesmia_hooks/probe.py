@@ -311,16 +311,7 @@ class FeSMIA:
             >>> sorted(probe.null_statistics)
             ['centroid_auc', 'centroid_strict', 'signal_mean']
         """
-        for name in names:
-            choice("statistic", name, STATISTICS)
-        wanted = frozenset(names)
-        # Each group comes from one pass: relaxed, strict and the episode AUC together (the
-        # pooled AUC is extra), and both readings of the pool's ranking together.
-        if wanted & {"relaxed", "strict", "auc"}:
-            wanted |= {"relaxed", "strict", "auc"}
-        if wanted & set(CENTROID_STATISTICS):
-            wanted |= set(CENTROID_STATISTICS)
-        self.null_statistics = wanted
+        self.null_statistics = _computed_together(names)
 
     # ------------------------------------------------------------------ public
     def check_canaries(self, canaries: Canaries) -> None:
@@ -358,16 +349,26 @@ class FeSMIA:
             embeddings=None if local.embeddings is None else gather_rows(local.embeddings, n),
         )
 
-    def measure(self, model: nn.Module, canaries: Canaries) -> Measurement:
+    def measure(
+        self, model: nn.Module, canaries: Canaries, *, statistics: Sequence[str] | None = None
+    ) -> Measurement:
         """Run one privacy check of ``model`` on ``canaries``: what the attack finds.
+
+        Args:
+            model: The model to check (left untouched).
+            canaries: The canary pool.
+            statistics: The statistics to compute under the permutations (see
+                :meth:`use_statistics`); ``None``: the probe's :attr:`null_statistics`.
 
         Returns:
             The :class:`~fesmia_hooks.measurement.Measurement`; a monitor's
             :class:`~fesmia_hooks.Calibration` reads it into a report.
         """
-        return self.prepare(model, canaries)()
+        return self.prepare(model, canaries, statistics=statistics)()
 
-    def prepare(self, model: nn.Module, canaries: Canaries) -> Callable[[], Measurement]:
+    def prepare(
+        self, model: nn.Module, canaries: Canaries, *, statistics: Sequence[str] | None = None
+    ) -> Callable[[], Measurement]:
         """The part of a check that needs the model, now; the attack, as a function for later.
 
         Forwards the canaries (on the model's device) and, for the default learner, copies
@@ -380,6 +381,9 @@ class FeSMIA:
             CanaryError: When ``canaries`` is too small for this probe.
         """
         self.check_canaries(canaries)
+        # Fixed now: a later use_statistics (another monitor, a pre-flight check) cannot
+        # change what an attack running on another thread computes.
+        wanted = self.null_statistics if statistics is None else _computed_together(statistics)
         start = time.perf_counter()
         features = self.features_of(model, canaries)
         audit = self._audit_scores(features) if canaries.random_inclusion else np.empty(0)
@@ -395,11 +399,13 @@ class FeSMIA:
 
         def attack() -> Measurement:
             if self._fused:  # draws no random numbers (its plans have their own generators)
-                return replace(self.attack(matrix, num_members, signal_columns=signal_columns),
+                return replace(self.attack(matrix, num_members, signal_columns=signal_columns,
+                                           statistics=wanted),
                                seconds_forward=forward, audit_scores=audit)
             # A learner of the user's may draw random numbers: training's streams stay its own.
             with random_streams_forked(_cuda_indices(matrix)):
-                measured = self.attack(matrix, num_members, signal_columns=signal_columns)
+                measured = self.attack(matrix, num_members, signal_columns=signal_columns,
+                                       statistics=wanted)
             return replace(measured, seconds_forward=forward, audit_scores=audit)
 
         return attack
@@ -428,12 +434,17 @@ class FeSMIA:
         """
         from fesmia_hooks.calibration import Calibration
 
-        measured = self.measure(model, canaries)
-        return Calibration(alpha, bands=bands,
-                           statistic=self.default_statistic).single_check(measured)
+        statistic = self.default_statistic
+        measured = self.measure(model, canaries, statistics=alarm_components(statistic))
+        return Calibration(alpha, bands=bands, statistic=statistic).single_check(measured)
 
     def attack(
-        self, features: torch.Tensor, num_members: int, *, signal_columns: int | None = None
+        self,
+        features: torch.Tensor,
+        num_members: int,
+        *,
+        signal_columns: int | None = None,
+        statistics: Sequence[str] | None = None,
     ) -> Measurement:
         """The attack alone, on a ready ``[n, F]`` feature matrix (members first).
 
@@ -447,18 +458,24 @@ class FeSMIA:
                 member-like" (the ``signal_mean`` statistic averages them). ``None``: all
                 of them for a probe that reads signals only (``features="signals"``), none
                 otherwise.
+            statistics: The statistics to compute under the permutations; ``None``: the
+                probe's :attr:`null_statistics`.
         """
         start = time.perf_counter()
+        wanted = self.null_statistics if statistics is None else _computed_together(statistics)
         n = features.shape[0]
         plan = self._plan(num_members, n - num_members)
         halves = self._halves(num_members, n - num_members)
         if self._fused:
-            observed, null, in_halves, scores = self._attack_fused(features, plan, halves)
+            observed, null, in_halves, scores = self._attack_fused(features, plan, halves,
+                                                                   wanted)
         else:
-            observed, null, in_halves, scores = self._attack_batched(features, plan, halves)
+            observed, null, in_halves, scores = self._attack_batched(features, plan, halves,
+                                                                     wanted)
         if signal_columns is None:
             signal_columns = features.shape[1] if self.features == "signals" else 0
-        pool_observed, pool_null = self._pool_statistics(features, plan, signal_columns)
+        pool_observed, pool_null = self._pool_statistics(features, plan, signal_columns,
+                                                         wanted)
         null = torch.cat([null, pool_null], dim=1)
         s2 = 2 * self.shots
         pooled = pooled_scores(scores, plan.slots[:, s2:], n)[0].cpu().numpy()
@@ -516,7 +533,8 @@ class FeSMIA:
 
     # ------------------------------------------------------------------ internals
     def _attack_fused(
-        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan
+        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan,
+        wanted: frozenset[str],
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """SimpleShot through one fused loop for the true labels, permutations and halves.
 
@@ -529,9 +547,9 @@ class FeSMIA:
                   "num_members": plan.num_members}
         seen = simpleshot_readings(x, slots, identity, flags, keep_scores=True, **common)
         observed = _statistics(seen, len(flags) // 2)
-        if self.null_statistics & set(EPISODE_STATISTICS):
+        if wanted & set(EPISODE_STATISTICS):
             null_readings = simpleshot_readings(
-                x, slots, perms, flags, pooled="pooled_auc" in self.null_statistics, **common)
+                x, slots, perms, flags, pooled="pooled_auc" in wanted, **common)
             null = _stack(_statistics(null_readings, len(flags) // 2))
         else:  # the alarm reads none of them: no episode is solved under the permutations
             null = _unused(perms.shape[0])
@@ -547,7 +565,8 @@ class FeSMIA:
         return observed, null, in_halves, torch.from_numpy(seen.scores[0])
 
     def _attack_batched(
-        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan
+        self, features: torch.Tensor, plan: EpisodePlan, halves: HalfPlan,
+        wanted: frozenset[str],
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Any learner: episodes scored in batches on the features' device, then read."""
         n = features.shape[0]
@@ -557,7 +576,7 @@ class FeSMIA:
         scores = self._scores(features[slots], s2)  # [E, 2q]
         observed = episode_statistics(scores[None], is_query_member, slots[:, s2:],
                                       plan.num_members, n)
-        if self.null_statistics & set(EPISODE_STATISTICS):
+        if wanted & set(EPISODE_STATISTICS):
             null = self._null_statistics(features, slots, perms, is_query_member,
                                          plan.num_members)
         else:
@@ -573,7 +592,8 @@ class FeSMIA:
         return observed, null, in_halves, scores
 
     def _pool_statistics(
-        self, features: torch.Tensor, plan: EpisodePlan, signal_columns: int
+        self, features: torch.Tensor, plan: EpisodePlan, signal_columns: int,
+        wanted: frozenset[str],
     ) -> tuple[dict[str, float], torch.Tensor]:
         """The whole pool's statistics: observed, and ``[B, 3]`` under the permutations.
 
@@ -584,7 +604,6 @@ class FeSMIA:
         _, perms, identity = plan.host()
         m = plan.num_members
         denom = math.log1p(m)
-        wanted = self.null_statistics
 
         def centroid(rows: np.ndarray) -> np.ndarray:
             r = centroid_readings(x, rows, num_members=m, relaxed_fp=0)
@@ -673,6 +692,23 @@ class FeSMIA:
             stats = episode_statistics(scores, is_query_member, slots[:, s2:], num_members, n)
             out.append(_stack(stats))
         return torch.cat(out)
+
+
+def _computed_together(names: Sequence[str]) -> frozenset[str]:
+    """``names`` with the statistics that come from the same pass (each name checked).
+
+    Names are of :data:`~fesmia_hooks.measurement.STATISTICS`. Relaxed, strict and the
+    episode AUC come together (the pooled AUC is extra), and both readings of the pool's
+    centroid ranking.
+    """
+    for name in names:
+        choice("statistic", name, STATISTICS)
+    wanted = frozenset(names)
+    if wanted & {"relaxed", "strict", "auc"}:
+        wanted |= {"relaxed", "strict", "auc"}
+    if wanted & set(CENTROID_STATISTICS):
+        wanted |= set(CENTROID_STATISTICS)
+    return wanted
 
 
 def _statistics(readings: EpisodeReadings, query_members: int) -> dict[str, torch.Tensor]:

@@ -306,3 +306,34 @@ def test_a_null_without_a_column_per_statistic_is_refused():
     old = Measurement(**base, statistics=dict.fromkeys(STATISTICS, 0.5), null=torch.rand(99, 4))
     with pytest.raises(fh.ConfigurationError, match=r"must be \[permutations, 7\].*got \[99, 4\]"):
         fh.Calibration().single_check(old)
+
+
+def test_checks_compute_their_own_monitors_statistics_whatever_else_uses_the_probe():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 4, generator=g), torch.randint(0, 3, (128,), generator=g)
+    canaries = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+    model = nn.Linear(4, 3)
+    probe = fh.FeSMIA(episodes=10, permutations=99, seed=0)
+    probe.use_statistics(["auc", "strict"])
+    assert probe.evaluate(model, canaries).statistic == probe.default_statistic
+    # one probe, two monitors testing different statistics
+    episodes = fh.PrivacyMonitor(canaries, probe=probe, statistic="auc+strict", preflight="off")
+    default = fh.PrivacyMonitor(canaries, probe=probe, preflight="off")
+    assert episodes.check(model, epoch=0).statistic == "auc+strict"
+    assert default.check(model, epoch=0).statistic == "signal_mean+centroid_strict"
+    assert not episodes.errors and not default.errors
+
+
+def test_a_preflight_check_leaves_a_pending_asynchronous_check_alone():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(128, 4, generator=g), torch.randint(0, 3, (128,), generator=g)
+    canaries = fh.CanarySet(members=(x[:64], y[:64]), non_members=(x[64:], y[64:]))
+    model = nn.Linear(4, 3)
+    monitor = fh.PrivacyMonitor(canaries, probe=fh.FeSMIA(episodes=10, permutations=199),
+                                asynchronous=True, preflight="warn", tensorboard=False)
+    monitor.check(model, epoch=0)  # its attack runs on the worker thread
+    monitor.preflight(model)  # tests other statistics meanwhile
+    monitor.flush()
+    assert len(monitor.history) == 1 and not monitor.errors
+    assert monitor.history[0].statistic == "signal_mean+centroid_strict"
+    monitor.close()

@@ -213,7 +213,7 @@ def test_the_signal_score_is_the_mean_of_the_oriented_columns_and_label_free():
     # no oriented signal: the statistic reads NaN, and testing it is refused
     none = probe.attack(x, 32, signal_columns=0)
     assert math.isnan(none.statistics["signal_mean"])
-    with pytest.raises(fh.ConfigurationError, match="'signal_mean', which the probe"):
+    with pytest.raises(fh.ConfigurationError, match="which this check could not compute"):
         fh.Calibration(statistic="signal_mean").single_check(none)
 
 
