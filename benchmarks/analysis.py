@@ -172,6 +172,20 @@ def cadence(overhead_row: dict[str, Any]) -> tuple[float, int]:
     return share, max(1, math.ceil(share / 0.02))
 
 
+def rank_statistics(scenarios: dict[str, Any], alpha: float = 0.05) -> list[str]:
+    """Item 8's rule as a ranking of the candidate alarm statistics, best first.
+
+    Candidates whose size is compatible with ``alpha`` (the lower end of the exact interval
+    of their rejection rate in the ``"null"`` scenario at most ``alpha``), ordered by their
+    worst power over the leaky scenarios, then by their mean power.
+    """
+    null = scenarios["null"]["rejection"]
+    leaky = [s for s in scenarios if s != "null"]
+    power = {c: [scenarios[s]["rejection"][c]["rate"] for s in leaky] for c in null}
+    return sorted((c for c in null if null[c]["low"] <= alpha),
+                  key=lambda c: (min(power[c]), sum(power[c])), reverse=True)
+
+
 def strict_flat_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leaky runs where the relaxed reading tracks (ρ ≥ 0.5) and the strict one does not."""
     return [r for r in runs if r["summary"]["leaky"] and r["summary"]["rho_strict"] is not None

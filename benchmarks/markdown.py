@@ -29,6 +29,7 @@ from benchmarks.analysis import (
     lira_misses,
     max_share,
     mean,
+    rank_statistics,
     score_learners,
     section,
     slope,
@@ -204,7 +205,7 @@ def _summary(results: dict[str, Any]) -> list[str]:
         alt_missed = alt is not None and any(
             ((r.get("lira") or {}).get("tpr_at_1pct_fpr") or 0) >= 0.10
             and r["summary"].get("probe_first_alarm_epoch") is None for r in alt["runs"])
-        ranked = _ranked_statistics(st)
+        ranked = rank_statistics(st["scenarios"])
         passing = [c for c in ranked if not (alt_missed and c == alt_statistic)]
         top = passing[0] if passing else None
         if chosen == default:
@@ -1277,15 +1278,6 @@ def _statistics(results: dict[str, Any]) -> list[str]:
              "read.")
     out.append(text)
     return out
-
-
-def _ranked_statistics(st: dict[str, Any]) -> list[str]:
-    """Item 8's rule as a ranking: size compatible with 5 %, then worst and mean power."""
-    scen = [s for s in st["scenarios"] if s != "null"]
-    null = st["scenarios"]["null"]["rejection"]
-    power = {c: [st["scenarios"][s]["rejection"][c]["rate"] for s in scen] for c in null}
-    return sorted((c for c in null if null[c]["low"] <= 0.05),
-                  key=lambda c: (min(power[c]), sum(power[c])), reverse=True)
 
 
 def _panel_alternative(results: dict[str, Any], chosen: str | None, default: str) -> list[str]:

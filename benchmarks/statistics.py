@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import fesmia_hooks as fh
+from benchmarks.analysis import rank_statistics
 from benchmarks.common import clopper_pearson
 from fesmia_hooks.calibration import alarm_statistic
 from fesmia_hooks.measurement import STATISTICS
@@ -124,13 +125,7 @@ def run(cfg: Any) -> dict[str, Any]:
             row["spread_across_pools"][r] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
         out["scenarios"][scenario] = row
         log.info("statistics: %s done (%.0f s)", scenario, time.perf_counter() - start)
-    power = {c: [out["scenarios"][s]["rejection"][c]["rate"] for s in SCENARIOS[1:]]
-             for c in CANDIDATES}
-    size_ok = {c: out["scenarios"]["null"]["rejection"][c]["low"] <= 0.05 for c in CANDIDATES}
-    # The default: the candidate whose worst power over the leaky scenarios is highest,
-    # among those whose size is compatible with alpha; mean power breaks ties.
-    ranked = sorted((c for c in CANDIDATES if size_ok[c]),
-                    key=lambda c: (min(power[c]), sum(power[c])), reverse=True)
+    ranked = rank_statistics(out["scenarios"])  # the rule: see rank_statistics
     out["chosen"] = ranked[0] if ranked else None
     out["seconds"] = time.perf_counter() - start
     return out

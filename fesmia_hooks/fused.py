@@ -150,19 +150,14 @@ def simpleshot_readings(
             int(num_members), bool(pooled), bool(keep_scores))
     if not HAVE_NUMBA:
         return simpleshot_readings_torch(*args)
-    # |score| <= 2 |q| |c_m - c_n| + |c_n|^2 + |c_m|^2 <= 8 F max|x|^2, and a pooled total
-    # sums at most E of them: all finite while max|x| < 1e150 / F (E, F < 1e7)
-    args += (not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1]),)
+    args += (_may_overflow(x),)
     from fesmia_hooks import _kernels
 
     parts = _over_threads(lambda rows: _kernels.simpleshot_episodes(*args[:2], rows, *args[3:]),
                           args[2])
     broken = sum(int(p[5]) for p in parts)
     if broken:
-        raise ProbeError(
-            f"the canary features give non-finite scores (NaN or infinity) for {broken} "
-            f"queries: features this large overflow the learner; rescale them"
-        )
+        raise _overflow(broken, "queries")
     tp0, tpk, auc, pooled_auc, scores = (_joined(parts, i) for i in range(5))
     return EpisodeReadings(tp0, tpk, auc, pooled_auc, scores if keep_scores else None)
 
@@ -231,6 +226,24 @@ def _over_threads(kernel: Callable[[np.ndarray], tuple], perms: np.ndarray) -> l
                              zip(bounds[:-1], bounds[1:], strict=True)))
 
 
+def _may_overflow(x: np.ndarray) -> bool:
+    """Whether a score of features ``x`` may overflow (so each must be tested).
+
+    An episode's score is at most ``2 |q| |c_m - c_n| + |c_n|^2 + |c_m|^2 <= 8 F max|x|^2``
+    (a pool's leave-one-out score likewise), and a pooled total sums at most ``E`` of them:
+    all finite while ``max|x| < 1e150 / F`` (``E, F < 1e7``).
+    """
+    return not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1])
+
+
+def _overflow(count: int, what: str) -> ProbeError:
+    """The error for ``count`` non-finite scores of ``what`` (queries, canaries)."""
+    return ProbeError(
+        f"the canary features give non-finite scores (NaN or infinity) for {count} {what}: "
+        "features this large overflow the learner; rescale them"
+    )
+
+
 def _joined(parts: list[tuple], i: int) -> np.ndarray:
     """Output ``i`` of every block, joined (no copy for a single block)."""
     return parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
@@ -295,16 +308,13 @@ def centroid_readings(
         return centroid_readings_torch(x, perms, num_members, relaxed_fp)
     from fesmia_hooks import _kernels
 
-    careful = not float(np.abs(x).max(initial=0.0)) < _NO_OVERFLOW / max(1, x.shape[1])
+    careful = _may_overflow(x)
     parts = _over_threads(
         lambda rows: _kernels.centroid_readings(x, rows, int(num_members), int(relaxed_fp),
                                                 careful), perms)
     broken = sum(int(p[3]) for p in parts)
     if broken:
-        raise ProbeError(
-            f"the canary features give non-finite scores (NaN or infinity) for {broken} "
-            f"canaries: features this large overflow the learner; rescale them"
-        )
+        raise _overflow(broken, "canaries")
     return PoolReadings(*(_joined(parts, i) for i in range(3)))
 
 
@@ -338,11 +348,7 @@ def centroid_readings_torch(
         out.append(near_n - near_m)  # [g, n], the members' slots first
     scores = torch.cat(out)
     if not bool(torch.isfinite(scores).all()):
-        bad = int((~torch.isfinite(scores)).sum())
-        raise ProbeError(
-            f"the canary features give non-finite scores (NaN or infinity) for {bad} "
-            f"canaries: features this large overflow the learner; rescale them"
-        )
+        raise _overflow(int((~torch.isfinite(scores)).sum()), "canaries")
     tp0, tpk, auc = row_readings(scores, torch.arange(scores.shape[1]) < m, relaxed_fp)
     return PoolReadings(tp0.numpy(), tpk.numpy(), auc.double().numpy())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -380,7 +381,7 @@ class PrivacyMonitor:
         needed = self.calibration.permutations_needed() or low
         self.probe.set_permutations(max(low, min(high, needed)))  # type: ignore[attr-defined]
 
-    @property
+    @functools.cached_property
     def _takes_statistics(self) -> bool:
         """Whether the probe's ``measure`` takes the statistics to compute (FeSMIA's does)."""
         try:

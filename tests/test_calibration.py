@@ -337,3 +337,10 @@ def test_a_preflight_check_leaves_a_pending_asynchronous_check_alone():
     assert len(monitor.history) == 1 and not monitor.errors
     assert monitor.history[0].statistic == "signal_mean+centroid_strict"
     monitor.close()
+    # deterministically: what a prepared attack computes is fixed when it is prepared
+    probe = fh.FeSMIA(episodes=10, permutations=49)
+    attack = probe.prepare(model, canaries)
+    probe.use_statistics(["auc", "strict"])
+    measured = attack()
+    assert fh.Calibration().single_check(measured).statistic == "signal_mean+centroid_strict"
+    assert torch.isnan(measured.null[:, STATISTICS.index("auc")]).all()
