@@ -222,7 +222,7 @@ def forward_in_batches(
                 if block is not None and kind != "embeddings":
                     sig_parts.append(block)
                 start = stop
-                if preferred_size is not None:
+                if preferred_size is not None and start < n:
                     wanted = preferred_size()
                     size = max(1, wanted if cap is None else min(cap, wanted))
     finally:

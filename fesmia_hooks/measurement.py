@@ -47,7 +47,7 @@ STATISTICS: tuple[str, ...] = ("relaxed", "strict", "auc", "pooled_auc", "centro
 EPISODE_STATISTICS: tuple[str, ...] = STATISTICS[:4]
 #: The statistics read from the whole pool at once (no episodes: cheap under permutations).
 POOL_STATISTICS: tuple[str, ...] = STATISTICS[4:]
-#: The whole pool's centroid ranking (computed together).
+#: The whole pool's centroid ranking (its AUC, when computed, brings the strict count along).
 CENTROID_STATISTICS: tuple[str, ...] = ("centroid_strict", "centroid_auc")
 
 

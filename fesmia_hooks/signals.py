@@ -17,10 +17,11 @@ To add a signal, add one entry to :data:`SIGNALS`:
 
 * a per-row signal: ``Signal("name", per_row=f)``, where ``f(rows)`` takes a :class:`Rows`
   (logit rows ``rows.z`` ``[R, V]`` float32, targets ``rows.y`` ``[R, 1]``, and the pieces
-  the signals share -- ``z_y``, ``logsumexp``, ``others`` -- computed once per block) and
-  returns ``[R]`` float32, higher = more member-like, in log space. Nothing else changes:
-  :func:`classification_signals`, :func:`fesmia_hooks.text.token_statistics` and the
-  sequence signals (as a per-token mean) pick it up, and so do the lists of names;
+  the signals share -- ``z_y``, ``logsumexp``, ``log_softmax``, ``others`` -- computed once
+  per block) and returns ``[R]`` float32, higher = more member-like, in log space.
+  Nothing else changes: :func:`classification_signals`,
+  :func:`fesmia_hooks.text.token_statistics` and the sequence signals (as a per-token
+  mean) pick it up, and so do the lists of names;
 * a sequence-only signal: ``Signal("name", reads="log_prob", sequence_rank=...)``, plus its
   reduction of the per-token values in :func:`fesmia_hooks.text.sequence_signals` (where
   the sequence-level options, such as ``k``, ``zlib_bytes`` or ``bins``, are at hand);
@@ -88,6 +89,11 @@ class Rows:
         return torch.logsumexp(self.z, dim=1)
 
     @cached_property
+    def log_softmax(self) -> torch.Tensor:
+        """``[R, V]``: ``z_j - logsumexp_k z_k`` (one fused pass, faster than ``logsumexp``)."""
+        return torch.log_softmax(self.z, dim=1)
+
+    @cached_property
     def others(self) -> torch.Tensor:
         """``[R, V]``: the logits with the target's set to ``-inf``."""
         return self.z.scatter(1, self.y, float("-inf"))
@@ -98,7 +104,7 @@ def _phi(r: Rows) -> torch.Tensor:
 
 
 def _log_prob(r: Rows) -> torch.Tensor:
-    return r.z_y - r.logsumexp
+    return r.log_softmax.gather(1, r.y).squeeze(1)
 
 
 def _margin(r: Rows) -> torch.Tensor:
@@ -106,7 +112,7 @@ def _margin(r: Rows) -> torch.Tensor:
 
 
 def _neg_entropy(r: Rows) -> torch.Tensor:
-    return (torch.softmax(r.z, 1) * torch.log_softmax(r.z, 1)).sum(1)
+    return (r.log_softmax.exp() * r.log_softmax).sum(1)
 
 
 def _max_logit_gap(r: Rows) -> torch.Tensor:

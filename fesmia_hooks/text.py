@@ -39,11 +39,11 @@ on the model's device when the check runs: a quarter of it, at 8 bytes per logit
 logits and one copy), between ``2**22`` and ``2**28`` logits (16 MiB to 1 GiB of float32
 logits). GPT-2 at 128 tokens (6.4 M logits a sequence) then forwards 128 canaries in 4
 passes on a device with 8 GiB free (7 with 4 GiB), where a fixed ``2**24`` took 64. The
-reductions then read the scored positions of those logits in blocks of
-``max(1, chunk_elements // V)`` positions: a block's float32 log-softmax and its copies take
-a few times ``max(chunk_elements, V)`` floats (8 MiB per block copy with the default
-``2**21``), plus ``O(rows * T)`` floats of per-token statistics. A batch that does not fit
-after all is retried at half its size.
+reductions then read those logits in blocks of ``max(1, chunk_elements // V)`` positions --
+in place where at least half of a block is scored, its scored rows gathered otherwise: a
+block's float32 log-softmax and its copies take a few times ``max(chunk_elements, V)``
+floats (8 MiB per block copy with the default ``2**21``), plus ``O(rows * T)`` floats of
+per-token statistics. A batch that does not fit after all is retried at half its size.
 
 Example:
     >>> import torch
@@ -56,9 +56,10 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -184,7 +185,8 @@ def token_statistics(
             f"unknown token statistic(s) {unknown}; allowed: {_INDEX.token_statistics}"
         )
     flat_targets = targets.reshape(-1)
-    where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    scored_at = flat_targets != IGNORE_INDEX
+    where = scored_at.nonzero().squeeze(1)
     scored = flat_targets[where]
     # Messages give counts, never token ids: canary text stays private.
     outside = int(((scored < 0) | (scored >= v)).sum()) if scored.numel() else 0
@@ -193,21 +195,47 @@ def token_statistics(
             f"{outside} canary token target(s) lie outside the model's vocabulary of {v} "
             f"tokens (allowed: [0, {v}), or -100 where nothing is scored)"
         )
-    rows, cols = where // t, where % t  # index the logits in place: no flattened copy
-    values = {s: torch.empty(where.numel(), dtype=torch.float32, device=logits.device)
-              for s in stats}
-    step = max(1, int(chunk_elements) // v)
-    for start in range(0, where.numel(), step):
-        z = logits[rows[start : start + step], cols[start : start + step]].float()  # [c, V]
-        per_row = row_signals(z, scored[start : start + step], stats)
-        for s, value in zip(stats, per_row, strict=True):
-            values[s][start : start + step].copy_(value)
-    result = {}
-    for s in stats:
-        full = torch.full((b * t,), float("nan"), dtype=torch.float32, device=logits.device)
-        full[where] = values[s]
-        result[s] = full.reshape(b, t)
-    return result
+    full = {s: torch.full((b * t,), float("nan"), dtype=torch.float32, device=logits.device)
+            for s in stats}
+    for start, stop, z, at in _logit_blocks(logits, where, max(1, int(chunk_elements) // v)):
+        if at is None:  # every position of [start, stop): the unscored read class 0, then NaN
+            keep = scored_at[start:stop]
+            per_row = row_signals(z.float(), flat_targets[start:stop].clamp_min(0), stats)
+            for s, value in zip(stats, per_row, strict=True):
+                full[s][start:stop] = value.masked_fill(~keep, float("nan"))
+        else:
+            per_row = row_signals(z.float(), flat_targets[at], stats)
+            for s, value in zip(stats, per_row, strict=True):
+                full[s][at] = value
+    return {s: full[s].reshape(b, t) for s in stats}
+
+
+def _logit_blocks(
+    logits: torch.Tensor, where: torch.Tensor, step: int
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """The logit rows of the scored positions ``where`` (flat, ascending), ``step`` at a time.
+
+    Yields ``(start, stop, z, at)`` for the flat positions ``[start, stop)``: ``z`` is every
+    row of that span, read in place (``at`` None), when the logits are contiguous and at
+    least half of the span is scored -- no copy, and the few unscored rows cost less than
+    gathering the others; otherwise ``z`` holds the span's scored rows only, gathered, at the
+    flat positions ``at``.
+    """
+    b, t, v = logits.shape
+    flat = logits.view(b * t, v) if logits.is_contiguous() else None
+    edges = list(range(0, b * t, step)) + [b * t]
+    bounds = torch.searchsorted(where, torch.tensor(edges, device=where.device)).tolist()
+    for i in range(len(edges) - 1):
+        start, stop = edges[i], edges[i + 1]
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi == lo:
+            continue
+        if flat is not None and 2 * (hi - lo) >= stop - start:
+            yield start, stop, flat[start:stop], None
+            continue
+        at = where[lo:hi]
+        z = flat.index_select(0, at) if flat is not None else logits[at // t, at % t]
+        yield start, stop, z, at
 
 
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -218,9 +246,12 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def _min_k(log_prob: torch.Tensor, valid: torch.Tensor, k: float) -> torch.Tensor:
     length = valid.sum(1)
     take = torch.clamp(torch.floor(length.double() * k).long(), min=1)
-    ordered = torch.where(valid, log_prob, torch.full_like(log_prob, float("inf"))).sort(1).values
-    keep = torch.arange(log_prob.shape[1], device=log_prob.device)[None, :] < take[:, None]
-    return torch.where(keep, ordered, torch.zeros_like(ordered)).sum(1) / take
+    # The lowest ``most >= take`` of each row, ascending (no full sort, no device sync).
+    most = max(1, math.floor(log_prob.shape[1] * k))
+    lowest = torch.where(valid, log_prob, torch.full_like(log_prob, float("inf"))).topk(
+        most, dim=1, largest=False).values
+    keep = torch.arange(most, device=log_prob.device)[None, :] < take[:, None]
+    return torch.where(keep, lowest, torch.zeros_like(lowest)).sum(1) / take
 
 
 def _position_bins(log_prob: torch.Tensor, valid: torch.Tensor, bins: int) -> torch.Tensor:

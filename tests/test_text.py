@@ -72,9 +72,15 @@ def hand_made(seed=0, b=4, t=9):
     return logits, targets
 
 
-@pytest.mark.parametrize("chunk_elements", [1, V * 3, 10**6])
-def test_signals_equal_a_direct_computation_with_padding(chunk_elements):
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("chunk_elements", [1, V * 3, V * 5, 10**6])
+def test_signals_equal_a_direct_computation_with_padding(chunk_elements, contiguous):
+    # Blocks of a few positions are read in place or, mostly padding (or the logits not
+    # contiguous), gathered: every way gives the same signals.
     logits, targets = hand_made()
+    if not contiguous:
+        logits = logits.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not logits.is_contiguous()
     sizes = torch.tensor([31.0, 17.0, 8.0, 52.0])
     names = list(SEQUENCE_SIGNALS)
     got = sequence_signals(logits, targets, names, k=0.3, zlib_bytes=sizes, bins=3,
