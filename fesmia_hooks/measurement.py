@@ -28,6 +28,7 @@ __all__ = [
     "STATISTICS",
     "Measurement",
     "canary_interval",
+    "canary_intervals",
     "statistics_of",
     "episode_statistics",
     "mean_interval",
@@ -219,16 +220,43 @@ def canary_interval(
     """
     if half_episodes.size == 0 or not np.isfinite(scale):
         return math.nan, math.nan
-    means = half_episodes.mean(1)
-    spread = float(means.var(ddof=1))
-    within = float(half_episodes.var(1, ddof=1).mean()) / half_episodes.shape[1]
-    shrink = math.sqrt(max(spread - within, 0.0) / spread) if spread > 0 else 0.0
-    deviations = (means - means.mean()) * shrink * math.sqrt(scale)
-    below, above = np.quantile(deviations, [0.025, 0.975])
-    episode = 1.96 * math.sqrt(float(full_episodes.var(ddof=1)) / len(full_episodes))
+    (low, high), = canary_intervals(np.array([value]), full_episodes[None],
+                                    half_episodes[None], scale, bounds=bounds)
+    return low, high
+
+
+def canary_intervals(
+    values: np.ndarray,
+    full_episodes: np.ndarray,
+    half_episodes: np.ndarray,
+    scale: float,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> list[tuple[float, float]]:
+    """:func:`canary_interval` of ``K`` readings at once (one pass of array operations).
+
+    Args:
+        values: ``[K]`` the readings.
+        full_episodes: ``[K, E]`` their per-episode values on the full pool.
+        half_episodes: ``[K, halves, episodes]`` their per-episode values in the half-pools.
+        scale: As :func:`canary_interval`.
+        bounds: The readings' range, where the intervals are clipped.
+    """
+    if half_episodes.size == 0 or not np.isfinite(scale):
+        return [(math.nan, math.nan)] * len(values)
+    means = half_episodes.mean(2)  # [K, halves]
+    spread = means.var(1, ddof=1)
+    within = half_episodes.var(2, ddof=1).mean(1) / half_episodes.shape[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = np.where(spread > 0,
+                          np.sqrt(np.maximum(spread - within, 0.0) / spread), 0.0)
+    deviations = (means - means.mean(1, keepdims=True)) * shrink[:, None] * math.sqrt(scale)
+    below, above = np.quantile(deviations, [0.025, 0.975], axis=1)
+    episode = 1.96 * np.sqrt(full_episodes.var(1, ddof=1) / full_episodes.shape[1])
     low, high = bounds
-    return (round(max(low, value - math.hypot(float(below), episode)), 12),
-            round(min(high, value + math.hypot(float(above), episode)), 12))
+    return [(round(max(low, float(v) - math.hypot(float(b), float(e))), 12),
+             round(min(high, float(v) + math.hypot(float(a), float(e))), 12))
+            for v, b, a, e in zip(values, below, above, episode, strict=True)]
 
 
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray) -> dict[float, float]:

@@ -43,7 +43,7 @@ from fesmia_hooks.measurement import (
     POOL_STATISTICS,
     STATISTICS,
     Measurement,
-    canary_interval,
+    canary_intervals,
     episode_statistics,
     mean_interval,
     pooled_scores,
@@ -485,14 +485,19 @@ class FeSMIA:
                 return np.empty((0, 0))
             return stats[key].double().cpu().numpy()
 
+        # The three readings, each in [0, 1]: their intervals in one pass.
+        keys = {"strict": "strict_episodes", "relaxed": "relaxed_episodes",
+                "auc": "auc_episodes"}
+        full = np.stack([episodes_of(observed, key)[0] for key in keys.values()])
+        halves_of = [episodes_of(in_halves, key) for key in keys.values()]
+        means = [mean_interval(row) for row in full]
+        intervals = canary_intervals(
+            np.array([m[0] for m in means]), full,
+            np.stack(halves_of) if all(h.size for h in halves_of) else np.empty(0),
+            halves.scale)
         readings: dict[str, Any] = {}
-        for name, key, bounds in (("strict", "strict_episodes", (0.0, 1.0)),
-                                  ("relaxed", "relaxed_episodes", (0.0, 1.0)),
-                                  ("auc", "auc_episodes", (0.0, 1.0))):
-            full = episodes_of(observed, key)[0]
-            mean, ep_low, ep_high = mean_interval(full)
-            low, high = canary_interval(mean, full, episodes_of(in_halves, key), halves.scale,
-                                        bounds=bounds)
+        for name, (mean, ep_low, ep_high), (low, high) in zip(keys, means, intervals,
+                                                              strict=True):
             readings.update({name: mean, f"{name}_low": low, f"{name}_high": high,
                              f"{name}_episode_low": ep_low, f"{name}_episode_high": ep_high})
         members, non_members = pooled[:num_members], pooled[num_members:]

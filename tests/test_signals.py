@@ -12,6 +12,7 @@ from fesmia_hooks.signals import (
     Signal,
     classification_signals,
     index_signals,
+    row_signals,
 )
 from fesmia_hooks.text import SEQUENCE_SIGNALS, sequence_signals, token_statistics
 
@@ -103,3 +104,44 @@ def test_tokens_and_samples_get_the_same_numbers():
         per_token = token_statistics(logits, targets, names, chunk_elements=chunk)
         for i, name in enumerate(names):
             assert torch.equal(per_token[name][scored], per_sample[:, i]), name
+
+
+def test_the_shared_pieces_match_their_textbook_forms_in_float64():
+    # The fast forms (logsumexp through the log-softmax at each row's maximum, the entropy as
+    # a dot product) against direct float64 computations, saturated and tied rows included.
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(64, 300, generator=g) * 6
+    z[:8, 5] = 200.0  # saturated far past float32's exp range
+    z[8:12] = 1.5  # all tied
+    y = torch.randint(0, 300, (64,), generator=g)
+    y[:4] = 5  # the saturated class is the target in half of those rows
+    got = dict(zip(CLASSIFICATION_SIGNALS,
+                   row_signals(z, y, CLASSIFICATION_SIGNALS), strict=True))
+    zd = z.double()
+    zy = zd.gather(1, y[:, None]).squeeze(1)
+    others = zd.scatter(1, y[:, None], float("-inf"))
+    p, logp = torch.softmax(zd, 1), torch.log_softmax(zd, 1)
+    want = {
+        "phi": zy - torch.logsumexp(others, 1),
+        "log_prob": zy - torch.logsumexp(zd, 1),
+        "margin": zy - others.amax(1),
+        "neg_entropy": (p * logp).sum(1),
+        "max_logit_gap": zd.topk(2, 1).values[:, 0] - zd.topk(2, 1).values[:, 1],
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=1e-4,
+                                   msg=name)
+    torch.testing.assert_close(Rows(z, y).logsumexp.double(), torch.logsumexp(zd, 1),
+                               rtol=1e-6, atol=1e-4)
+
+
+def test_a_masked_token_logit_of_minus_infinity_leaves_the_signals_finite():
+    # A model that masks part of its vocabulary with -inf: p = 0 there, and 0 * log 0 adds
+    # nothing to the entropy (it was 0 * -inf = NaN).
+    z = torch.tensor([[3.0, -float("inf"), 0.0, 1.0], [-float("inf"), 2.0, 2.0, -float("inf")]])
+    values = row_signals(z, torch.tensor([0, 2]), CLASSIFICATION_SIGNALS)
+    for name, value in zip(CLASSIFICATION_SIGNALS, values, strict=True):
+        assert torch.isfinite(value).all(), name
+    p = torch.tensor([2.0, 2.0]).softmax(0)
+    assert values[CLASSIFICATION_SIGNALS.index("neg_entropy")][1].item() == pytest.approx(
+        float((p * p.log()).sum()))
