@@ -125,6 +125,7 @@ class Config:
     # language models (issue 5): the text demo's GRU, read every epoch
     text_epochs: int = 40
     text_repeats: int = 15
+    text_cost_rounds: int = 5
     # the alarm statistic and the interval (benchmarks/statistics.py): synthetic 64 + 64 pools
     stat_pools: int = 300
     stat_permutations: int = 999
@@ -191,6 +192,7 @@ class Config:
             placebo_runs_heavy=2,
             text_epochs=20,
             text_repeats=5,
+            text_cost_rounds=2,
             stat_pools=60,
             dp_canaries=300,
             dp_epochs=20,
@@ -240,6 +242,7 @@ class Config:
             placebo_runs_heavy=1,
             text_epochs=2,
             text_repeats=1,
+            text_cost_rounds=1,
             stat_pools=4,
             stat_permutations=19,
             stat_population=200,
@@ -269,7 +272,7 @@ class Config:
 def _text(cfg: Config) -> dict[str, Any]:
     return text_bench.run_text_benchmark(
         epochs=cfg.text_epochs, seed=cfg.seed, repeats=cfg.text_repeats,
-        population_episodes=cfg.population_episodes,
+        population_episodes=cfg.population_episodes, cost_rounds=cfg.text_cost_rounds,
     )
 
 
