@@ -135,9 +135,9 @@ def read_named(  # pragma: no cover
 
     A member is named at ``FP <= k`` when it scores above the ``(k+1)``-th highest
     non-member (any member, when there are no more than ``k`` of them). ``top`` is scratch
-    of length ``relaxed_fp + 1``.
+    of length ``min(relaxed_fp, n_neg) + 1``.
     """
-    kept = relaxed_fp + 1
+    kept = min(relaxed_fp, n_neg) + 1  # more than n_neg: every member is named
     for j in range(kept):
         top[j] = -np.inf
     for j in range(n_neg):  # the kept highest non-member scores, descending
@@ -246,7 +246,7 @@ def centroid_readings(
     mean_n = np.empty(width, np.float64)
     inv_m = 1.0 / (m - 1)
     inv_n = 1.0 / (n_neg - 1)
-    top = np.empty(relaxed_fp + 1, np.float64)
+    top = np.empty(min(relaxed_fp, n_neg) + 1, np.float64)
     broken = 0
     for b in range(b_count):
         perm = perms[b]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fesmia_hooks._validation import positive_int
 from fesmia_hooks.exceptions import ProbeError
 from fesmia_hooks.learners import simpleshot_rows
 from fesmia_hooks.readings import HAVE_NUMBA, row_readings
@@ -301,6 +302,7 @@ def centroid_readings(
         >>> out.tp_strict.tolist(), out.auc.tolist()
         ([2, 0], [1.0, 0.0])
     """
+    relaxed_fp = positive_int("relaxed_fp", relaxed_fp, minimum=0)
     x = host_features(features)
     perms = np.ascontiguousarray(perms, np.int64)
     n = x.shape[0]

@@ -171,6 +171,18 @@ def test_the_pool_ranking_leaves_each_canary_out_of_its_own_centroid():
     assert flat.auc.tolist() == [0.5] and flat.tp_strict.tolist() == [0]
 
 
+def test_the_pool_counts_alone_refuse_a_negative_allowance_and_cap_a_large_one():
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    perms = np.stack([np.random.default_rng(s).permutation(12) for s in range(5)])
+    with pytest.raises(fh.ConfigurationError, match="`relaxed_fp` must be an int >= 0, got -1"):
+        fused.centroid_readings(x, perms, num_members=6, relaxed_fp=-1, with_auc=False)
+    # more false positives allowed than there are non-members: every member is named
+    many = fused.centroid_readings(x, perms, num_members=6, relaxed_fp=10**9, with_auc=False)
+    assert many.tp_relaxed.tolist() == [6] * 5
+    ref = fused.centroid_readings_torch(x, perms, 6, 10**9)
+    np.testing.assert_array_equal(many.tp_strict, ref.tp_strict)
+
+
 def test_the_pool_ranking_needs_two_canaries_on_each_side():
     with pytest.raises(ProbeError, match="at least 2 members and 2 non-members, got 1 of 6"):
         fused.centroid_readings(torch.randn(6, 2), np.arange(6)[None], num_members=1,

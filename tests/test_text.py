@@ -518,3 +518,30 @@ def test_a_check_on_an_lm_with_dropout_changes_nothing():
     assert all(torch.equal(a, p.grad) for a, p in zip(before[1], model.parameters(), strict=True))
     assert before[2] == {n: m.training for n, m in model.named_modules()}
     assert torch.equal(before[3], torch.get_rng_state())
+
+
+def test_a_non_finite_token_log_probability_is_not_dropped_by_min_k():
+    # A +inf logit (or a NaN) at a scored position makes that token's log-probability
+    # non-finite; Min-K% must not rank it out of the lowest k and read a finite value.
+    for bad in (float("inf"), float("nan")):
+        logits = torch.zeros(1, 4, 5)
+        logits[0, 1, 3] = bad
+        got = sequence_signals(logits, torch.zeros(1, 4, dtype=torch.long), ["min_k"], k=0.5)
+        assert not torch.isfinite(got).any(), bad
+
+
+def test_sparse_targets_are_gathered_into_few_blocks():
+    # Only the last token of each sequence scored (a masked prompt): the scored rows of
+    # many mostly-unscored spans travel together, not one block per sequence.
+    from fesmia_hooks.text import _logit_blocks
+
+    logits = torch.randn(16, 50, 7)
+    targets = torch.full((16, 50), -100)
+    targets[:, -1] = 3
+    where = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+    blocks = list(_logit_blocks(logits, where, step=40))
+    assert len(blocks) == 1 and torch.equal(blocks[0][1], where)
+    got = token_statistics(logits, targets, ["log_prob"], chunk_elements=40 * 7)["log_prob"]
+    want = torch.log_softmax(logits[:, -1], 1)[:, 3]
+    torch.testing.assert_close(got[:, -1], want)
+    assert got[:, :-1].isnan().all()
