@@ -78,6 +78,7 @@ class Config:
     probe_kwargs: dict[str, Any] = field(default_factory=dict)
     # item 1
     cost_repeats: int = 15
+    cost_rounds: int = 5
     cost_learner_repeats: int = 2
     cost_sweep_repeats: int = 5
     cost_wide_cnn: bool = True
@@ -158,6 +159,7 @@ class Config:
         return cls(
             mode="quick",
             cost_repeats=5,
+            cost_rounds=2,
             cost_learner_repeats=1,
             cost_sweep_repeats=2,
             cost_sweeps={
@@ -210,6 +212,7 @@ class Config:
             mode="tiny",
             probe_kwargs=dict(small),
             cost_repeats=1,
+            cost_rounds=1,
             cost_learner_repeats=1,
             cost_sweep_repeats=1,
             cost_wide_cnn=False,
