@@ -1,6 +1,7 @@
 """Item 1: what one privacy check costs against its floor, one forward pass of the canaries.
 
-Measured in one process, interleaved (floor, then check, repeated), medians of the repeats.
+Measured in one process, interleaved (floor and check repeated, taking turns to run first),
+medians of the repeats.
 The floor is a side-effect-free forward pass of the whole canary pool through the victim
 (what any membership test of those canaries must pay). The check is ``FeSMIA.evaluate``
 (forward pass, signals, episodes, the permutation null); ``monitor.check`` adds the run-level

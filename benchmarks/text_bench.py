@@ -232,6 +232,10 @@ def _fidelity(rows: list[dict[str, Any]], probes: list[str]) -> dict[str, Any]:
     return out
 
 
+# Per probe, each repeat's (check, features, attack, asynchronous wait) seconds.
+_Checks = dict[str, list[tuple[float, float, float, float]]]
+
+
 def _cost(
     model: torch.nn.Module,
     canaries: fh.CanarySet,
@@ -245,7 +249,46 @@ def _cost(
     The ratios are of the medians over every repeat of every round; ``ratio_rounds`` keeps
     each round's own ratio (its spread is the measurement's run-to-run noise here).
     """
-    per_round = [_cost_round(model, canaries, probes, repeats) for _ in range(rounds)]
+    ids, mask, _ = canaries.sequences_on("cpu")
+
+    def floor() -> float:
+        start = time.perf_counter()
+        with fh.untouched(model):
+            forward_logits(model, ids, mask)
+        return time.perf_counter() - start
+
+    def one_round() -> tuple[list[float], _Checks]:
+        """The floors, and per probe ``(check, features, attack, asynchronous wait)``."""
+        # The same probes in asynchronous monitors: what the training thread waits for.
+        lazy = {name: fh.PrivacyMonitor(canaries, probe=copy.deepcopy(probe), budget=None,
+                                        asynchronous=True) for name, probe in probes.items()}
+        for name, probe in probes.items():
+            probe.evaluate(model, canaries)  # warm-up: episode plans, caches
+            lazy[name].check(model, epoch=0)
+            lazy[name].flush()
+        floors: list[float] = []
+        checks: _Checks = {name: [] for name in probes}
+        for r in range(repeats):
+            for name, probe in probes.items():
+                # Floor and check alternate which runs first (see benchmarks.cost.ratio_of).
+                if r % 2 == 0:
+                    floors.append(floor())
+                start = time.perf_counter()
+                report = probe.evaluate(model, canaries)
+                check_s = time.perf_counter() - start
+                if r % 2 == 1:
+                    floors.append(floor())
+                start = time.perf_counter()
+                lazy[name].check(model, epoch=r + 1)
+                wait_s = time.perf_counter() - start
+                lazy[name].flush()
+                checks[name].append((check_s, report.seconds_forward, report.seconds_attack,
+                                     wait_s))
+        for monitor in lazy.values():
+            monitor.close()
+        return floors, checks
+
+    per_round = [one_round() for _ in range(rounds)]
     floors = [f for r in per_round for f in r[0]]
     out: dict[str, Any] = {"train_epoch_s": epoch_s, "repeats": repeats, "rounds": rounds,
                            "floor_s": statistics.median(floors)}
@@ -265,50 +308,6 @@ def _cost(
             "async_ratio_to_floor": wait_s / out["floor_s"],
         }
     return out
-
-
-def _cost_round(
-    model: torch.nn.Module,
-    canaries: fh.CanarySet,
-    probes: dict[str, fh.FeSMIA],
-    repeats: int,
-) -> tuple[list[float], dict[str, list[tuple[float, float, float, float]]]]:
-    """One round: the floors, and per probe ``(check, features, attack, asynchronous wait)``."""
-    ids, mask, _ = canaries.sequences_on("cpu")
-
-    def floor() -> float:
-        start = time.perf_counter()
-        with fh.untouched(model):
-            forward_logits(model, ids, mask)
-        return time.perf_counter() - start
-
-    # The same probes in asynchronous monitors: what the training thread waits for.
-    lazy = {name: fh.PrivacyMonitor(canaries, probe=copy.deepcopy(probe), budget=None,
-                                    asynchronous=True) for name, probe in probes.items()}
-    for name, probe in probes.items():
-        probe.evaluate(model, canaries)  # warm-up: episode plans, caches
-        lazy[name].check(model, epoch=0)
-        lazy[name].flush()
-    floors: list[float] = []
-    checks: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in probes}
-    for r in range(repeats):
-        for name, probe in probes.items():
-            # Floor and check alternate which runs first (see benchmarks.cost.ratio_of).
-            if r % 2 == 0:
-                floors.append(floor())
-            start = time.perf_counter()
-            report = probe.evaluate(model, canaries)
-            check_s = time.perf_counter() - start
-            if r % 2 == 1:
-                floors.append(floor())
-            start = time.perf_counter()
-            lazy[name].check(model, epoch=r + 1)
-            wait_s = time.perf_counter() - start
-            lazy[name].flush()
-            checks[name].append((check_s, report.seconds_forward, report.seconds_attack, wait_s))
-    for monitor in lazy.values():
-        monitor.close()
-    return floors, checks
 
 
 def main() -> None:

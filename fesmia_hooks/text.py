@@ -201,16 +201,11 @@ def token_statistics(
     full = {s: torch.full((b * t,), float("nan"), dtype=torch.float32, device=logits.device)
             for s in stats}
     for z, at in _logit_blocks(logits, where, max(1, int(chunk_elements) // v)):
-        if isinstance(at, slice):  # every position of the span: the unscored read class 0,
-            keep = scored_at[at]   # then NaN
-            per_row = row_signals(z.float(), flat_targets[at].clamp_min(0), stats)
-            for s, value in zip(stats, per_row, strict=True):
-                full[s][at] = value.masked_fill(~keep, float("nan"))
-        else:
-            per_row = row_signals(z.float(), flat_targets[at], stats)
-            for s, value in zip(stats, per_row, strict=True):
-                full[s][at] = value
-    return {s: full[s].reshape(b, t) for s in stats}
+        # a span read in place holds unscored positions too: they read class 0, then NaN
+        per_row = row_signals(z.float(), flat_targets[at].clamp_min(0), stats)
+        for s, value in zip(stats, per_row, strict=True):
+            full[s][at] = value
+    return {s: full[s].masked_fill_(~scored_at, float("nan")).reshape(b, t) for s in stats}
 
 
 def _logit_blocks(
