@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from fesmia_hooks._validation import optional_positive_int, probability
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.measurement import STATISTICS, Measurement
 from fesmia_hooks.report import LeakageReport, LevelBands, share_beyond_chance
-from fesmia_hooks.sequential import SequentialTest, permutation_p_values
+from fesmia_hooks.sequential import TIE, SequentialTest, observed_rank, ranked
 
 __all__ = [
     "DEFAULT_STATISTIC",
@@ -89,8 +90,8 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
             f"statistic of fesmia_hooks.measurement.STATISTICS in order, got "
             f"{list(measurement.null.shape)}"
         )
-    null = measurement.null[:, columns].double()
-    missing = [p for p, col in zip(parts, null.T, strict=True) if bool(col.isnan().all())]
+    null = measurement.null.detach().to("cpu", torch.float64).numpy()[:, columns]  # [B, K]
+    missing = [p for p, col in zip(parts, null.T, strict=True) if bool(np.isnan(col).all())]
     unreadable = [p for p in missing if math.isnan(measurement.statistics.get(p, math.nan))]
     if unreadable and null.shape[0] > 0:
         raise ConfigurationError(
@@ -107,15 +108,20 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
             f"alarm_components({statistic!r})) before measuring (a PrivacyMonitor does this "
             "for its own statistic)"
         )
-    observed = torch.tensor([[measurement.statistics[p] for p in parts]], dtype=torch.float64)
+    observed = np.array([[measurement.statistics[p] for p in parts]], dtype=np.float64)
     if len(parts) == 1:
-        return float(observed[0, 0]), null[:, 0]
-    every = torch.cat([null, observed])  # [B + 1, K]
-    ordered = every.sort(0).values
-    # statistics at least as large (within 1e-6) as each one, per column: p = rank / (B + 1)
-    below = torch.searchsorted(ordered.T.contiguous(), (every - 1e-6).T.contiguous()).T
-    p = (every.shape[0] - below).double() / every.shape[0]
-    combined = -p.min(1).values - p.mean(1) / (2 * every.shape[0])
+        return float(observed[0, 0]), torch.from_numpy(np.ascontiguousarray(null[:, 0]))
+    # [K, B + 1], a NaN ranked below everything (as by permutation_p_values)
+    every = ranked(np.concatenate([null, observed]).T).reshape(len(parts), -1)
+    ordered = np.sort(every, axis=1)
+    # statistics at least as large (within TIE) as each one, per column: p = rank / (B + 1)
+    below = np.stack([np.searchsorted(o, e - TIE, side="left")
+                      for o, e in zip(ordered, every, strict=True)])
+    p = (every.shape[1] - below) / every.shape[1]
+    # torch's mean over K of the [K, B + 1] array read as [B + 1, K]: the columns added in
+    # the order they always have been (the statistic's rounding does not move)
+    mean = torch.from_numpy(p).T.mean(1).numpy()
+    combined = torch.from_numpy(-p.min(0) - mean / (2 * every.shape[1]))
     return float(combined[-1]), combined[:-1]
 
 
@@ -203,8 +209,7 @@ class Calibration:
     def single_check(self, measurement: Measurement, *, check: int = 0) -> LeakageReport:
         """The report of a check read on its own, at level ``alpha`` (no run, no state)."""
         observed, null = alarm_statistic(self.statistic, measurement)
-        rank, _ = permutation_p_values(observed, null)
-        p_value = rank / (int(null.numel()) + 1)
+        p_value = observed_rank(observed, null) / (int(null.numel()) + 1)
         return self._report(measurement, p_value, self.alpha, p_value <= self.alpha, check,
                             None, None, can_alarm=self.alpha >= 1 / (int(null.numel()) + 1))
 

@@ -11,6 +11,7 @@ under the probe's fixed label permutations. It says nothing about significance o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "Measurement",
     "canary_interval",
     "canary_intervals",
+    "linear_percentiles",
     "statistics_of",
     "episode_statistics",
     "mean_interval",
@@ -251,12 +253,39 @@ def canary_intervals(
         shrink = np.where(spread > 0,
                           np.sqrt(np.maximum(spread - within, 0.0) / spread), 0.0)
     deviations = (means - means.mean(1, keepdims=True)) * shrink[:, None] * math.sqrt(scale)
-    below, above = np.quantile(deviations, [0.025, 0.975], axis=1)
+    below, above = linear_percentiles(deviations, (0.025, 0.975))
     episode = 1.96 * np.sqrt(full_episodes.var(1, ddof=1) / full_episodes.shape[1])
     low, high = bounds
     return [(round(max(low, float(v) - math.hypot(float(b), float(e))), 12),
              round(min(high, float(v) + math.hypot(float(a), float(e))), 12))
             for v, b, a, e in zip(values, below, above, episode, strict=True)]
+
+
+def linear_percentiles(rows: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
+    """``[len(quantiles), K]``: quantiles of each of the ``K`` rows, linearly interpolated.
+
+    The sample quantile that ``np.quantile`` computes by default (Hyndman and Fan's
+    definition 7), with the same arithmetic, without its general machinery (a few
+    microseconds, not a few hundred, for the intervals of every check). A row holding a NaN
+    gives NaN.
+
+    Example:
+        >>> linear_percentiles(np.array([[3.0, 1.0, 2.0, 4.0]]), (0.25, 0.5)).tolist()
+        [[1.75], [2.5]]
+    """
+    ordered = np.sort(rows, axis=1)
+    n = ordered.shape[1]
+    out = np.empty((len(quantiles), ordered.shape[0]))
+    for i, q in enumerate(quantiles):
+        at = (n - 1) * q  # np.quantile's virtual index, the same operation
+        low = min(max(math.floor(at), 0), n - 1)
+        a, b = ordered[:, low], ordered[:, min(low + 1, n - 1)]
+        gamma = at - math.floor(at) if 0 <= at < n - 1 else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, as numpy gives
+            # lerp from whichever end is nearer, as numpy does
+            out[i] = a + (b - a) * gamma if gamma < 0.5 else b - (b - a) * (1 - gamma)
+    out[:, np.isnan(ordered[:, -1])] = math.nan  # NaN sorts last
+    return out
 
 
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray) -> dict[float, float]:

@@ -30,18 +30,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from fesmia_hooks._validation import optional_positive_int, probability
 
-__all__ = ["SequentialTest", "permutation_p_values"]
+__all__ = ["TIE", "SequentialTest", "observed_rank", "permutation_p_values", "ranked"]
 
 
 def permutation_p_values(observed: float, null: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Ranks of the observed and of every null statistic among all ``B + 1`` of them.
 
     A p-value is ``rank / (B + 1)`` where ``rank`` counts the statistics at least as large
-    (the one itself included). Values within ``1e-6`` count as equal.
+    (the one itself included). Values within ``1e-6`` count as equal; a NaN statistic ranks
+    below every other (it is no evidence of leakage: p-value 1).
 
     Returns:
         ``(observed_rank, null_ranks)``; ranks are ints in ``1 .. B + 1``.
@@ -51,15 +53,43 @@ def permutation_p_values(observed: float, null: torch.Tensor) -> tuple[int, torc
         >>> r, nr.tolist()
         (2, [4, 3, 1])
     """
-    null = null.detach().double().cpu()
-    tol = 1e-6
-    obs_rank = 1 + int((null >= observed - tol).sum())
-    everything = torch.cat([null, torch.tensor([observed], dtype=torch.float64)])
-    sorted_all, _ = torch.sort(everything)
+    values = ranked(null)
+    everything = np.sort(np.append(values, ranked(observed)))
     # count of statistics >= x - tol, for each null x
-    below = torch.searchsorted(sorted_all, null - tol, right=False)
-    null_ranks = (everything.numel() - below).to(torch.int64)
-    return obs_rank, null_ranks
+    below = np.searchsorted(everything, values - TIE, side="left")
+    return observed_rank(observed, values), torch.from_numpy(everything.size - below)
+
+
+def observed_rank(observed: float, null: torch.Tensor | np.ndarray) -> int:
+    """The observed statistic's rank among all ``B + 1``: 1 + the null values at least as large.
+
+    The first half of :func:`permutation_p_values`, for a check read on its own.
+
+    Example:
+        >>> observed_rank(0.9, torch.tensor([0.1, 0.5, 0.95]))
+        2
+        >>> observed_rank(float("nan"), torch.tensor([0.1, 0.5, 0.95]))  # p-value 1
+        4
+    """
+    return 1 + int(np.count_nonzero(ranked(null) >= ranked(observed) - TIE))
+
+
+#: Statistics within this of each other count as equal.
+TIE = 1e-6
+
+
+def ranked(statistics: float | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Statistics as a flat float64 host array for ranking, a NaN as ``-inf`` (ranked last).
+
+    Example:
+        >>> ranked(torch.tensor([0.5, float("nan")])).tolist()
+        [0.5, -inf]
+    """
+    if isinstance(statistics, torch.Tensor):
+        values = statistics.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    else:
+        values = np.asarray(statistics, dtype=np.float64).reshape(-1)
+    return np.where(np.isnan(values), -np.inf, values)
 
 
 class SequentialTest:

@@ -344,3 +344,60 @@ def test_a_preflight_check_leaves_a_pending_asynchronous_check_alone():
     measured = attack()
     assert fh.Calibration().single_check(measured).statistic == "signal_mean+centroid_strict"
     assert torch.isnan(measured.null[:, STATISTICS.index("auc")]).all()
+
+
+def _measurement(null, statistics):
+    from fesmia_hooks.measurement import Measurement
+    from fesmia_hooks.report import _example_report
+
+    base = {k: v for k, v in _example_report().__dict__.items()
+            if k in Measurement.__dataclass_fields__}
+    return Measurement(**base, statistics=statistics, null=null)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_min_p_combination_is_the_rank_rule_it_documents(seed):
+    # Reference: each trajectory's p-value per statistic is the share of all B + 1 at least
+    # as large (within 1e-6); the statistic is minus the smallest, ties broken by the mean.
+    g = torch.Generator().manual_seed(seed)
+    parts = [STATISTICS[i] for i in torch.randperm(len(STATISTICS), generator=g)[:2 + seed % 4]]
+    null = (torch.randn(299, len(STATISTICS), generator=g, dtype=torch.float64) * 3).round() / 3
+    observed = {s: float(v) for s, v in zip(STATISTICS, null[seed], strict=True)}
+    value, null_values = alarm_statistic("+".join(parts), _measurement(null, observed))
+    every = torch.cat([null[:, [STATISTICS.index(p) for p in parts]],
+                       torch.tensor([[observed[p] for p in parts]], dtype=torch.float64)])
+    p = torch.stack([(every[:, k][None, :] >= every[:, k][:, None] - 1e-6).double().mean(1)
+                     for k in range(len(parts))], dim=1)
+    expected = -p.min(1).values - p.mean(1) / (2 * every.shape[0])
+    got = torch.cat([null_values, torch.tensor([value], dtype=torch.float64)])
+    # distinct values of the statistic differ by at least 1 / (2 K (B + 1)^2), about 1e-6
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_a_nan_statistic_cannot_raise_an_alarm():
+    null = torch.rand(999, len(STATISTICS), generator=torch.Generator().manual_seed(1))
+    observed = dict.fromkeys(STATISTICS, float("nan"))
+    observed["centroid_strict"] = 2.0  # beyond every permutation on one of the two
+    m = _measurement(null, observed)
+    # the NaN statistic reads p = 1 (no evidence), so the combination rests on the other
+    value, _ = alarm_statistic("signal_mean+centroid_strict", m)
+    assert value == pytest.approx(-1 / 1000 - (1 / 1000 + 1) / 2 / 2000)
+    report = fh.Calibration(statistic="signal_mean", alpha=0.05).single_check(m)
+    assert report.p_value == 1.0 and not report.significant
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interval_percentiles_are_numpys_sample_quantiles(seed):
+    import numpy as np
+
+    from fesmia_hooks.measurement import linear_percentiles
+
+    rng = np.random.default_rng(seed)
+    for halves in (1, 2, 3, 40, 41, 200):
+        rows = rng.normal(size=(3, halves)) * 10.0 ** rng.integers(-6, 6)
+        rows[1] = np.round(rows[1], 1)  # ties
+        if halves > 2:
+            rows[2, 0] = np.nan  # a NaN row reads NaN
+        for quantiles in ((0.025, 0.975), (0.0, 0.5, 1.0), tuple(rng.random(4))):
+            expected = np.quantile(rows, list(quantiles), axis=1)
+            assert np.array_equal(linear_percentiles(rows, quantiles), expected, equal_nan=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fesmia_hooks as fh
-from fesmia_hooks.sequential import permutation_p_values
+from fesmia_hooks.sequential import observed_rank, permutation_p_values
 
 
 def test_p_values_are_ranks_among_all_statistics():
@@ -91,3 +91,27 @@ def test_state_round_trip_continues_the_same_decisions():
 def test_argument_errors(kwargs, message):
     with pytest.raises(fh.ConfigurationError, match=message):
         fh.SequentialTest(**kwargs)
+
+
+def test_a_nan_statistic_ranks_below_every_other():
+    # NaN is no evidence of leakage: an observed NaN reads p = 1 (it used to read the
+    # smallest p-value, 1 / (B + 1), an alarm), and a NaN permutation ranks last.
+    null = torch.tensor([0.9, float("nan"), 0.1])
+    rank, null_ranks = permutation_p_values(float("nan"), null)
+    assert rank == 4
+    assert observed_rank(float("nan"), null) == 4
+    assert null_ranks.tolist() == [1, 4, 2]
+    rank, null_ranks = permutation_p_values(0.5, null)
+    assert rank == 2 and null_ranks.tolist() == [1, 4, 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ranks_agree_with_counting_each_statistic_at_least_as_large(seed):
+    g = torch.Generator().manual_seed(seed)
+    null = (torch.randn(500, generator=g, dtype=torch.float64) * 4).round() / 4  # many ties
+    observed = float(null[seed])
+    rank, null_ranks = permutation_p_values(observed, null)
+    everything = torch.cat([null, torch.tensor([observed], dtype=torch.float64)])
+    assert rank == int((everything >= observed - 1e-6).sum()) == observed_rank(observed, null)
+    assert null_ranks.tolist() == [int((everything >= v - 1e-6).sum()) for v in null.tolist()]
+    assert null_ranks.dtype == torch.int64
