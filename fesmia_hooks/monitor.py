@@ -124,10 +124,14 @@ class PrivacyMonitor:
         asynchronous: Run each check's attack on a worker thread while training goes on:
             a check forwards the canaries and copies their features to the host (on CUDA,
             the only wait on the device), then returns ``None``; its report, decision and
-            outputs land at the monitor's next :meth:`step` or :meth:`check` (one epoch
-            later with an epoch cadence; the integrations call them only at checks), or at
-            :meth:`flush`, :meth:`state_dict` and :meth:`close`, which wait for it. With
-            ``restore_safe_weights`` the weights the features came from are the ones kept.
+            outputs land at the monitor's next :meth:`step`, :meth:`check` or :meth:`land`
+            (the integrations call :meth:`land` at the next epoch end, or the next step with
+            ``every_n_steps``: the decision lands one epoch or step later), or at
+            :meth:`flush`, :meth:`state_dict` (a checkpoint holds every check started before
+            it) and :meth:`close`, which wait for it. With ``restore_safe_weights`` the
+            weights the features came from are the ones kept. Framework logs (Lightning's
+            metrics, Keras's ``History``) get a check's values when it lands; the history
+            file and TensorBoard file them under the check's own epoch and step.
             Needs a probe whose attack runs no code of the user's (``FeSMIA`` with the
             default learner).
         accountant: A differential-privacy accountant read at every check into the
@@ -355,8 +359,7 @@ class PrivacyMonitor:
             horizon: Checks expected in the new run (for example ``max_epochs //
                 every_n_epochs``), unless a horizon was fixed at construction.
         """
-        self._drop_pending("a new run began before the last one was closed (call close() "
-                           "at the end of a run)")
+        self._conclude_ended_run()
         self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
@@ -365,6 +368,18 @@ class PrivacyMonitor:
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):
             start_run()
+
+    def _conclude_ended_run(self) -> None:
+        """Record a check still pending from a run that ended without closing (a failed fit).
+
+        It is written to that run's history and outputs; nothing acts on it any more (no
+        stop, no weights restored): training has moved on. A failure is warned about.
+        """
+        try:
+            self._land(act=False)
+        except Exception as exc:  # noqa: BLE001 - on_error="raise": that run has ended
+            warnings.warn("fesmia-hooks: the last asynchronous check of the previous run "
+                          f"failed: {describe_error(exc)}", stacklevel=3)
 
     def _size_permutations(self) -> None:
         """Size the probe for the run: the statistics and permutations its test needs.
@@ -576,12 +591,37 @@ class PrivacyMonitor:
         return self._conclude(model, measured, index=index, epoch=epoch, step=step,
                               accounted=accounted)
 
-    def _land(self) -> LeakageReport | None:
+    def land(self, *, act: bool = True) -> LeakageReport | None:
+        """Conclude a pending asynchronous check now, waiting for its attack if it runs still.
+
+        Its report, or ``None`` when no check was pending (or it failed). The framework
+        adapters call it at the epoch end or step after the check started, so that its
+        decision lands there; :meth:`step`, :meth:`check`, :meth:`flush`, :meth:`close` and
+        :meth:`state_dict` land it too.
+
+        Args:
+            act: Act on the decision (stop, restore weights, raise, ``on_breach``). False
+                records the check in the history and the outputs only: the run it belongs
+                to has ended (a new run begins, or training failed).
+
+        Raises:
+            PrivacyBudgetExceeded: When the check breaches with ``action="raise"`` and
+                ``act`` is true.
+
+        Example:
+            >>> import fesmia_hooks as fh
+            >>> fh.PrivacyMonitor(asynchronous=True).land() is None  # nothing pending
+            True
+        """
+        return self._land(act=act)
+
+    def _land(self, *, act: bool = True) -> LeakageReport | None:
         """Wait for the attack of an asynchronous check, then read, decide and record it.
 
         An interrupt (``KeyboardInterrupt``) while waiting leaves the check pending: the next
         step, check, flush or close lands it. Two threads landing at once (a ``flush`` from
-        another thread) conclude the check once.
+        another thread) conclude the check once. An interrupt raised by the attack itself
+        (``SystemExit`` in a user's ``signal_fn``) is raised once, and the check dropped.
         """
         with self._land_lock:
             pending = self._pending
@@ -594,10 +634,15 @@ class PrivacyMonitor:
                 self._record_error(exc, epoch=pending.epoch, step=pending.step,
                                    index=pending.index)
                 return None
+            except BaseException:
+                if pending.future.done():  # the attack's own, not an interrupt of the wait
+                    self._pending = None
+                raise
             self._pending = None
             return self._conclude(pending.model, measured, index=pending.index,
                                   epoch=pending.epoch, step=pending.step,
-                                  snapshot=pending.snapshot, accounted=pending.accounted)
+                                  snapshot=pending.snapshot, accounted=pending.accounted,
+                                  act=act)
 
     def _drop_pending(self, why: str) -> None:
         """Forget an asynchronous check without concluding it (its epoch or step may run again)."""
@@ -639,8 +684,9 @@ class PrivacyMonitor:
         step: int | None,
         snapshot: dict[str, Any] | None = None,
         accounted: float = math.nan,
+        act: bool = True,
     ) -> LeakageReport:
-        """Calibrate, decide, record and act on one measured check."""
+        """Calibrate, decide, record and (unless ``act`` is false) act on one measured check."""
         self.checks = index
         report = self.calibration.report(measured, check=index, epoch=epoch, step=step)
         report = report.with_updates(**epsilon_readings(
@@ -656,7 +702,8 @@ class PrivacyMonitor:
         global_step = step if step is not None else (epoch if epoch is not None else index)
         self._start_run()
         self._call(self._writing(), "log", report, global_step)
-        self._act(model, report, decision, snapshot=snapshot)
+        if act:
+            self._act(model, report, decision, snapshot=snapshot)
         return report
 
     def _bound_confidence(self, index: int) -> float:
@@ -804,12 +851,13 @@ class PrivacyMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Plain-value state: the run, its history, counters, calibration and stop state.
 
-        Queued outputs are written first, so the history file holds every check the state
-        knows of. An asynchronous check still running is not part of the state (nor is its
-        epoch or step marked done): this run concludes it as usual, and a run resumed from
-        the state runs it again if it replays that epoch end or step, and otherwise goes on
-        without it (a checkpoint saved just after a check started resumes past it).
+        An asynchronous check still running is concluded first (the training thread waits
+        for its attack), and queued outputs are written, so the state and the history file
+        hold every check started before it: a run resumed from a checkpoint saved just after
+        a check started cannot lose that check, or its stop. With ``action="raise"``, a
+        breach landing here raises here.
         """
+        self._land()
         self._flush_outputs()
         return {
             "version": STATE_VERSION,

@@ -19,6 +19,7 @@ Only aggregates are written: never a canary input or label.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,13 +183,34 @@ class JsonlSink:
         line = json.dumps({k: _json_value(v) for k, v in record.items()}, sort_keys=False)
         self._pending.append(line)
         del self._pending[:-PENDING_LINES]
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Append the lines still waiting, all or none of them.
+
+        A write or sync the disk refuses (full, an I/O error) is cut back off the file, so
+        that the next attempt neither duplicates a line nor glues a torn half-line to the
+        next one.
+        """
         if self._pending_resume is not None:
             self._rewrite(*self._pending_resume)
+        if not self._pending:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(pending + "\n" for pending in self._pending))
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = memoryview("".join(line + "\n" for line in self._pending).encode("utf-8"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
         self._pending = []
 
     def resume(
@@ -266,7 +288,20 @@ class JsonlSink:
                         aside)
 
     def close(self) -> None:
-        """Release the claim on the file (nothing else stays open between writes)."""
+        """Write the lines still waiting, then release the claim on the file.
+
+        A line the disk refused earlier is tried once more; nothing else stays open
+        between writes.
+
+        Raises:
+            OSError: When the waiting lines still cannot be written (the claim is released).
+        """
+        try:
+            self._write_pending()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
             # The lock file stays: another writer may hold it open, and a new file would let
             # a third writer lock it unwarned.

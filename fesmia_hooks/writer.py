@@ -2,16 +2,18 @@
 
 Writing a check's outputs (a TensorBoard event, a histogram, a text summary, an fsynced
 history line) takes longer than the statistics. A :class:`BackgroundWriter` calls the
-monitor's own sinks (the history file and TensorBoard of its ``log_dir``) from one daemon
-thread, in the order the monitor asked, through a bounded queue: a check returns as soon as
-its outputs are queued, and only a writer more than :data:`QUEUE_SIZE` calls behind makes
-training wait. The monitor waits for the queue (:meth:`BackgroundWriter.flush`) before a
-stop returns, before its state is saved and when it closes; the interpreter waits for it at
-exit, when an exception ends the program; only a hard kill (``SIGKILL``, ``os._exit``)
-loses what is still queued, normally nothing, since a check's outputs are written within
-milliseconds. A call that fails is kept with its error and reported on the training thread
-at the next check, flush or close, as a failing sink always was: outputs never make or
-change a decision.
+monitor's own sinks (the history file and TensorBoard of its ``log_dir``) from daemon
+threads, one per sink, each sink's calls in the order the monitor asked, through bounded
+queues: a check returns as soon as its outputs are queued, and only a sink more than
+:data:`QUEUE_SIZE` calls behind makes training wait. One thread per sink keeps a slow sink
+(TensorBoard's histograms and text) from holding the history file's lines back. The
+monitor waits for the queues (:meth:`BackgroundWriter.flush`) before a stop returns, before
+its state is saved and when it closes; the interpreter waits for them at exit, when an
+exception ends the program; only a hard kill (``SIGKILL``, ``os._exit``) loses what is still
+queued: the history line in flight, normally nothing more, since a line is written within
+milliseconds of its check. A call that fails is kept with its error and reported on the
+training thread at the next check, flush or close, as a failing sink always was: outputs
+never make or change a decision.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _WRITERS: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 
 
 class BackgroundWriter:
-    """Calls sink hooks in order on one daemon thread.
+    """Calls sink hooks off the caller's thread: one daemon thread and queue per sink.
 
     Example:
         >>> class Printer:
@@ -56,65 +58,58 @@ class BackgroundWriter:
     """
 
     def __init__(self, maxsize: int = QUEUE_SIZE) -> None:
-        self._queue: queue.Queue[tuple[Any, str, Sequence[Any]] | None] = queue.Queue(maxsize)
-        self._thread: threading.Thread | None = None
+        self.maxsize = maxsize
+        self._lanes: dict[int, _Lane] = {}
         self._failed: collections.deque[tuple[Any, str, BaseException]] = collections.deque()
         self._lock = threading.Lock()
         #: Call sinks on the caller's thread (set at interpreter exit, when no new thread
         #: may start).
         self.inline = False
-        self._stuck = False
         _WRITERS.add(self)
 
     def __reduce__(self) -> tuple[Any, tuple[int]]:
         # A monitor pickled to other processes (spawned DDP ranks) gets a fresh, empty writer.
-        return (BackgroundWriter, (self._queue.maxsize,))
+        return (BackgroundWriter, (self.maxsize,))
 
     def submit(self, sink: Any, hook: str, args: Sequence[Any]) -> None:
-        """Queue ``sink.<hook>(*args)``; waits only while the queue is full.
+        """Queue ``sink.<hook>(*args)`` behind that sink's calls; waits only if its queue is full.
 
-        A writer stuck for :data:`FLUSH_TIMEOUT_S` (a hung disk) drops the call and reports
-        it as a failure instead of blocking training for good.
+        A sink stuck for :data:`FLUSH_TIMEOUT_S` (a hung disk) has the call dropped and
+        reported as a failure instead of blocking training for good.
         """
         if self.inline:
             self.flush()
             _call_one(sink, hook, tuple(args), self._failed)
             return
-        self._ensure_thread()
-        if self._stuck and self._queue.full():  # already waited once: drop at once
+        lane = self._lane(sink)
+        if lane.stuck and lane.queue.full():  # already waited once: drop at once
             self._failed.append((sink, hook, TimeoutError(
                 f"the background writer is stuck (a write has hung for over "
                 f"{FLUSH_TIMEOUT_S:.0f} s)")))
             return
         try:
-            self._queue.put((sink, hook, tuple(args)), timeout=FLUSH_TIMEOUT_S)
-            self._stuck = False
+            lane.queue.put((sink, hook, tuple(args)), timeout=FLUSH_TIMEOUT_S)
+            lane.stuck = False
         except queue.Full:
-            self._stuck = True
+            lane.stuck = True
             self._failed.append((sink, hook, TimeoutError(
                 f"the background writer was stuck for {FLUSH_TIMEOUT_S:.0f} s")))
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Wait until every queued call has run; ``False`` if ``timeout`` ran out first."""
         deadline = time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or not self._thread.is_alive():
-                    return not self._queue.unfinished_tasks
-                self._queue.all_tasks_done.wait(min(left, 0.5))
-        return True
+        with self._lock:
+            lanes = list(self._lanes.values())
+        return all([lane.wait(deadline) for lane in lanes])
 
     def close(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Flush, then stop the thread (a later :meth:`submit` starts a new one)."""
-        done = self.flush(timeout)
-        if not done:  # a stuck write: keep its thread (a second one would reorder the calls)
+        """Flush, then stop the threads (a later :meth:`submit` starts new ones)."""
+        if not self.flush(timeout):  # a stuck write: keep its thread (a second would reorder)
             return False
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
-            thread.join(timeout)
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.stop(timeout)
         return True
 
     def failures(self) -> list[tuple[Any, str, BaseException]]:
@@ -124,16 +119,48 @@ class BackgroundWriter:
             out.append(self._failed.popleft())
         return out
 
-    def _ensure_thread(self) -> None:
+    def _lane(self, sink: Any) -> _Lane:
+        """The queue and thread of ``sink`` (a new one, or one lost to a fork, is started)."""
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():  # new, or lost to a fork
+            lane = self._lanes.get(id(sink))
+            if lane is None or lane.sink is not sink:
+                lane = self._lanes[id(sink)] = _Lane(sink, self.maxsize)
+            if lane.thread is None or not lane.thread.is_alive():
                 # The thread holds the queue and the failure list, not the writer: a writer
-                # nobody uses any more can be collected (its thread is then stopped).
-                self._thread = threading.Thread(target=_run, args=(self._queue, self._failed),
-                                                name="fesmia-hooks-writer", daemon=True)
-                self._thread.start()
+                # nobody uses any more can be collected (its threads are then stopped).
+                lane.thread = threading.Thread(target=_run, args=(lane.queue, self._failed),
+                                               name="fesmia-hooks-writer", daemon=True)
+                lane.thread.start()
                 # not at exit: the monitor's exit hook still writes through this thread
-                weakref.finalize(self, _stop, self._queue).atexit = False
+                weakref.finalize(self, _stop, lane.queue).atexit = False
+            return lane
+
+
+class _Lane:
+    """One sink's queue of calls and the thread that makes them."""
+
+    def __init__(self, sink: Any, maxsize: int) -> None:
+        self.sink = sink
+        self.queue: queue.Queue[tuple[Any, str, Sequence[Any]] | None] = queue.Queue(maxsize)
+        self.thread: threading.Thread | None = None
+        self.stuck = False
+
+    def wait(self, deadline: float) -> bool:
+        """Wait until the queue is done, at most until ``deadline``; whether it is."""
+        with self.queue.all_tasks_done:
+            while self.queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.thread is None or not self.thread.is_alive():
+                    return not self.queue.unfinished_tasks
+                self.queue.all_tasks_done.wait(min(left, 0.5))
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """End the thread once it has made every queued call."""
+        thread, self.thread = self.thread, None
+        if thread is not None and thread.is_alive():
+            self.queue.put(None)
+            thread.join(timeout)
 
 
 def _run(jobs: queue.Queue[Any], failed: collections.deque[Any]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from fesmia_hooks._validation import boolean, optional_path
 from fesmia_hooks.budget import StopReason
 from fesmia_hooks.calibration import expected_checks
 from fesmia_hooks.canaries import Canaries
-from fesmia_hooks.exceptions import ConfigurationError
+from fesmia_hooks.exceptions import ConfigurationError, describe_error
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.report import LeakageReport
 
@@ -156,6 +157,8 @@ class MonitorDriver:
             else (monitor.tensorboard if monitor is not None else True)
         )
         self._reduced_stop_epoch: int | None = None
+        # An asynchronous check started at the last epoch end or step: it lands at the next.
+        self._landing = False
         super().__init__()  # the framework's callback class, next in an adapter's MRO
 
     # ------------------------------------------------------------------ read-only state
@@ -255,6 +258,7 @@ class MonitorDriver:
                 steps_per_epoch=steps_per_epoch,
             ))
             self._reduced_stop_epoch = None
+            self._landing = False
         core.writes = rank_zero
         if rank_zero:
             use_writer = writer if self.log_dir is None else None
@@ -291,16 +295,27 @@ class MonitorDriver:
     ) -> LeakageReport | None:
         """Check ``model`` if a check is due at this epoch end or step; ``None`` otherwise.
 
+        With ``asynchronous=True`` a check's decision lands at the next epoch end (or step,
+        with ``every_n_steps``): this call waits there for its attack, if still running,
+        and returns its report.
+
         Raises:
             PrivacyBudgetExceeded: On a breach with ``action="raise"`` (on every rank alike).
         """
+        landing, self._landing = self._landing, False
         if not self.monitor.is_due(epoch=epoch, step=step):
-            return None
-        return self.monitor.check(model, epoch=epoch, step=step)
+            return self.monitor.land() if landing else None
+        report = self.monitor.check(model, epoch=epoch, step=step)
+        self._landing = self.monitor.asynchronous
+        return report
 
     def is_due(self, *, epoch: int | None = None, step: int | None = None) -> bool:
-        """Whether a check is due at this epoch end (or optimizer step)."""
-        return self.monitor.is_due(epoch=epoch, step=step)
+        """Whether a check is due at this epoch end (or optimizer step), or one lands here.
+
+        True at the epoch end or step after an asynchronous check started, whether or not
+        it started well, so that every rank reaches the stop decision at the same points.
+        """
+        return self._landing or self.monitor.is_due(epoch=epoch, step=step)
 
     def reduce_stop(self, any_rank: Callable[[bool], bool], *, epoch: int | None) -> bool:
         """Whether any rank wants to stop (``any_rank`` OR-reduces a flag over the ranks).
@@ -314,6 +329,19 @@ class MonitorDriver:
 
     def end_run(self) -> None:
         """Flush and close the sinks (a later run reopens them)."""
+        self.monitor.close()
+
+    def abort_run(self) -> None:
+        """Training failed: record a check still pending, without acting on it; close the sinks.
+
+        Nothing is raised (a failing check, a breach): the training's own exception is the
+        one that propagates. The check's report is in the history and the outputs.
+        """
+        try:
+            self.monitor.land(act=False)
+        except Exception as exc:  # noqa: BLE001 - on_error="raise"; the failure wins
+            warnings.warn("fesmia-hooks: the asynchronous check pending when training failed "
+                          f"failed too: {describe_error(exc)}", stacklevel=2)
         self.monitor.close()
 
     # ------------------------------------------------------------------ persistence

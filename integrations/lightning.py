@@ -195,6 +195,10 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         if stage == "fit":
             self.end_run()
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Training failed: record a check still pending (nothing acts on it), close the sinks."""
+        self.abort_run()
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Check after every ``every_n_epochs``-th epoch."""
         if trainer.sanity_checking or self.monitor.every_n_epochs is None:
@@ -216,8 +220,10 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             return
         report = self.run_check(pl_module, epoch=epoch, step=step)
         if report is not None:
-            self._log_scalars(trainer, pl_module, scalar_metrics(report), on_step=on_step)
-        # Every rank reaches this point at the same checks, so the collective cannot hang.
+            self._log_scalars(trainer, pl_module, scalar_metrics(report), on_step=on_step,
+                              step=step if report.step is None else report.step)
+        # Every rank reaches this point at the same checks and landings (the epoch end or step
+        # after an asynchronous check), so the collective cannot hang.
         reduce = trainer.strategy.reduce_boolean_decision
         if self.reduce_stop(lambda flag: reduce(flag, all=False), epoch=epoch):
             if not trainer.should_stop and trainer.is_global_zero:
@@ -226,19 +232,21 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             trainer.should_stop = True
 
     def _log_scalars(
-        self, trainer: Any, pl_module: Any, metrics: dict[str, float], *, on_step: bool
+        self, trainer: Any, pl_module: Any, metrics: dict[str, float], *, on_step: bool,
+        step: int,
     ) -> None:
         if not on_step:
             for key, value in metrics.items():
                 pl_module.log(key, value, on_step=False, on_epoch=True, batch_size=1)
             return
         # Step-logged values reach the loggers only every `log_every_n_steps`; give them to
-        # the loggers directly at the check's step instead, and to callback_metrics only here.
+        # the loggers directly at the check's step instead (an asynchronous check's own step,
+        # the one before it landed), and to callback_metrics only here.
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
         if trainer.is_global_zero:
             for lg in trainer.loggers:
-                lg.log_metrics(dict(metrics), step=trainer.global_step)
+                lg.log_metrics(dict(metrics), step=step)
 
 
 def _steps_per_epoch(trainer: Any) -> int | None:

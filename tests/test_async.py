@@ -65,23 +65,39 @@ def test_the_safe_weights_are_those_the_last_good_check_read():
     assert torch.equal(model.weight, good)
 
 
-def test_a_state_saved_during_a_check_leaves_it_out_and_close_concludes_it(tmp_path):
+def test_a_state_saved_during_a_check_concludes_it_first(tmp_path):
+    # A checkpoint taken while a check runs must hold it: a run resumed from it goes on
+    # past that epoch and would otherwise never run it (nor its stop).
     canary_set, _ = canaries()
     model = nn.Linear(8, 3)
     set_weights(model, unrelated_weights())
     mon = monitor(canary_set, asynchronous=True, log_dir=tmp_path)
     assert mon.step(model, epoch=0) is None and mon.checks == 0
-    state = mon.state_dict()  # a checkpoint while check 1 runs: not in it, epoch 0 not done
-    assert state["checks"] == 0 and state["history"] == [] and state["checked"] == []
+    state = mon.state_dict()  # waits for check 1, then saves it
+    assert state["checks"] == 1 and [h["epoch"] for h in state["history"]] == [0]
+    assert state["checked"] == [["epoch", 0]] and mon._pending is None
+    assert (tmp_path / "privacy_history.jsonl").read_text().count('"check"') == 1
     resumed = monitor(canary_set, asynchronous=True)
     resumed.load_state_dict(state)
-    assert resumed.is_due(epoch=0)  # a run resumed from it checks epoch 0 again
-    mon.step(model, epoch=1)  # this run concludes check 1 as usual
-    assert [r.epoch for r in mon.history] == [0]
-    mon.close()  # ... and close concludes check 2 before the sinks close
+    assert not resumed.is_due(epoch=0)
+    mon.step(model, epoch=1)
+    mon.close()  # close concludes check 2 before the sinks close
     assert mon.checks == 2
     lines = (tmp_path / "privacy_history.jsonl").read_text().count('"check"')
     assert lines == 2 and len(list(tmp_path.glob("events.out.tfevents.*"))) <= 1
+
+
+def test_a_breach_running_at_a_checkpoint_stops_the_run_resumed_from_it():
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    set_weights(model, memorised)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    state = mon.state_dict()
+    assert state["should_stop"] and state["stopped_epoch"] == 0
+    resumed = monitor(canary_set, asynchronous=True)
+    resumed.load_state_dict(state)
+    assert resumed.should_stop and resumed.stopped_epoch == 0
 
 
 def test_the_adapters_check_starts_no_new_check_once_a_stop_landed():
@@ -276,3 +292,64 @@ def test_close_closes_the_sinks_even_when_the_last_check_raises():
     with pytest.raises(fh.PrivacyBudgetExceeded):
         mon.close()
     assert closed == [True]
+
+
+def test_an_attached_monitor_stops_the_step_after_the_check_not_the_next_check():
+    from fesmia_hooks.integrations.torch import attach
+
+    canary_set, memorised = canaries()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Linear(8, 3)
+    set_weights(model, memorised)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay memorised
+    mon = monitor(canary_set, asynchronous=True, every_n_steps=5)
+    steps = 0
+    with attach(model, opt, mon, total_steps=20):
+        while not mon.should_stop and steps < 20:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            steps += 1
+    assert mon.stopped_step == 5 and steps == 6  # read at step 5, landed at step 6
+
+
+def test_an_exit_raised_by_the_attack_is_raised_once_and_the_monitor_goes_on(monkeypatch):
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    set_weights(model, unrelated_weights())
+    mon = monitor(canary_set, asynchronous=True)
+    real = mon.probe.attack
+
+    def exiting(*args, **kwargs):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(mon.probe, "attack", exiting)
+    mon.step(model, epoch=0)
+    with pytest.raises(SystemExit):
+        mon.flush()
+    monkeypatch.setattr(mon.probe, "attack", real)
+    assert mon.step(model, epoch=1) is None  # not raised again: the check was dropped
+    mon.close()
+    assert [r.epoch for r in mon.history] == [1]
+
+
+def test_a_new_run_records_the_check_the_last_one_left_running(tmp_path):
+    # A fit that failed (Keras, Transformers: no hook runs) leaves its last check running;
+    # the next run records it in the history it belongs to, acting on nothing.
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    set_weights(model, memorised)
+    mon = monitor(canary_set, asynchronous=True, log_dir=tmp_path, restore_safe_weights=True)
+    mon.step(model, epoch=0)
+    old_run = mon.run_id
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped with a warning
+        mon.reset()
+    assert not mon.should_stop and mon.history == [] and mon.run_id != old_run
+    mon.close()
+    from fesmia_hooks.history import load_runs
+
+    [run] = load_runs(tmp_path)
+    assert run.run_id == old_run and [r["breached"] for r in run.records] == [True]

@@ -132,6 +132,22 @@ def failing_open(suffix):
     return fake
 
 
+def refuse_writes(patch, suffix):
+    """The disk refuses (full) every write to files whose name ends with ``suffix``.
+
+    Both ways a sink opens a file for writing: Python's ``open`` and ``os.open``.
+    """
+    patch.setattr(sinks_module, "open", failing_open(suffix), raising=False)
+    real = os.open
+
+    def fake(path, flags, *args, **kwargs):
+        if str(path).endswith(suffix) and flags & (os.O_WRONLY | os.O_RDWR):
+            disk_full()
+        return real(path, flags, *args, **kwargs)
+
+    patch.setattr(os, "open", fake)
+
+
 class Messages:
     """The messages of the warnings caught so far (read live, inside the block too)."""
 
@@ -223,7 +239,7 @@ def test_a_full_disk_during_a_breaching_check_keeps_the_stop_and_safe_weights(
         set_weights(model, memorised)  # training: the model now memorises its members
         with monkeypatch.context() as patch:
             if fault == "open":
-                patch.setattr(sinks_module, "open", failing_open(HISTORY_FILE), raising=False)
+                refuse_writes(patch, HISTORY_FILE)
             else:
                 patch.setattr(JsonlSink, "write", disk_full)
             report = mon.step(model, epoch=1)  # the run is not killed
@@ -280,13 +296,55 @@ def test_lines_refused_by_a_full_disk_reach_the_file_once_it_works(tmp_path, mon
     mon = monitor(canary_set, log_dir=tmp_path)
     with recording():
         with monkeypatch.context() as patch:  # the disk refuses the header and check 1
-            patch.setattr(sinks_module, "open", failing_open(HISTORY_FILE), raising=False)
+            refuse_writes(patch, HISTORY_FILE)
             mon.step(model, epoch=0)
         mon.step(model, epoch=1)  # the disk works again: the lines waiting come first
         mon.flush()
     [run] = load_runs(tmp_path)
     assert run.settings.get("budget", {}).get("max_level") == "none"  # the header is there
     assert [r["check"] for r in run.records] == [1, 2]
+
+
+@pytest.mark.parametrize("fault", ["torn", "fsync"])
+def test_a_write_that_fails_half_way_leaves_no_duplicate_and_no_torn_line(tmp_path, fault):
+    # The disk fills half-way through a line, or the sync fails after the bytes went out:
+    # the failed attempt is cut back off, and the retry writes each line once, whole.
+    sink = JsonlSink(tmp_path / HISTORY_FILE)
+    sink.start_run({"run_id": "r1", "settings": {}})
+    sink.write({"check": 1})
+    real_write, real_fsync = os.write, os.fsync
+
+    def half(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        disk_full()
+
+    def failed_sync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as patch:
+        if fault == "torn":
+            patch.setattr(os, "write", half)
+        else:
+            patch.setattr(os, "fsync", failed_sync)
+        with pytest.raises(OSError):
+            sink.write({"check": 2})
+    assert [c["check"] for c in checks_in(sink.path)] == [1]
+    sink.write({"check": 3})
+    sink.close()
+    lines = sink.path.read_text().splitlines()
+    assert [json.loads(line).get("check") for line in lines] == [None, 1, 2, 3]
+    assert real_write is os.write and real_fsync is os.fsync
+
+
+def test_lines_refused_until_the_end_are_written_when_the_sink_closes(tmp_path):
+    sink = JsonlSink(tmp_path / HISTORY_FILE)
+    sink.start_run({"run_id": "r1", "settings": {}})
+    with pytest.MonkeyPatch.context() as patch:
+        refuse_writes(patch, HISTORY_FILE)
+        with pytest.raises(OSError):
+            sink.write({"check": 1})  # the stop's line, say: refused
+    sink.close()  # the disk works again by the end of the run
+    assert [c["check"] for c in checks_in(sink.path)] == [1]
 
 
 # ---------------------------------------------------------- 2. unwritable and file-shaped folders

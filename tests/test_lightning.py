@@ -613,3 +613,34 @@ def test_an_asynchronous_callback_stops_one_epoch_later_on_the_same_readings(tmp
     strip = [readings(r)
              for r in (sync.history, lazy.history)[0]]
     assert [readings(r) for r in lazy.history[: len(strip)]] == strip
+
+
+def test_an_asynchronous_decision_lands_at_the_next_epoch_end_not_the_next_check(tmp_path):
+    # every_n_epochs=2: checks at epochs 1, 3, 5; a stop read at epoch 1 lands at the end
+    # of epoch 2 (training ends there), not at epoch 3's check.
+    sync = _monitor(budget=LeakageBudget(max_level="none", action="stop"), horizon=4,
+                    every_n_epochs=2)
+    _fit(tmp_path / "sync", sync, max_epochs=8)
+    breach = _first_breach(sync.history)
+    lazy = _monitor(budget=LeakageBudget(max_level="none", action="stop"), horizon=4,
+                    every_n_epochs=2, asynchronous=True)
+    trainer, _ = _fit(tmp_path / "async", lazy, max_epochs=8)
+    assert lazy.should_stop and lazy.stopped_epoch == breach
+    assert trainer.current_epoch == breach + 2  # stopped at the end of epoch breach + 1
+    assert [r.epoch for r in lazy.history] == [r.epoch for r in sync.history]
+
+
+def test_a_failed_fit_records_the_asynchronous_check_it_left_running(tmp_path):
+    class Crash(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("the machine went away")
+
+    lazy = _monitor(budget=LeakageBudget(max_level="none", action="stop"), horizon=6,
+                    asynchronous=True)
+    with pytest.raises(RuntimeError, match="went away"):
+        _fit(tmp_path, lazy, max_epochs=6, extra=[Crash()])
+    # the check of epoch 1 started before the crash: it is recorded, nothing is pending
+    assert lazy.monitor._pending is None and [r.epoch for r in lazy.history] == [0, 1]
+    [history] = tmp_path.rglob("privacy_history.jsonl")
+    assert history.read_text().count('"check"') == 2

@@ -84,12 +84,31 @@ def test_flush_gives_up_after_its_timeout_on_a_hung_sink():
     assert writer.flush()
 
 
+def test_a_slow_sink_does_not_hold_back_another_sinks_calls():
+    # TensorBoard's histograms must not keep the history file's lines waiting in the queue
+    # (a hard kill would lose all of them, not the line in flight).
+    gate = threading.Event()
+    slow, fast = Slow(gate), Slow(threading.Event())
+    fast.gate.set()
+    writer = BackgroundWriter()
+    for i in range(10):
+        writer.submit(slow, "log", (i,))
+        writer.submit(fast, "log", (i,))
+    deadline = time.monotonic() + 5
+    while len(fast.calls) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fast.calls == list(range(10)) and slow.calls == []
+    gate.set()
+    assert writer.flush() and slow.calls == list(range(10))
+    assert slow.threads.isdisjoint(fast.threads)
+
+
 def test_a_pickled_writer_is_a_fresh_one():
     gate = threading.Event()
     writer = BackgroundWriter(maxsize=7)
     writer.submit(Slow(gate), "log", (0,))
     copy = pickle.loads(pickle.dumps(writer))
-    assert copy.flush(timeout=1) and copy._queue.maxsize == 7
+    assert copy.flush(timeout=1) and copy.maxsize == 7 and not copy._lanes
     gate.set()
     assert writer.flush()
 
