@@ -3,7 +3,8 @@
 The probe runs in eval mode with the RNG forked, so BatchNorm statistics and dropout draws
 are exactly what they would be without it. The checks are asynchronous: each forwards the
 canaries, then the attack runs on another core while the next epoch trains, and its report
-and decision arrive at the next check (``monitor.step`` returns the report that landed).
+and decision arrive at the next epoch end (``monitor.step`` returns the report that landed;
+a loop that does not check every epoch calls ``monitor.land()`` there).
 Images: the digits upsampled to 1x16x16 with pixel noise. Run: python examples/cnn_torch.py
 """
 

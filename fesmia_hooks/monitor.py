@@ -610,7 +610,7 @@ class PrivacyMonitor:
 
         Example:
             >>> import fesmia_hooks as fh
-            >>> fh.PrivacyMonitor(asynchronous=True).land() is None  # nothing pending
+            >>> fh.PrivacyMonitor(None, asynchronous=True).land() is None  # nothing pending
             True
         """
         return self._land(act=act)

@@ -1,4 +1,4 @@
-"""Asynchronous checks: the attack runs beside training, the decision lands one check later."""
+"""Asynchronous checks: the attack runs beside training; its decision lands an epoch later."""
 
 import pickle
 
