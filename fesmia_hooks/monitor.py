@@ -319,6 +319,7 @@ class PrivacyMonitor:
         for sink in self._dir_sinks:
             self.sinks.remove(sink)
             self._call([sink], "close")
+            self._writer.retire(sink)  # its writing thread ends with it
         self._dir_sinks = []
         self.log_dir = folder
         self._dir_sinks = sinks_for(self.log_dir, tensorboard=tensorboard, writer=writer,
@@ -342,6 +343,8 @@ class PrivacyMonitor:
         self.stopped_step: int | None = None
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
+        #: The epoch end or step of a check still running when the loaded state was saved.
+        self._rerun: tuple[str, int] | None = None
         #: What went wrong writing outputs (sinks, on_breach callbacks) in this run.
         self.output_errors: list[str] = []
         self._ranks_agree = False
@@ -359,7 +362,9 @@ class PrivacyMonitor:
             horizon: Checks expected in the new run (for example ``max_epochs //
                 every_n_epochs``), unless a horizon was fixed at construction.
         """
-        self._conclude_ended_run()
+        # A check a failed fit left running is recorded in the history of its run; nothing
+        # acts on it any more (no stop, no weights restored): training has moved on.
+        self._land(act=False)
         self.calibration.reset(horizon=horizon)
         self._reset_state()
         self._safe_state = None
@@ -368,18 +373,6 @@ class PrivacyMonitor:
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):
             start_run()
-
-    def _conclude_ended_run(self) -> None:
-        """Record a check still pending from a run that ended without closing (a failed fit).
-
-        It is written to that run's history and outputs; nothing acts on it any more (no
-        stop, no weights restored): training has moved on. A failure is warned about.
-        """
-        try:
-            self._land(act=False)
-        except Exception as exc:  # noqa: BLE001 - on_error="raise": that run has ended
-            warnings.warn("fesmia-hooks: the last asynchronous check of the previous run "
-                          f"failed: {describe_error(exc)}", stacklevel=3)
 
     def _size_permutations(self) -> None:
         """Size the probe for the run: the statistics and permutations its test needs.
@@ -591,6 +584,27 @@ class PrivacyMonitor:
         return self._conclude(model, measured, index=index, epoch=epoch, step=step,
                               accounted=accounted)
 
+    def resume_check(self, model: nn.Module) -> LeakageReport | None:
+        """Run the check that was still running when the loaded state was saved.
+
+        A checkpoint saved just after an asynchronous check started holds the weights that
+        check read, not its result: a run resumed from it calls this on the restored model
+        before training goes on (the integrations do), so that the check, and a stop it
+        decides, are not lost. Its report (``None`` when there is no such check, or with
+        ``asynchronous=True``: it then lands like any other check).
+
+        Example:
+            >>> import fesmia_hooks as fh
+            >>> fh.PrivacyMonitor(None).resume_check(None) is None  # no state loaded
+            True
+        """
+        rerun, self._rerun = self._rerun, None
+        if rerun is None or rerun in self._checked:
+            return None
+        kind, value = rerun
+        return self.check(model, epoch=value if kind == "epoch" else None,
+                          step=value if kind == "step" else None)
+
     def land(self, *, act: bool = True) -> LeakageReport | None:
         """Conclude a pending asynchronous check now, waiting for its attack if it runs still.
 
@@ -601,8 +615,9 @@ class PrivacyMonitor:
 
         Args:
             act: Act on the decision (stop, restore weights, raise, ``on_breach``). False
-                records the check in the history and the outputs only: the run it belongs
-                to has ended (a new run begins, or training failed).
+                records the check (or its failure) in the history and the outputs only,
+                raising nothing: the run it belongs to has ended (a new run begins, or
+                training failed).
 
         Raises:
             PrivacyBudgetExceeded: When the check breaches with ``action="raise"`` and
@@ -632,10 +647,10 @@ class PrivacyMonitor:
             except Exception as exc:  # noqa: BLE001 - a failing check must not kill training
                 self._pending = None
                 self._record_error(exc, epoch=pending.epoch, step=pending.step,
-                                   index=pending.index)
+                                   index=pending.index, raising=act)
                 return None
             except BaseException:
-                if pending.future.done():  # the attack's own, not an interrupt of the wait
+                if _raised_by(pending.future):  # the attack's own, not an interrupt of the wait
                     self._pending = None
                 raise
             self._pending = None
@@ -835,9 +850,14 @@ class PrivacyMonitor:
         return True
 
     def _record_error(
-        self, exc: Exception, *, epoch: int | None, step: int | None, index: int
+        self, exc: Exception, *, epoch: int | None, step: int | None, index: int,
+        raising: bool = True,
     ) -> None:
-        if self.on_error == "raise" or isinstance(exc, PrivacyBudgetExceeded):
+        """Record a failed check; raise it with ``on_error="raise"``.
+
+        Not ``raising``: the check of a run that has ended is recorded only.
+        """
+        if raising and (self.on_error == "raise" or isinstance(exc, PrivacyBudgetExceeded)):
             raise exc
         kind = type(exc).__name__
         text = describe_error(exc, with_kind=False)
@@ -851,14 +871,17 @@ class PrivacyMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Plain-value state: the run, its history, counters, calibration and stop state.
 
-        An asynchronous check still running is concluded first (the training thread waits
-        for its attack), and queued outputs are written, so the state and the history file
-        hold every check started before it: a run resumed from a checkpoint saved just after
-        a check started cannot lose that check, or its stop. With ``action="raise"``, a
-        breach landing here raises here.
+        Queued outputs are written first, so the history file holds every check the state
+        knows of. An asynchronous check still running is not waited for (training goes on,
+        and this run concludes it as usual); the state names it (``"running"``), and a run
+        resumed from the state runs it again on the restored weights before training
+        continues (:meth:`resume_check`): a checkpoint saved just after a check started
+        cannot lose that check, or its stop.
         """
-        self._land()
         self._flush_outputs()
+        pending = self._pending
+        running = (list(pending.mark) if pending is not None and pending.new_mark
+                   and pending.mark is not None else None)
         return {
             "version": STATE_VERSION,
             "run_id": self.run_id,
@@ -873,6 +896,7 @@ class PrivacyMonitor:
             "stopped_epoch": self.stopped_epoch,
             "stopped_step": self.stopped_step,
             "checked": sorted([k, v] for k, v in self._settled_marks()),
+            "running": running,
             "probe": self.probe.settings(),
             "canaries": None if self.canaries is None else self.canaries.fingerprint(),
         }
@@ -898,11 +922,15 @@ class PrivacyMonitor:
                                                "streak": state.get("streak", 0)}
             stop_reason = StopReason(state.get("stop_reason", StopReason.NOT_STOPPED.value))
             checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
+            running = state.get("running")
+            rerun = None if running is None else (str(running[0]), int(running[1]))
+            if rerun is not None and rerun[0] not in ("epoch", "step"):
+                raise ValueError(f"a running check at an {rerun[0]!r}")
             trial = Calibration(self.calibration.alpha, horizon=self.calibration.fixed_horizon,
                                 bands=self.calibration.bands,
                                 statistic=self.calibration.statistic)
             trial.load_state_dict(calibration)
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise ConfigurationError(
                 f"not a monitor's state: {type(exc).__name__} while reading it "
                 f"({describe_error(exc)})"
@@ -922,6 +950,7 @@ class PrivacyMonitor:
         self.stopped_epoch = state.get("stopped_epoch")
         self.stopped_step = state.get("stopped_step")
         self._checked = checked
+        self._rerun = rerun if rerun not in checked else None
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):  # trajectories restart: earlier checks' features are not saved
             start_run()
@@ -1036,6 +1065,11 @@ class _Pending:
     accounted: float  # the accountant's ε when the features were taken
 
 
+def _raised_by(future: Future[Any]) -> bool:
+    """Whether ``future`` ended by raising (not: still running, cancelled, or a result)."""
+    return future.done() and not future.cancelled() and future.exception() is not None
+
+
 # Monitors that have had an asynchronous check: their last one is concluded at exit.
 _LIVE: weakref.WeakSet[PrivacyMonitor] = weakref.WeakSet()
 
@@ -1054,7 +1088,7 @@ def _conclude_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
 _STATE_KEYS = frozenset({
     "version", "run_id", "history", "errors", "checks", "calibration", "budget",
     "should_stop", "stop_reason", "stop_message", "stopped_epoch", "stopped_step", "checked",
-    "probe", "canaries", "sequential", "streak",  # the last two: version 1
+    "probe", "canaries", "running", "sequential", "streak",  # the last two: version 1
 })
 def _name(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", None) or type(fn).__name__)

@@ -198,14 +198,15 @@ class JsonlSink:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = memoryview("".join(line + "\n" for line in self._pending).encode("utf-8"))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # 0o666 less the umask: the mode Python's open() gives a new file
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
             try:
                 while data:
                     data = data[os.write(fd, data):]
                 os.fsync(fd)
-            except OSError:
+            except BaseException:  # a full disk, an I/O error, an interrupt half-way
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, end)
                 raise
@@ -233,6 +234,14 @@ class JsonlSink:
         """
         self._claim()
         self.run_id = run_id
+        # Lines still waiting (refused by the disk) follow the same rule as the file's; the
+        # run's header, if one waits, is the rewrite's to put back.
+        known = {_failure_key(e) for e in errors or ()}
+        waiting = [(line, json.loads(line)) for line in self._pending]
+        self._pending = [line for line, record in waiting
+                         if _kept(record, run_id, check, known)
+                         and not (record.get("run_id") == run_id
+                                  and record.get("record") == "run")]
         self._pending_resume = (run_id, check, list(errors or ()), header)
         self._rewrite(*self._pending_resume)
 
@@ -257,17 +266,9 @@ class JsonlSink:
             if not isinstance(record, dict):
                 unreadable.append(line)
                 continue
-            if record.get("run_id") != run_id:
+            if _kept(record, run_id, check, known):
                 kept.append(line)
-                continue
-            if record.get("record") == "run":
-                has_header = True
-                kept.append(line)
-            elif "error" in record:
-                if _failure_key(record) in known or _int(record.get("check")) <= check:
-                    kept.append(line)
-            elif _int(record.get("check")) <= check:
-                kept.append(line)
+                has_header |= record.get("run_id") == run_id and record.get("record") == "run"
         if not has_header and header is not None:
             kept.insert(0, json.dumps({"record": "run", "format": HISTORY_FORMAT, **header,
                                        "run_id": run_id}))
@@ -307,6 +308,19 @@ class JsonlSink:
             # a third writer lock it unwarned.
             self._lock[0].close()
             self._lock = None
+
+
+def _kept(record: dict[str, Any], run_id: str, check: int, known: set[Any]) -> bool:
+    """Whether a resume of run ``run_id`` from its check ``check`` keeps a history record.
+
+    Every other run's record is kept, and this run's header; of its checks, those up to
+    ``check``; of its failures, those the saved state knows (``known``) or up to ``check``.
+    """
+    if record.get("run_id") != run_id or record.get("record") == "run":
+        return True
+    if "error" in record and _failure_key(record) in known:
+        return True
+    return _int(record.get("check")) <= check
 
 
 def _lock_file(path: Path) -> tuple[Any, bool]:

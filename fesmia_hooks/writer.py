@@ -96,10 +96,16 @@ class BackgroundWriter:
                 f"the background writer was stuck for {FLUSH_TIMEOUT_S:.0f} s")))
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Wait until every queued call has run; ``False`` if ``timeout`` ran out first."""
+        """Wait until every queued call has run; ``False`` if ``timeout`` ran out first.
+
+        A call queued while :meth:`close` stopped its sink's thread is made now.
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
             lanes = list(self._lanes.values())
+        for lane in lanes:
+            if lane.queue.unfinished_tasks:
+                self._lane(lane.sink)  # its thread, started again if close() stopped it
         return all([lane.wait(deadline) for lane in lanes])
 
     def close(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
@@ -107,9 +113,26 @@ class BackgroundWriter:
         if not self.flush(timeout):  # a stuck write: keep its thread (a second would reorder)
             return False
         with self._lock:
-            lanes, self._lanes = list(self._lanes.values()), {}
+            lanes = list(self._lanes.values())
         for lane in lanes:
             lane.stop(timeout)
+        return True
+
+    def retire(self, sink: Any, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Make ``sink``'s queued calls, then end its thread and forget it (a sink replaced).
+
+        ``False`` (the thread kept) if its calls were not done within ``timeout``.
+        """
+        with self._lock:
+            lane = self._lanes.get(id(sink))
+        if lane is None or lane.sink is not sink:
+            return True
+        if not lane.wait(time.monotonic() + timeout):
+            return False
+        lane.stop(timeout)
+        with self._lock:
+            if self._lanes.get(id(sink)) is lane and not lane.queue.unfinished_tasks:
+                del self._lanes[id(sink)]
         return True
 
     def failures(self) -> list[tuple[Any, str, BaseException]]:
@@ -156,8 +179,12 @@ class _Lane:
         return True
 
     def stop(self, timeout: float) -> None:
-        """End the thread once it has made every queued call."""
-        thread, self.thread = self.thread, None
+        """End the thread once it has made every call queued before this one.
+
+        The lane stays: a call queued meanwhile is made by the thread a later ``submit``
+        or ``flush`` starts (never by two threads at once: the old one is joined first).
+        """
+        thread = self.thread
         if thread is not None and thread.is_alive():
             self.queue.put(None)
             thread.join(timeout)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from fesmia_hooks._validation import boolean, optional_path
 from fesmia_hooks.budget import StopReason
 from fesmia_hooks.calibration import expected_checks
 from fesmia_hooks.canaries import Canaries
-from fesmia_hooks.exceptions import ConfigurationError, describe_error
+from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.report import LeakageReport
 
@@ -269,6 +268,11 @@ class MonitorDriver:
         core.restored = False
         if new_run and fresh and model is not None:
             core.preflight(model)
+        if not new_run and model is not None:
+            # the check that was running when the checkpoint was saved: run again on the
+            # restored weights; its decision lands at the first epoch end or step
+            core.resume_check(model)
+            self._landing = True
 
     def _find_canaries(self, sources: Iterable[Any]) -> Canaries:
         if self._canary_source is not None:
@@ -334,15 +338,13 @@ class MonitorDriver:
     def abort_run(self) -> None:
         """Training failed: record a check still pending, without acting on it; close the sinks.
 
-        Nothing is raised (a failing check, a breach): the training's own exception is the
-        one that propagates. The check's report is in the history and the outputs.
+        Nothing is raised for the check (a failure, a breach): the training's own exception
+        is the one that propagates. The check's report, or its failure, is in the history.
         """
         try:
             self.monitor.land(act=False)
-        except Exception as exc:  # noqa: BLE001 - on_error="raise"; the failure wins
-            warnings.warn("fesmia-hooks: the asynchronous check pending when training failed "
-                          f"failed too: {describe_error(exc)}", stacklevel=2)
-        self.monitor.close()
+        finally:
+            self.monitor.close()
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -65,26 +65,30 @@ def test_the_safe_weights_are_those_the_last_good_check_read():
     assert torch.equal(model.weight, good)
 
 
-def test_a_state_saved_during_a_check_concludes_it_first(tmp_path):
-    # A checkpoint taken while a check runs must hold it: a run resumed from it goes on
-    # past that epoch and would otherwise never run it (nor its stop).
+def test_a_state_saved_during_a_check_names_it_and_a_resumed_run_runs_it_again(tmp_path):
+    # A checkpoint taken while a check runs does not wait for it (training goes on, this
+    # run concludes it), but names it: a run resumed from it past that epoch would
+    # otherwise never run it.
     canary_set, _ = canaries()
     model = nn.Linear(8, 3)
     set_weights(model, unrelated_weights())
     mon = monitor(canary_set, asynchronous=True, log_dir=tmp_path)
     assert mon.step(model, epoch=0) is None and mon.checks == 0
-    state = mon.state_dict()  # waits for check 1, then saves it
-    assert state["checks"] == 1 and [h["epoch"] for h in state["history"]] == [0]
-    assert state["checked"] == [["epoch", 0]] and mon._pending is None
-    assert (tmp_path / "privacy_history.jsonl").read_text().count('"check"') == 1
-    resumed = monitor(canary_set, asynchronous=True)
-    resumed.load_state_dict(state)
-    assert not resumed.is_due(epoch=0)
-    mon.step(model, epoch=1)
-    mon.close()  # close concludes check 2 before the sinks close
+    state = mon.state_dict()
+    assert mon._pending is not None  # not waited for
+    assert state["checks"] == 0 and state["history"] == [] and state["checked"] == []
+    assert state["running"] == ["epoch", 0]
+    mon.step(model, epoch=1)  # this run concludes check 1 as usual
+    assert [r.epoch for r in mon.history] == [0]
+    mon.close()  # ... and close concludes check 2 before the sinks close
     assert mon.checks == 2
     lines = (tmp_path / "privacy_history.jsonl").read_text().count('"check"')
     assert lines == 2 and len(list(tmp_path.glob("events.out.tfevents.*"))) <= 1
+    resumed = monitor(canary_set)
+    resumed.load_state_dict(state)
+    report = resumed.resume_check(model)  # on the restored weights, before training goes on
+    assert report.check == 1 and report.epoch == 0 and resumed.resume_check(model) is None
+    assert not resumed.is_due(epoch=0)
 
 
 def test_a_breach_running_at_a_checkpoint_stops_the_run_resumed_from_it():
@@ -94,10 +98,11 @@ def test_a_breach_running_at_a_checkpoint_stops_the_run_resumed_from_it():
     mon = monitor(canary_set, asynchronous=True)
     mon.step(model, epoch=0)
     state = mon.state_dict()
-    assert state["should_stop"] and state["stopped_epoch"] == 0
-    resumed = monitor(canary_set, asynchronous=True)
+    resumed = monitor(canary_set)
     resumed.load_state_dict(state)
+    assert resumed.resume_check(model).breached
     assert resumed.should_stop and resumed.stopped_epoch == 0
+    mon.close()
 
 
 def test_the_adapters_check_starts_no_new_check_once_a_stop_landed():
@@ -118,6 +123,7 @@ def test_an_interrupt_while_waiting_keeps_the_check_pending(monkeypatch):
     mon.step(model, epoch=0)
     future = mon._pending.future
     real = future.result
+    real()  # the attack has finished, well: an interrupt now must not drop its check
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -353,3 +359,31 @@ def test_a_new_run_records_the_check_the_last_one_left_running(tmp_path):
 
     [run] = load_runs(tmp_path)
     assert run.run_id == old_run and [r["breached"] for r in run.records] == [True]
+
+
+def test_an_integration_resumed_from_a_checkpoint_runs_the_check_it_held_running():
+    from fesmia_hooks.integrations.torch import attach
+
+    canary_set, memorised = canaries()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Linear(8, 3)
+    set_weights(model, memorised)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def train(steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    first = monitor(canary_set, asynchronous=True, every_n_steps=2)
+    with attach(model, opt, first, total_steps=8):
+        train(2)  # the check of step 2 starts ...
+        state = first.state_dict()  # ... and the checkpoint is saved: then the node dies
+    assert state["running"] == ["step", 2] and state["checks"] == 0
+    resumed = monitor(canary_set, asynchronous=True, every_n_steps=2)
+    resumed.load_state_dict(state)
+    with attach(model, opt, resumed, start_step=2, total_steps=8):
+        train(1)  # the check of step 2, run again at the start, lands here: stop
+        assert resumed.should_stop and resumed.stopped_step == 2
+    assert [r.step for r in resumed.history] == [2]

@@ -336,6 +336,52 @@ def test_a_write_that_fails_half_way_leaves_no_duplicate_and_no_torn_line(tmp_pa
     assert real_write is os.write and real_fsync is os.fsync
 
 
+def test_an_interrupt_half_way_through_a_line_leaves_no_torn_line(tmp_path):
+    sink = JsonlSink(tmp_path / HISTORY_FILE)
+    sink.write({"check": 1})
+    real_write = os.write
+
+    def interrupted(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sink.write({"check": 2})
+    sink.write({"check": 3})
+    sink.close()
+    assert [json.loads(line)["check"] for line in sink.path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_new_history_file_gets_the_mode_open_would_give_it(tmp_path):
+    old = os.umask(0o002)
+    try:
+        sink = JsonlSink(tmp_path / HISTORY_FILE)
+        sink.write({"check": 1})
+        with open(tmp_path / "by_open", "a"):
+            pass
+    finally:
+        os.umask(old)
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert mode(sink.path) == mode(tmp_path / "by_open") == 0o664
+
+
+def test_a_resume_drops_waiting_lines_of_the_checks_it_will_make_again(tmp_path):
+    sink = JsonlSink(tmp_path / HISTORY_FILE)
+    sink.start_run({"run_id": "r1", "settings": {}})
+    for check in (1, 2, 3):
+        sink.write({"check": check})
+    with pytest.MonkeyPatch.context() as patch:
+        refuse_writes(patch, HISTORY_FILE)
+        with pytest.raises(OSError):
+            sink.write({"check": 4})  # refused, waiting
+    sink.resume("r1", 3)  # the state saved after check 3: check 4 will be made again
+    sink.write({"check": 4})
+    sink.close()
+    assert [c["check"] for c in checks_in(sink.path)] == [1, 2, 3, 4]
+
+
 def test_lines_refused_until_the_end_are_written_when_the_sink_closes(tmp_path):
     sink = JsonlSink(tmp_path / HISTORY_FILE)
     sink.start_run({"run_id": "r1", "settings": {}})

@@ -103,6 +103,33 @@ def test_a_slow_sink_does_not_hold_back_another_sinks_calls():
     assert slow.threads.isdisjoint(fast.threads)
 
 
+def test_a_call_queued_while_close_stops_its_thread_is_made_by_the_next_flush():
+    sink = Slow(threading.Event())
+    sink.gate.set()
+    writer = BackgroundWriter()
+    lane = writer._lane(sink)  # submit() has taken the lane ...
+    writer.close()  # ... when close() stops its thread ...
+    lane.queue.put((sink, "log", (1,)))  # ... and then queues its call
+    assert writer.flush() and sink.calls == [1]
+    writer.close()
+
+
+def test_replacing_the_log_dir_ends_the_old_sinks_threads(tmp_path):
+    canary_set, _ = canaries()
+    mon = monitor(canary_set, log_dir=tmp_path / "a")
+    model = nn.Linear(8, 3)
+    set_weights(model, unrelated_weights())
+    writers = lambda: sum(t.name == "fesmia-hooks-writer" for t in threading.enumerate())  # noqa: E731
+    before = writers()
+    for name in "bcde":
+        mon.step(model, epoch=ord(name))
+        mon.set_log_dir(tmp_path / name)
+    mon.step(model, epoch=99)
+    mon.flush()
+    assert writers() - before <= 2  # the current folder's two sinks
+    mon.close()
+
+
 def test_a_pickled_writer_is_a_fresh_one():
     gate = threading.Event()
     writer = BackgroundWriter(maxsize=7)
