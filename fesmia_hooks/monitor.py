@@ -127,8 +127,9 @@ class PrivacyMonitor:
             outputs land at the monitor's next :meth:`step`, :meth:`check` or :meth:`land`
             (the integrations call :meth:`land` at the next epoch end, or the next step with
             ``every_n_steps``: the decision lands one epoch or step later), or at
-            :meth:`flush`, :meth:`state_dict` (a checkpoint holds every check started before
-            it) and :meth:`close`, which wait for it. With ``restore_safe_weights`` the
+            :meth:`flush` and :meth:`close`, which wait for it (a checkpoint does not: it
+            names the check, and a run resumed from it runs the check again, see
+            :meth:`resume_check`). With ``restore_safe_weights`` the
             weights the features came from are the ones kept. Framework logs (Lightning's
             metrics, Keras's ``History``) get a check's values when it lands; the history
             file and TensorBoard file them under the check's own epoch and step.
