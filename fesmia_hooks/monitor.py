@@ -344,8 +344,8 @@ class PrivacyMonitor:
         self.stopped_step: int | None = None
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
-        #: The epoch end or step of a check still running when the loaded state was saved.
-        self._rerun: tuple[str, int] | None = None
+        #: ``(mark, epoch, step)`` of a check running when the loaded state was saved.
+        self._rerun: tuple[tuple[str, int], int | None, int | None] | None = None
         #: What went wrong writing outputs (sinks, on_breach callbacks) in this run.
         self.output_errors: list[str] = []
         self._ranks_agree = False
@@ -579,7 +579,7 @@ class PrivacyMonitor:
         if self.asynchronous:
             snapshot = _copy_state(model) if self.restore_safe_weights else None
             self._pending = _Pending(self._worker.submit(attack), model, index, epoch, step,
-                                     snapshot, mark, new_mark, accounted)
+                                     snapshot, mark, new_mark, accounted, _versions(model))
             _LIVE.add(self)
             return landed
         return self._conclude(model, measured, index=index, epoch=epoch, step=step,
@@ -599,12 +599,19 @@ class PrivacyMonitor:
             >>> fh.PrivacyMonitor(None).resume_check(None) is None  # no state loaded
             True
         """
-        rerun, self._rerun = self._rerun, None
-        if rerun is None or rerun in self._checked:
+        rerun = self._rerun
+        if rerun is None or rerun[0] in self._checked:
+            self._rerun = None
             return None
-        kind, value = rerun
-        return self.check(model, epoch=value if kind == "epoch" else None,
-                          step=value if kind == "step" else None)
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"resume_check needs the restored model (a torch.nn.Module), got "
+                f"{type(model).__name__}"
+            )
+        _, epoch, step = rerun
+        report = self.check(model, epoch=epoch, step=step)  # may raise: then it stays due
+        self._rerun = None
+        return report
 
     def land(self, *, act: bool = True) -> LeakageReport | None:
         """Conclude a pending asynchronous check now, waiting for its attack if it runs still.
@@ -874,15 +881,21 @@ class PrivacyMonitor:
 
         Queued outputs are written first, so the history file holds every check the state
         knows of. An asynchronous check still running is not waited for (training goes on,
-        and this run concludes it as usual); the state names it (``"running"``), and a run
-        resumed from the state runs it again on the restored weights before training
-        continues (:meth:`resume_check`): a checkpoint saved just after a check started
-        cannot lose that check, or its stop.
+        and this run concludes it as usual). While the model still holds the weights that
+        check read (no optimizer step since: a checkpoint saved at the same epoch end or
+        step), the state names it (``"running"``), and a run resumed from the state runs
+        it again on those restored weights before training continues
+        (:meth:`resume_check`), so that neither the check nor its stop is lost. A state
+        saved after training moved on cannot hold it (its weights are gone): this run
+        concludes it, a run resumed from the state goes on without it.
         """
         self._flush_outputs()
         pending = self._pending
-        running = (list(pending.mark) if pending is not None and pending.new_mark
-                   and pending.mark is not None else None)
+        running = None
+        if (pending is not None and pending.new_mark and pending.mark is not None
+                and _versions(pending.model) == pending.versions):
+            running = {"mark": list(pending.mark), "epoch": pending.epoch,
+                       "step": pending.step}
         return {
             "version": STATE_VERSION,
             "run_id": self.run_id,
@@ -910,7 +923,6 @@ class PrivacyMonitor:
         :meth:`~fesmia_hooks.JsonlSink.resume`).
         """
         self._validate_state(state)
-        self._drop_pending("a saved state was loaded over the run it belonged to")
         try:  # read everything first: a refused state changes nothing
             history = [LeakageReport.from_dict(d) for d in state.get("history", [])]
             errors = [dict(e) for e in state.get("errors", [])]
@@ -923,19 +935,18 @@ class PrivacyMonitor:
                                                "streak": state.get("streak", 0)}
             stop_reason = StopReason(state.get("stop_reason", StopReason.NOT_STOPPED.value))
             checked = {(str(k), int(v)) for k, v in state.get("checked", [])}
-            running = state.get("running")
-            rerun = None if running is None else (str(running[0]), int(running[1]))
-            if rerun is not None and rerun[0] not in ("epoch", "step"):
-                raise ValueError(f"a running check at an {rerun[0]!r}")
+            rerun = _running_check(state.get("running"))
             trial = Calibration(self.calibration.alpha, horizon=self.calibration.fixed_horizon,
                                 bands=self.calibration.bands,
                                 statistic=self.calibration.statistic)
             trial.load_state_dict(calibration)
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError,
+                OverflowError) as exc:
             raise ConfigurationError(
                 f"not a monitor's state: {type(exc).__name__} while reading it "
                 f"({describe_error(exc)})"
             ) from None
+        self._drop_pending("a saved state was loaded over the run it belonged to")
         self._reset_state()
         self.run_id = str(state.get("run_id") or self.run_id)
         self.history, self.errors, self.checks = history, errors, checks
@@ -951,7 +962,7 @@ class PrivacyMonitor:
         self.stopped_epoch = state.get("stopped_epoch")
         self.stopped_step = state.get("stopped_step")
         self._checked = checked
-        self._rerun = rerun if rerun not in checked else None
+        self._rerun = rerun if rerun is not None and rerun[0] not in checked else None
         start_run = getattr(self.probe, "start_run", None)
         if callable(start_run):  # trajectories restart: earlier checks' features are not saved
             start_run()
@@ -1064,6 +1075,49 @@ class _Pending:
     mark: tuple[str, int] | None
     new_mark: bool  # the mark was added by this check (not there from an earlier one)
     accounted: float  # the accountant's ε when the features were taken
+    versions: tuple[int, ...]  # the parameters' in-place update counters when it started
+
+
+def _running_check(
+    running: Any,
+) -> tuple[tuple[str, int], int | None, int | None] | None:
+    """A state's ``"running"`` entry as ``(mark, epoch, step)``; ``None`` when there is none.
+
+    Raises:
+        ValueError: When it is not ``{"mark": ["epoch" | "step", n], "epoch": n | None,
+            "step": n | None}`` with non-negative int counts.
+    """
+    if running is None:
+        return None
+
+    def count(value: Any, *, optional: bool) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"a running check's epoch and step are counts, got {value}")
+        return value
+
+    if not isinstance(running, dict) or set(running) != {"mark", "epoch", "step"}:
+        raise ValueError("a running check must hold its mark, its epoch and its step")
+    mark = running["mark"]
+    if not isinstance(mark, (list, tuple)) or len(mark) != 2 or mark[0] not in ("epoch",
+                                                                                "step"):
+        raise ValueError("a running check's mark must be an epoch or a step, and a count")
+    value = count(mark[1], optional=False)
+    assert value is not None
+    return ((str(mark[0]), value), count(running["epoch"], optional=True),
+            count(running["step"], optional=True))
+
+
+def _versions(model: Any) -> tuple[int, ...]:
+    """The in-place update counters of ``model``'s parameters.
+
+    They move with every optimizer step (and every load): equal counters, same weights.
+    """
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return ()
+    return tuple(int(p._version) for p in parameters())
 
 
 def _raised_by(future: Future[Any]) -> bool:

@@ -36,7 +36,7 @@ from fesmia_hooks._validation import boolean, optional_path
 from fesmia_hooks.budget import StopReason
 from fesmia_hooks.calibration import expected_checks
 from fesmia_hooks.canaries import Canaries
-from fesmia_hooks.exceptions import ConfigurationError
+from fesmia_hooks.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from fesmia_hooks.monitor import PrivacyMonitor
 from fesmia_hooks.report import LeakageReport
 
@@ -158,6 +158,7 @@ class MonitorDriver:
         self._reduced_stop_epoch: int | None = None
         # An asynchronous check started at the last epoch end or step: it lands at the next.
         self._landing = False
+        self._stopped_at_begin = False
         super().__init__()  # the framework's callback class, next in an adapter's MRO
 
     # ------------------------------------------------------------------ read-only state
@@ -271,8 +272,13 @@ class MonitorDriver:
         if not new_run and model is not None:
             # the check that was running when the checkpoint was saved: run again on the
             # restored weights; its decision lands at the first epoch end or step
-            core.resume_check(model)
+            try:
+                core.resume_check(model)
+            except PrivacyBudgetExceeded:
+                self.end_run()  # action="raise": the run ends here, its outputs closed
+                raise
             self._landing = True
+        self._stopped_at_begin = core.should_stop
 
     def _find_canaries(self, sources: Iterable[Any]) -> Canaries:
         if self._canary_source is not None:
@@ -307,7 +313,9 @@ class MonitorDriver:
             PrivacyBudgetExceeded: On a breach with ``action="raise"`` (on every rank alike).
         """
         landing, self._landing = self._landing, False
-        if not self.monitor.is_due(epoch=epoch, step=step):
+        if self._stopped_at_begin or not self.monitor.is_due(epoch=epoch, step=step):
+            # a run that begins stopped (restored so, or stopped by the check run again at
+            # its resume) starts no new check: the framework ends it at this point
             return self.monitor.land() if landing else None
         report = self.monitor.check(model, epoch=epoch, step=step)
         self._landing = self.monitor.asynchronous

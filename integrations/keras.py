@@ -431,6 +431,8 @@ class PrivacyMonitor(MonitorDriver, keras.callbacks.Callback):
         if not continuing:
             self._steps = 0
         self._epoch_scalars = None
+        if self.should_stop:  # a stop restored with the state, or decided at resume
+            model.stop_training = True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Remember the epoch, for checks made by steps."""

@@ -189,6 +189,8 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             model=pl_module,
             fresh=trainer.global_step == 0 and trainer.current_epoch == 0,
         )
+        if self.should_stop:  # a stop restored with the checkpoint, or decided at resume
+            trainer.should_stop = True
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Flush and close the sinks this callback opened."""

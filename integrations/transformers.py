@@ -180,6 +180,7 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         max_steps = int(state.max_steps or 0) or None
         max_epochs = int(math.ceil(float(epochs))) if epochs else None
         per_epoch = -(-max_steps // max_epochs) if max_steps and max_epochs else None
+        continuing = self.monitor.restored
         self.begin_run(
             rank_zero=rank_zero,
             log_dir=Path(args.output_dir) / "privacy",
@@ -190,6 +191,24 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             model=self._model,
             fresh=int(state.global_step) == 0,
         )
+        if self.should_stop:  # a stop restored with the checkpoint, or decided at resume
+            control.should_training_stop = True
+        elif continuing:
+            self._check_the_epoch_a_checkpoint_ended(state, control)
+
+    def _check_the_epoch_a_checkpoint_ended(self, state: Any, control: Any) -> None:
+        """Make the check of the epoch whose last step a resumed checkpoint was saved at.
+
+        With ``save_strategy="steps"`` the Trainer saves at a step that ends an epoch before
+        ``on_epoch_end``: the checkpoint holds that epoch's weights but not its check, and
+        the resumed run starts with the next epoch. The check runs here, on those weights.
+        """
+        done = float(state.epoch or 0.0)
+        if self.monitor.every_n_epochs is None or abs(done - round(done)) > 1e-6:
+            return  # not at an epoch's end
+        epoch = round(done) - 1
+        if epoch >= 0 and self.monitor.is_due(epoch=epoch):
+            self._check(state, control, self._model, epoch=epoch)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check after every ``every_n_epochs``-th epoch (a last, partial one included)."""

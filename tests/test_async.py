@@ -77,7 +77,7 @@ def test_a_state_saved_during_a_check_names_it_and_a_resumed_run_runs_it_again(t
     state = mon.state_dict()
     assert mon._pending is not None  # not waited for
     assert state["checks"] == 0 and state["history"] == [] and state["checked"] == []
-    assert state["running"] == ["epoch", 0]
+    assert state["running"] == {"mark": ["epoch", 0], "epoch": 0, "step": None}
     mon.step(model, epoch=1)  # this run concludes check 1 as usual
     assert [r.epoch for r in mon.history] == [0]
     mon.close()  # ... and close concludes check 2 before the sinks close
@@ -380,10 +380,77 @@ def test_an_integration_resumed_from_a_checkpoint_runs_the_check_it_held_running
     with attach(model, opt, first, total_steps=8):
         train(2)  # the check of step 2 starts ...
         state = first.state_dict()  # ... and the checkpoint is saved: then the node dies
-    assert state["running"] == ["step", 2] and state["checks"] == 0
+    assert state["running"] == {"mark": ["step", 2], "epoch": None, "step": 2}
+    assert state["checks"] == 0
     resumed = monitor(canary_set, asynchronous=True, every_n_steps=2)
     resumed.load_state_dict(state)
     with attach(model, opt, resumed, start_step=2, total_steps=8):
         train(1)  # the check of step 2, run again at the start, lands here: stop
         assert resumed.should_stop and resumed.stopped_step == 2
     assert [r.step for r in resumed.history] == [2]
+
+
+def test_a_state_saved_after_training_moved_on_cannot_hold_the_running_check():
+    # The checkpoint's weights are no longer those the check read: running it again on
+    # them would file later weights' leakage under the earlier epoch.
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    assert mon.state_dict()["running"] == {"mark": ["epoch", 0], "epoch": 0, "step": None}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()  # training goes on before the checkpoint
+    assert mon.state_dict()["running"] is None
+    mon.close()
+
+
+def test_a_step_check_run_again_keeps_its_epoch_and_a_bad_call_keeps_it_due():
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True, every_n_steps=5)
+    mon.step(model, epoch=1, step=10)
+    state = mon.state_dict()
+    mon.close()
+    resumed = monitor(canary_set, every_n_steps=5)
+    resumed.load_state_dict(state)
+    with pytest.raises(fh.ConfigurationError, match="needs the restored model"):
+        resumed.resume_check(None)
+    report = resumed.resume_check(model)  # still due after the refused call
+    assert (report.epoch, report.step, report.check) == (1, 10, 1)
+
+
+@pytest.mark.parametrize("running", [["epoch", 0], {"mark": ["epoch", float("inf")],
+                                                    "epoch": 0, "step": None},
+                                     {"mark": ["week", 1], "epoch": 0, "step": None},
+                                     {"mark": ["epoch", True], "epoch": 0, "step": None},
+                                     {"mark": ["epoch", 1], "epoch": -1, "step": None}])
+def test_a_malformed_running_check_is_refused_and_changes_nothing(running):
+    canary_set, _ = canaries()
+    model = nn.Linear(8, 3)
+    mon = monitor(canary_set, asynchronous=True)
+    mon.step(model, epoch=0)
+    state = mon.state_dict()
+    with pytest.raises(fh.ConfigurationError, match="not a monitor's state"):
+        mon.load_state_dict({**state, "running": running})
+    assert mon._pending is not None  # the check running here is left alone
+    mon.close()
+    assert mon.checks == 1
+
+
+def test_a_stopped_run_resumed_starts_no_new_check():
+    from fesmia_hooks.integrations.torch import attach
+
+    canary_set, memorised = canaries()
+    model = nn.Linear(8, 3)
+    set_weights(model, memorised)
+    first = monitor(canary_set, every_n_steps=1)
+    first.step(model, step=1)
+    assert first.should_stop
+    resumed = monitor(canary_set, every_n_steps=1)
+    resumed.load_state_dict(first.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with attach(model, opt, resumed, start_step=1, total_steps=4):
+        for _ in range(2):
+            opt.step()
+    assert [r.step for r in resumed.history] == [1]
