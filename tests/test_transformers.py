@@ -415,3 +415,23 @@ def test_a_users_sink_receives_every_check_on_the_main_process_only(hf, tmp_path
     assert [r.step for r in callback.history] == [2, 4, 6, 8]  # it checks all the same
     assert [c for c in other.calls if c[0] != "close"] == []
     assert not (tmp_path / "other" / "privacy").exists()
+
+
+def test_the_check_of_an_epoch_a_checkpoint_ended_is_made_at_resume(hf, tmp_path):
+    # save_steps = steps per epoch: checkpoint-4 is saved at epoch 0's last step, before
+    # on_epoch_end, so it holds epoch 0's weights but not its check.
+    reference = monitor()
+    train(hf, tmp_path / "reference", [reference], **RESUMABLE)
+    out = tmp_path / "run"
+    first = monitor()
+    with pytest.raises(Crash):
+        train(hf, out, [first, crash_at(hf, 6)], **RESUMABLE)
+    first.monitor.flush()
+    saved = json.loads((out / "checkpoint-4" / STATE_FILE).read_text())
+    assert saved["checks"] == 0  # the epoch-0 check came after the save
+    resumed = monitor()
+    make_trainer(hf, out, [resumed], **RESUMABLE).train(
+        resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert [r.epoch for r in resumed.history] == [0, 1]
+    assert [readings(r) for r in resumed.history] == [readings(r) for r in reference.history]
+    assert [line["epoch"] for line in checks_in(out / "privacy" / HISTORY_FILE)] == [0, 1]
