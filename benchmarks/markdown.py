@@ -285,7 +285,7 @@ def _cost(results: dict[str, Any], plots: Path, md_dir: Path) -> list[str]:
         "*Asynchronous* is `PrivacyMonitor(asynchronous=True)`: what the training thread waits "
         "for (the forward pass, one copy of the features to the host, queueing the attack); "
         "the attack then runs on a worker thread on one core while training goes on, and its "
-        "decision lands at the next check. The null's permutations are split over "
+        "decision lands at the next epoch end (or step). The null's permutations are split over "
         "`torch.get_num_threads()` threads in a synchronous check; these runs use one thread "
         "(so that the floor and the check use the same cores).")
     lm = cost["workloads"].get("gpt2_shaped")
@@ -801,7 +801,7 @@ def _reco_cost(cost: dict[str, Any]) -> str:
     if lazy is not None:
         text += (f"With `asynchronous=True` the training thread waits {times(lazy, 2)} the "
                  "forward pass on the CNN: the attack runs on another core and its decision "
-                 "lands at the next check.")
+                 "lands at the next epoch end (or step).")
     return text
 
 
