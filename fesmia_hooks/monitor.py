@@ -999,7 +999,7 @@ class PrivacyMonitor:
         if isinstance(saved, dict):
             mine = self.probe.settings()
             differ = sorted(k for k in ("method", "shots", "queries", "episodes", "features",
-                                        "signals", "seed", "trajectory")
+                                        "signals", "signal_fn", "seed", "trajectory")
                             if k in saved and k in mine and saved[k] != mine[k])
             if differ:
                 raise ConfigurationError(

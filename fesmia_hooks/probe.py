@@ -52,7 +52,7 @@ from fesmia_hooks.measurement import (
 )
 from fesmia_hooks.report import LeakageReport, LevelBands
 from fesmia_hooks.signals import CLASSIFICATION_SIGNALS, SignalFn
-from fesmia_hooks.text import SEQUENCE_SIGNALS
+from fesmia_hooks.text import SEQUENCE_SIGNALS, SequenceSignals
 
 __all__ = ["AUTO_PERMUTATIONS", "FeSMIA", "Probe"]
 
@@ -204,16 +204,16 @@ class FeSMIA:
         self.embedding_layer = embedding_layer
         self.signal_fn = signal_fn
         options = dict(learner_options or {})
+        self.threshold_signal = threshold_signal
         if self.method == "threshold":
-            if signal_fn is None:
-                choice("threshold_signal", threshold_signal, self.signals)
-                options.setdefault("signal_index", self.signals.index(threshold_signal))
+            column = self._threshold_column()
+            if column is not None:
+                options.setdefault("signal_index", column)
             if features != "signals":
                 raise ConfigurationError(
                     f"method='threshold' reads one signal; features must be 'signals', "
                     f"got {features!r}"
                 )
-        self.threshold_signal = threshold_signal
         self._learner = get_learner(method, options)
         # The default learner runs through the fused loop (fesmia_hooks.fused).
         self._fused = self._learner.func is simpleshot and not self._learner.keywords
@@ -257,6 +257,7 @@ class FeSMIA:
             "signals": list(self.signals),
             "embedding_layer": self.embedding_layer,
             "custom_signal_fn": self.signal_fn is not None,
+            "signal_fn": _signal_fn_settings(self.signal_fn),
             "seed": self.seed,
             "trajectory": self.trajectory,
         }
@@ -530,7 +531,27 @@ class FeSMIA:
         column = 0
         if self.signal_fn is None and self.threshold_signal in self.signals:
             column = self.signals.index(self.threshold_signal)
+        elif isinstance(self.signal_fn, SequenceSignals):
+            column = self._threshold_column() or 0
         return features.signals[:, column].detach().to("cpu", torch.float64).numpy()
+
+    def _threshold_column(self) -> int | None:
+        """The column of :attr:`threshold_signal`; ``None`` for a custom ``signal_fn``.
+
+        With :class:`~fesmia_hooks.text.SequenceSignals` it is the column of that signal,
+        or the first when the default (``"phi"``, not a sequence signal) is left as it is.
+
+        Raises:
+            ConfigurationError: On a signal the probe does not compute.
+        """
+        if self.signal_fn is None:
+            choice("threshold_signal", self.threshold_signal, self.signals)
+            return self.signals.index(self.threshold_signal)
+        if not isinstance(self.signal_fn, SequenceSignals):
+            return None
+        if self.threshold_signal == "phi" and "phi" not in self.signal_fn.names:
+            return 0
+        return self.signal_fn.column_of(self.threshold_signal)
 
     def start_run(self) -> None:
         """Forget the features of earlier checks (a monitor calls it when a run starts)."""
@@ -716,6 +737,15 @@ def _computed_together(names: Sequence[str]) -> frozenset[str]:
     if "centroid_auc" in wanted:
         wanted |= {"centroid_strict"}
     return wanted
+
+
+def _signal_fn_settings(signal_fn: Any) -> Any:
+    """A ``signal_fn`` as plain values: its signals, or a custom function's name."""
+    if signal_fn is None:
+        return None
+    if isinstance(signal_fn, SequenceSignals):
+        return signal_fn.settings()
+    return getattr(signal_fn, "__qualname__", type(signal_fn).__qualname__)
 
 
 def _statistics(readings: EpisodeReadings, query_members: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fesmia_hooks._validation import boolean, positive_int
 from fesmia_hooks.canaries import Canaries, _to_tensor
-from fesmia_hooks.exceptions import CanaryError, ConfigurationError
+from fesmia_hooks.exceptions import CanaryError, ConfigurationError, ProbeError
 from fesmia_hooks.features import (
     Features,
     FeatureSpec,
@@ -226,6 +226,7 @@ class SequenceCanarySet(Canaries):
         :func:`fesmia_hooks.features.compute_features` for the arguments.
         """
         ids, targets, mask, zlib_bytes = select_rows(self.on(model_device(model)), rows)
+        _fits_the_model(model, ids)
         signal_fn, kind, batch_size = spec.signal_fn, spec.kind, spec.batch_size
         reader: SequenceSignals | None = None
         if isinstance(signal_fn, SequenceSignals):
@@ -281,10 +282,44 @@ class SequenceCanarySet(Canaries):
         )
 
 
-def _integer_tokens(name: str, value: Any) -> torch.Tensor:
+def _fits_the_model(model: nn.Module, ids: torch.Tensor) -> None:
+    """Refuse canaries the model cannot read, naming why (not an ``IndexError`` inside it).
+
+    Sequences longer than the model's context, or token ids beyond its input embedding. Reads
+    what a Hugging Face model declares (``config.n_positions`` or
+    ``config.max_position_embeddings``, ``get_input_embeddings()``); other models are
+    left to fail on their own.
+    """
+    config = getattr(model, "config", None)
+    context = next((v for v in (getattr(config, "n_positions", None),
+                                getattr(config, "max_position_embeddings", None))
+                    if isinstance(v, int) and not isinstance(v, bool)), None)
+    if context is not None and ids.shape[1] > context:
+        raise ProbeError(
+            f"the canary sequences are {ids.shape[1]} tokens long (padded), longer than the "
+            f"model's context of {context} positions; build the canaries from shorter "
+            "sequences (or truncate them)"
+        )
+    embeddings = getattr(model, "get_input_embeddings", None)
+    table = embeddings() if callable(embeddings) else None
+    rows = getattr(table, "num_embeddings", None)
+    if isinstance(rows, int) and ids.numel():
+        beyond = int((ids >= rows).sum())
+        if beyond:  # a count, never an id
+            raise ProbeError(
+                f"{beyond} canary token id(s) lie beyond the model's input embedding of "
+                f"{rows} rows (allowed: [0, {rows})); was the embedding resized after "
+                "tokens were added?"
+            )
+
+
+def _integer_tokens(name: str, value: Any, *, mask_values: bool = False) -> torch.Tensor:
     t = _to_tensor(name, value)
+    if mask_values and t.dtype == torch.bool:  # an attention mask of booleans
+        return t.long().cpu()
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise CanaryError(f"{name} must be integer token ids, got {t.dtype}")
+        kind = "0/1 or boolean values" if mask_values else "integer token ids"
+        raise CanaryError(f"{name} must be {kind}, got {t.dtype}")
     # Token sequences are small and their checks run on the CPU (the probe moves them to the
     # model's device once, see Canaries.on): ids of one side on a GPU and of the other on the
     # CPU, or padding made on the CPU, then meet on one device.
@@ -303,29 +338,25 @@ def _token_side(
                 f"{name} as a mapping needs 'input_ids' (and optionally 'attention_mask', "
                 f"'labels'), got keys {sorted(map(str, side))}"
             )
-        ids = _integer_tokens(f"{name} input_ids", side["input_ids"])
-        if side.get("attention_mask") is not None:
-            mask = _integer_tokens(f"{name} attention_mask", side["attention_mask"])
-        if side.get("labels") is not None:
-            labels = _integer_tokens(f"{name} labels", side["labels"])
+        if _ragged(side["input_ids"]):  # a tokenizer's output without padding=True
+            ids, mask = _padded_rows(f"{name} input_ids", side["input_ids"], pad_token_id)
+            if side.get("attention_mask") is not None:
+                given, _ = _padded_rows(f"{name} attention_mask", side["attention_mask"], 0,
+                                        mask_values=True)
+                mask = mask * given if given.shape == mask.shape else given
+            if side.get("labels") is not None:
+                labels, _ = _padded_rows(f"{name} labels", side["labels"], IGNORE_INDEX)
+        else:
+            ids = _integer_tokens(f"{name} input_ids", side["input_ids"])
+            if side.get("attention_mask") is not None:
+                mask = _integer_tokens(f"{name} attention_mask", side["attention_mask"],
+                                       mask_values=True)
+            if side.get("labels") is not None:
+                labels = _integer_tokens(f"{name} labels", side["labels"])
     elif isinstance(side, (torch.Tensor, np.ndarray)):
         ids = _integer_tokens(f"{name} token ids", side)
     elif isinstance(side, Sequence) and not isinstance(side, (str, bytes)):
-        rows = [_integer_tokens(f"{name} token ids", row) for row in side]
-        if not rows:
-            raise CanaryError(f"{name} must hold at least one sequence, got none")
-        bad = [tuple(r.shape) for r in rows if r.dim() != 1]
-        if bad:
-            raise CanaryError(
-                f"{name} as a list must hold 1-D token sequences, got a sample of shape {bad[0]}"
-            )
-        length = max(len(r) for r in rows)
-        fill = 0 if pad_token_id is None else pad_token_id
-        ids = torch.full((len(rows), length), fill, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids, mask = _padded_rows(f"{name} token ids", side, pad_token_id)
     else:
         raise CanaryError(
             f"{name} must be token ids [n, T], a list of token sequences or a mapping with "
@@ -354,7 +385,64 @@ def _token_side(
         )
     if labels is None:
         labels = ids.clone()
-    return ids, mask, labels
+    return _left_aligned(ids, mask, labels)
+
+
+def _ragged(value: Any) -> bool:
+    """Whether ``value`` is a list of token lists of different lengths."""
+    if isinstance(value, (torch.Tensor, np.ndarray, str, bytes)) or not isinstance(
+        value, Sequence
+    ):
+        return False
+    lengths = {len(row) for row in value if isinstance(row, (Sequence, torch.Tensor,
+                                                               np.ndarray))}
+    return len(lengths) > 1
+
+
+def _padded_rows(
+    name: str, side: Sequence[Any], pad_token_id: int | None, *, mask_values: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of a list of 1-D token sequences, padded on the right."""
+    rows = [_integer_tokens(name, row, mask_values=mask_values) if len(row) else None
+            for row in side]
+    if not rows:
+        raise CanaryError(f"{name} must hold at least one sequence, got none")
+    empty = sum(r is None for r in rows)
+    if empty:
+        raise CanaryError(f"{name} must hold no empty sequence, got {empty} empty one(s)")
+    bad = [tuple(r.shape) for r in rows if r is not None and r.dim() != 1]
+    if bad:
+        raise CanaryError(
+            f"{name} as a list must hold 1-D token sequences, got a sample of shape {bad[0]}"
+        )
+    length = max(len(r) for r in rows if r is not None)
+    fill = 0 if pad_token_id is None else pad_token_id
+    ids = torch.full((len(rows), length), fill, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        assert row is not None
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _left_aligned(
+    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sequence's tokens moved to the start of its row, in order (padding on the right).
+
+    A model with absolute positions (GPT-2's learnt ones, say) reads a left-padded sequence
+    at shifted positions, and so scores it otherwise than the sequence alone: a tokenizer's
+    ``padding_side="left"`` output would make leakage look smaller. Rows already so are
+    left as they are; columns that hold only padding are dropped.
+    """
+    keep = mask.bool()
+    first_gap = (~keep).long().cumsum(1) > 0
+    if bool((first_gap & keep).any()):
+        order = torch.sort((~keep).long(), dim=1, stable=True).indices
+        ids, mask, labels = ids.gather(1, order), mask.gather(1, order), labels.gather(1, order)
+    width = int(mask.sum(1).max())  # columns of padding only: dropped
+    return ids[:, :width], mask[:, :width], labels[:, :width]
 
 
 def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -551,6 +551,32 @@ class SequenceSignals:
         """Columns of the signal matrix."""
         return len(self.names) + (self.bins - 1 if "positions" in self.names else 0)
 
+    def column_of(self, name: str) -> int:
+        """The signal matrix's column of signal ``name`` (the first of ``positions``' bins).
+
+        Raises:
+            ConfigurationError: When ``name`` is not one of :attr:`names`.
+
+        Example:
+            >>> SequenceSignals(("positions", "zlib"), bins=3).column_of("zlib")
+            3
+        """
+        if name not in self.names:
+            raise ConfigurationError(
+                f"signal {name!r} is not among these sequence signals; allowed: {self.names}"
+            )
+        before = self.names[: self.names.index(name)]
+        return len(before) + (self.bins - 1 if "positions" in before else 0)
+
+    def settings(self) -> dict[str, Any]:
+        """The signals, as plain values (a probe's settings hold them).
+
+        Example:
+            >>> SequenceSignals(("min_k",), k=0.1).settings()
+            {'names': ['min_k'], 'k': 0.1, 'bins': 4}
+        """
+        return {"names": list(self.names), "k": self.k, "bins": self.bins}
+
     def rows_per_forward(
         self,
         length: int,

@@ -352,8 +352,20 @@ def test_the_model_gets_the_attention_mask_and_padding_changes_nothing():
         {"input_ids": ids[32:], "attention_mask": mask[32:]},
         pad_token_id=0,
     )
-    assert wide.inputs.shape[1] == 40
+    assert wide.inputs.shape[1] == ids.shape[1]  # columns of padding only are dropped
     torch.testing.assert_close(probe.features_of(model, wide).signals, feats.signals)
+    # Padded on the left (a decoder tokenizer's padding_side="left"), each sequence is moved
+    # to the start of its row: read at the positions it has alone, the same features.
+    lengths = mask.sum(1)
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for i, n in enumerate(lengths.tolist()):
+        left_ids[i, ids.shape[1] - n:] = ids[i, :n]
+        left_mask[i, ids.shape[1] - n:] = 1
+    left = fh.CanarySet.from_sequences(
+        {"input_ids": left_ids[:32], "attention_mask": left_mask[:32]},
+        {"input_ids": left_ids[32:], "attention_mask": left_mask[32:]}, pad_token_id=0)
+    assert bool((left_mask != mask).any()) and torch.equal(left.inputs, canaries.inputs)
+    torch.testing.assert_close(probe.features_of(model, left).signals, feats.signals)
     # and they equal the direct computation from the model's own logits
     with torch.no_grad():
         logits = TinyLM.forward(model, ids)
