@@ -1475,10 +1475,12 @@ def _audit_files(args: argparse.Namespace
         if isinstance(exc.__cause__, SystemExit):
             raise
         hint = ""
+        cure = "try --max-length" if texts else "cut them shorter"
         if suspects.kind == "sequences" and _index_error(exc):
-            cure = "try --max-length" if texts else "cut them shorter"
             hint = (" (token ids beyond the model's vocabulary, or sequences longer than its "
                     f"context window: {cure})")
+        elif suspects.kind == "sequences" and "longer than the model's context" in str(exc):
+            hint = f" ({cure})"
         raise ProbeError(f"{exc}, read as {_describe_kind(suspects.kind)}{hint}") from exc
     return result, model, sides
 

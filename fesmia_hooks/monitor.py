@@ -50,6 +50,7 @@ from fesmia_hooks.exceptions import (
     CanaryError,
     ConfigurationError,
     PrivacyBudgetExceeded,
+    ProbeError,
     describe_error,
 )
 from fesmia_hooks.guard import model_device
@@ -344,6 +345,7 @@ class PrivacyMonitor:
         self.stopped_step: int | None = None
         self.last_decision: Decision | None = None
         self._checked: set[tuple[str, int]] = set()
+        self._told_new_loop = False
         #: ``(mark, epoch, step)`` of a check running when the loaded state was saved.
         self._rerun: tuple[tuple[str, int], int | None, int | None] | None = None
         #: What went wrong writing outputs (sinks, on_breach callbacks) in this run.
@@ -421,11 +423,13 @@ class PrivacyMonitor:
         :attr:`baseline` and in the history's header; it is not a check of the run.
 
         Returns:
-            The pre-flight report, or ``None`` with ``preflight="off"`` or when the check
-            itself failed (recorded as usual).
+            The pre-flight report, or ``None`` with ``preflight="off"``, or with
+            ``preflight="warn"`` when the check itself failed (recorded as usual).
 
         Raises:
             CanaryError: With ``preflight="error"``, when the attack separates the sides.
+            ProbeError: With ``preflight="error"``, when the check cannot run at all (the
+                model refuses the canaries): every check of the run would fail alike.
         """
         if self.preflight_mode == "off":
             return None
@@ -439,7 +443,13 @@ class PrivacyMonitor:
         statistic = PREFLIGHT_STATISTIC if self._takes_statistics else self.calibration.statistic
         try:
             measured = self.probe.measure(model, self.canaries, **self._statistics_of(statistic))
-        except Exception as exc:  # noqa: BLE001 - reported like a failed check
+        except Exception as exc:  # noqa: BLE001 - every check would fail alike: say so now
+            if self.preflight_mode == "error" and not isinstance(exc, PrivacyBudgetExceeded):
+                raise ProbeError(
+                    "the pre-flight check could not run the model on the canaries, and every "
+                    f"check would fail the same way: {describe_error(exc)} (pass "
+                    "preflight='warn' to train on unmonitored)"
+                ) from None
             self._record_error(exc, epoch=None, step=None, index=0)
             return None
         report = Calibration(PREFLIGHT_ALPHA, bands=self.calibration.bands,
@@ -529,6 +539,20 @@ class PrivacyMonitor:
             epoch: The epoch that just ended, counted from 0.
             step: The global optimizer step, for ``every_n_steps`` and for logging.
         """
+        if epoch is None and step is None:
+            raise ConfigurationError(
+                "step() needs the epoch that just ended (epoch=, from 0), or the optimizer "
+                "step (step=) with every_n_steps: without either no check is ever due"
+            )
+        mark = ("step", step) if self.every_n_steps is not None else ("epoch", epoch)
+        if mark in self._checked and not self._told_new_loop:
+            self._told_new_loop = True
+            warnings.warn(
+                f"fesmia-hooks: {mark[0]} {mark[1]} was already checked in this run, so no "
+                "check is made there again; a new training loop (another fold, a sweep) is a "
+                "new run: call monitor.reset() before it, or use a new monitor",
+                stacklevel=2,
+            )
         landed = self._land()
         if landed is not None and landed.breached and self.should_stop:
             return landed  # the stop landed now: the loop ends here, no new check starts
@@ -873,7 +897,11 @@ class PrivacyMonitor:
         self.errors.append(record)
         self._start_run()
         self._call(self._writing(), "log_failure", record)
-        warnings.warn(f"fesmia-hooks check failed and was skipped: {kind}: {text}", stacklevel=3)
+        # where it happened: each failure is its own warning (Python shows a repeated one once)
+        at = ("before training" if epoch is None and step is None
+              else f"at step {step}" if step is not None else f"at epoch {epoch}")
+        warnings.warn(f"fesmia-hooks check failed {at} and was skipped: {kind}: {text}",
+                      stacklevel=3)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

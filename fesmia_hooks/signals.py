@@ -296,10 +296,14 @@ def classification_signals(
             f"unknown signal(s) {unknown}; allowed: {', '.join(_INDEX.classification)}"
         )
     z = logits.float()
+    if z.dim() == 1:  # one logit per sample, squeezed: a binary classifier
+        z = z[:, None]
     if z.dim() != 2:
         raise ProbeError(f"classification logits must be [batch, classes], got {tuple(z.shape)}")
-    if z.shape[1] < 2:
-        raise ProbeError(f"classification logits need at least 2 classes, got {z.shape[1]}")
+    if z.shape[1] == 1:
+        # a binary classifier's one logit (trained with BCEWithLogitsLoss): p(1) = sigmoid(z),
+        # the softmax of [0, z]; labels 0 and 1
+        z = torch.cat([torch.zeros_like(z), z], dim=1)
     y = targets.long().reshape(-1, 1)
     outside = int(((y < 0) | (y >= z.shape[1])).sum())
     if outside:

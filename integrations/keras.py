@@ -148,6 +148,17 @@ def _log_keys(value: Any) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _optimizer_steps(model: Any) -> int:
+    """The steps ``model``'s optimizer has taken (``optimizer.iterations``); 0 if unknown."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    if iterations is None:
+        return 0
+    try:
+        return int(np.asarray(getattr(iterations, "value", iterations)))
+    except (TypeError, ValueError):
+        return 0
+
+
 # ---------------------------------------------------------------------- validation_split
 def _rows_like(data: Any, like: torch.Tensor) -> torch.Tensor | None:
     """``data`` as a CPU tensor of ``like``'s dtype if it holds samples shaped as ``like``'s."""
@@ -162,13 +173,21 @@ def _rows_like(data: Any, like: torch.Tensor) -> torch.Tensor | None:
         return None
     if rows.dim() != like.dim() or rows.shape[1:] != like.shape[1:]:
         return None
+    if rows.is_floating_point() and like.is_floating_point() and (
+        rows.element_size() < like.element_size()
+    ):
+        return rows  # compared at the lower precision (see _members_among)
     return rows.to(like.dtype)
 
 
 def _members_among(canaries: Canaries, rows: torch.Tensor) -> list[bytes]:
-    """The hashes of the canary members among ``rows`` (as the overlap check hashes)."""
+    """The hashes of the canary members among ``rows`` (as the overlap check hashes).
+
+    At ``rows``' precision when it is the lower: Keras turns float64 arrays into float32
+    before it splits off ``validation_split``, so float64 canaries are compared as float32.
+    """
     present = set(_fingerprints(rows))
-    members = canaries.inputs[: canaries.num_members]
+    members = canaries.inputs[: canaries.num_members].to(rows.dtype)
     return [h for h in _fingerprints(members) if h in present]
 
 
@@ -262,16 +281,16 @@ def training_arrays(
             f"{tuple(members.shape[1:])} like the canaries, got shape "
             f"{tuple(np.shape(arrays[0]))}"
         )
-    row_hashes = _fingerprints(rows)
-    member_hashes = _fingerprints(members)
-    non_member_hashes = set(_fingerprints(canaries.inputs[canaries.num_members :]))
+    row_hashes = _fingerprints(rows)  # at the lower of the two precisions (_rows_like)
+    member_hashes = _fingerprints(members.to(rows.dtype))
+    non_member_hashes = set(_fingerprints(canaries.inputs[canaries.num_members :].to(rows.dtype)))
     present = set(row_hashes)
     missing = sum(h not in present for h in member_hashes)
     if missing:
         raise CanaryError(
             f"{missing} of the {canaries.num_members} canary members are not in the training "
             f"arrays; members must be trained on (rows are compared exactly, as "
-            f"{members.dtype})"
+            f"{rows.dtype})"
         )
     n = len(row_hashes)
     trained = int(math.floor(n * (1.0 - split)))  # Keras's own split point
@@ -427,6 +446,9 @@ class PrivacyMonitor(MonitorDriver, keras.callbacks.Callback):
             steps_per_epoch=params.get("steps"),
             canary_sources=(model,),
             model=self._forward,
+            # a model its optimizer has already stepped (a second fit) is no longer the
+            # untrained one the pre-flight check asks about
+            fresh=_optimizer_steps(model) == 0,
         )
         if not continuing:
             self._steps = 0
@@ -500,7 +522,7 @@ class PrivacyMonitor(MonitorDriver, keras.callbacks.Callback):
         trained_rows = _rows_like(fit["x"], canaries.inputs) if in_validation else None
         if trained_rows is None:  # nothing held out, or training data this cannot read
             return
-        trained = set(_fingerprints(trained_rows))
+        trained = set(_fingerprints(trained_rows.to(rows.dtype)))
         held = sum(h not in trained for h in in_validation)  # validated on, never trained on
         if not held:
             return

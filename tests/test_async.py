@@ -173,7 +173,7 @@ def test_a_failed_asynchronous_attack_is_a_failed_check(monkeypatch):
 
     monkeypatch.setattr(mon.probe, "attack", broken)
     mon.step(model, epoch=0)
-    with pytest.warns(UserWarning, match="check failed and was skipped: RuntimeError"):
+    with pytest.warns(UserWarning, match="check failed at epoch 0 and was skipped: RuntimeError"):
         mon.flush()
     assert mon.checks == 0 and mon.errors[0]["error"] == "RuntimeError: the attack broke"
 

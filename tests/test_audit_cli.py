@@ -904,10 +904,9 @@ def test_an_index_error_on_token_sequences_hints_at_vocabulary_and_context(langu
                                tmp_path / "long_s.txt", "--non-members", tmp_path / "long_n.txt",
                                *FAST)
     assert status == 2 and err.count("\n") == 1, out + err
-    assert "IndexError" in err
-    assert err.rstrip().endswith(
-        "read as token sequences (token ids beyond the model's vocabulary, or sequences "
-        "longer than its context window: try --max-length)"), err
+    assert "the canary sequences are 80 tokens long" in err  # said before the model fails
+    assert "longer than the model's context of 64 positions" in err
+    assert err.rstrip().endswith("read as token sequences (try --max-length)"), err
     status, out, err = run_cli(capsys, "--model", language / "trained", "--suspects",
                                tmp_path / "long_s.txt", "--non-members", tmp_path / "long_n.txt",
                                "--max-length", "32", *FAST)

@@ -975,7 +975,7 @@ def test_guard_a_large_buffer_written_in_eval_mode_fails_the_check_by_name(caplo
         assert mon.step(BigCache(), epoch=0) is None
     [error] = mon.errors
     assert error["error"].startswith("ProbeError: the model's forward wrote buffer 'big'")
-    assert any("check failed and was skipped: ProbeError" in m for m in messages)
+    assert any("check failed at epoch 0 and was skipped: ProbeError" in m for m in messages)
     assert_clean(*outputs(None, [mon], messages, caplog))
 
 

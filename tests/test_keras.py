@@ -564,6 +564,22 @@ def test_validation_split_that_holds_out_members_is_refused(task):
     assert not recorder.rows and privacy.history == []  # refused before any training
 
 
+def test_validation_split_is_refused_for_float64_canaries_of_any_values(task):
+    # Keras turns float64 arrays into float32 before it splits: values that float32 cannot
+    # hold exactly (not the digits' sixteenths) must still be found in the held-out tail.
+    x, y = arrays(task)
+    x = x + np.random.default_rng(0).normal(scale=1e-3, size=x.shape)  # float64 values
+    (train_x, train_y), canaries = CanarySet.split((x, y), size=32, seed=0)
+    train_x, train_y = train_x.numpy(), train_y.numpy()
+    members = row_set(canaries.inputs[:32])
+    assert sum(tuple(row) in members for row in train_x[-len(train_x) // 4:].tolist()) > 0
+    privacy = PrivacyMonitor(canaries, probe=small_probe())
+    model, _ = recording_mlp()
+    with pytest.raises(CanaryError, match="canary members are never trained on"):
+        model.fit(train_x, train_y, epochs=1, batch_size=32, verbose=0, validation_split=0.25,
+                  callbacks=[privacy])
+
+
 def test_training_arrays_keep_every_member_where_keras_trains(task, tmp_path):
     x, y = arrays(task)
     x_fit, y_fit = training_arrays(task.train, task.canaries, validation_split=0.25)

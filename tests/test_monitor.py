@@ -187,7 +187,7 @@ def test_a_failing_check_warns_and_is_recorded(tmp_path):
 
     monitor = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9),
                                 log_dir=tmp_path, tensorboard=False)
-    with pytest.warns(UserWarning, match="check failed and was skipped: ProbeError"):
+    with pytest.warns(UserWarning, match="check failed at epoch 0 and was skipped: ProbeError"):
         assert monitor.step(Broken(), epoch=0) is None
     assert monitor.errors[0]["error"].startswith("ProbeError: the model's output holds no logits")
     header, line = map(json.loads, (tmp_path / "privacy_history.jsonl").read_text().splitlines())
@@ -294,3 +294,54 @@ def test_only_leakage_readings_can_be_budgeted():
             fh.LeakageBudget(max_values={key: 0.5})
     fh.LeakageBudget(max_values={"auc_low": 0.7, "tpr_at_fpr_0": 0.2, "members_named": 3,
                                  "share_beyond_chance": 0.2})
+
+
+def test_float64_canaries_from_numpy_are_read_by_a_float32_model():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)), rng.integers(0, 2, 64)  # what NumPy and sklearn give
+    canary_set = fh.CanarySet(members=(x[:32], y[:32]), non_members=(x[32:], y[32:]))
+    model = nn.Linear(4, 2)  # float32
+    monitor = fh.PrivacyMonitor(canary_set, probe=fh.FeSMIA(episodes=5, permutations=9))
+    assert monitor.preflight(model) is not None
+    assert monitor.step(model, epoch=0) is not None and monitor.errors == []
+
+
+def test_a_binary_classifiers_single_logit_is_read_as_two_classes():
+    torch.manual_seed(0)
+    one = nn.Linear(4, 1)  # trained with BCEWithLogitsLoss: p(1) = sigmoid(z)
+    two = nn.Linear(4, 2)
+    with torch.no_grad():  # the same model with logits [0, z]
+        two.weight.copy_(torch.cat([torch.zeros(1, 4), one.weight]))
+        two.bias.copy_(torch.cat([torch.zeros(1), one.bias]))
+    probe = fh.FeSMIA(episodes=5, permutations=9)
+    a, b = probe.features_of(one, canaries()), probe.features_of(two, canaries())
+    torch.testing.assert_close(a.signals, b.signals)
+
+
+def test_a_model_that_cannot_read_the_canaries_fails_the_preflight_not_every_check():
+    model = nn.Linear(5, 2)  # the canaries have 4 features
+    monitor = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9))
+    with pytest.raises(fh.ProbeError, match="pre-flight check could not run the model"):
+        monitor.preflight(model)
+    lenient = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9),
+                                preflight="warn")
+    with pytest.warns(UserWarning, match="check failed before training"):
+        assert lenient.preflight(model) is None
+    with pytest.warns(UserWarning) as caught:  # each failed check says where: each is shown
+        for epoch in range(3):
+            lenient.step(model, epoch=epoch)
+    assert [w for w in caught if "at epoch 2" in str(w.message)]
+
+
+def test_step_without_an_epoch_or_a_step_and_a_second_loop_are_told():
+    monitor = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([(0.1, False)] * 4))
+    model = nn.Linear(4, 2)
+    with pytest.raises(fh.ConfigurationError, match="needs the epoch that just ended"):
+        monitor.step(model)
+    monitor.step(model, epoch=0)
+    with pytest.warns(UserWarning, match="already checked in this run.*monitor.reset"):
+        monitor.step(model, epoch=0)  # a second fold's loop, say
+    monitor.reset()
+    assert monitor.step(model, epoch=0) is not None
