@@ -258,6 +258,9 @@ class Canaries:
 
     def __init__(self) -> None:
         self._device_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        #: Words of the canaries' text (token sequences built with ``decode``): withheld
+        #: from the messages of errors raised while they are read.
+        self.private_words: frozenset[str] = frozenset()
 
     def require(self, per_side: int, *, who: str = "the probe") -> None:
         """Raise :class:`CanaryError` unless each side holds at least ``per_side`` samples."""

@@ -56,6 +56,7 @@ from fesmia_hooks.exceptions import (
 from fesmia_hooks.guard import model_device
 from fesmia_hooks.probe import AUTO_PERMUTATIONS, FeSMIA, Probe
 from fesmia_hooks.report import LeakageReport, LevelBands
+from fesmia_hooks.sequences import withhold_words
 from fesmia_hooks.sinks import Sink, sinks_for
 from fesmia_hooks.worker import AttackWorker
 from fesmia_hooks.writer import FLUSH_TIMEOUT_S, BackgroundWriter
@@ -447,7 +448,7 @@ class PrivacyMonitor:
             if self.preflight_mode == "error" and not isinstance(exc, PrivacyBudgetExceeded):
                 raise ProbeError(
                     "the pre-flight check could not run the model on the canaries, and every "
-                    f"check would fail the same way: {describe_error(exc)} (pass "
+                    f"check would fail the same way: {self._describe(exc)} (pass "
                     "preflight='warn' to train on unmonitored)"
                 ) from None
             self._record_error(exc, epoch=None, step=None, index=0)
@@ -881,6 +882,11 @@ class PrivacyMonitor:
         model.load_state_dict(_copy_values(self._safe_state))  # the safe copy stays safe
         return True
 
+    def _describe(self, exc: BaseException, *, with_kind: bool = True) -> str:
+        """:func:`describe_error`, with the words of text canaries withheld as well."""
+        words = getattr(self.canaries, "private_words", frozenset())
+        return withhold_words(describe_error(exc, with_kind=with_kind), words)
+
     def _record_error(
         self, exc: Exception, *, epoch: int | None, step: int | None, index: int,
         raising: bool = True,
@@ -892,7 +898,7 @@ class PrivacyMonitor:
         if raising and (self.on_error == "raise" or isinstance(exc, PrivacyBudgetExceeded)):
             raise exc
         kind = type(exc).__name__
-        text = describe_error(exc, with_kind=False)
+        text = self._describe(exc, with_kind=False)
         record = {"check": index, "epoch": epoch, "step": step, "error": f"{kind}: {text}"}
         self.errors.append(record)
         self._start_run()

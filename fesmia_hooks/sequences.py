@@ -14,6 +14,7 @@ Messages give counts, never token values: canary text stays private.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
@@ -188,6 +189,10 @@ class SequenceCanarySet(Canaries):
             self.zlib_bytes = zlib_lengths(self.inputs, self.attention_mask, decode=decode)
         except ConfigurationError as exc:
             raise CanaryError(str(exc)) from exc
+        if decode is not None:  # decode has just run on every sequence without failing
+            self.private_words = frozenset(
+                word for row in _valid_tokens(self.inputs, self.attention_mask)
+                for word in _WORD.findall(_text(decode([int(v) for v in row]))))
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
 
@@ -280,6 +285,26 @@ class SequenceCanarySet(Canaries):
             pool=pool,
             preferred_size=rows_per_forward,
         )
+
+
+# A word of text, as withheld from error messages.
+_WORD = re.compile(r"\w{2,}")
+
+
+def _text(decoded: str | bytes) -> str:
+    return decoded.decode("utf-8", "replace") if isinstance(decoded, bytes) else decoded
+
+
+def withhold_words(message: str, words: frozenset[str]) -> str:
+    """``message`` with every word of ``words`` (the canaries' text) replaced by ``…``.
+
+    Example:
+        >>> withhold_words("cannot read 'alice smith' at row 3", frozenset({"alice"}))
+        "cannot read '… smith' at row 3"
+    """
+    if not words:
+        return message
+    return _WORD.sub(lambda m: "…" if m.group(0) in words else m.group(0), message)
 
 
 def _fits_the_model(model: nn.Module, ids: torch.Tensor) -> None:

@@ -197,6 +197,13 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         if stage == "fit":
             self.end_run()
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Land an asynchronous check still running: its values reach the loggers too."""
+        report = self.monitor.land()
+        if report is not None and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(scalar_metrics(report), step=report.step or trainer.global_step)
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Training failed: record a check still pending (nothing acts on it), close the sinks."""
         self.abort_run()

@@ -242,7 +242,10 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         os.replace(tmp, folder / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Flush and close the sinks."""
+        """Land an asynchronous check still running (its values logged), close the sinks."""
+        report = self.monitor.land()
+        if report is not None and self._trainer is not None:
+            self._trainer.log(scalar_metrics(report))  # the last check reaches report_to too
         self.end_run()
 
     # ------------------------------------------------------------------ internals

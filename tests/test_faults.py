@@ -1131,3 +1131,33 @@ def test_an_error_quoting_a_canary_value_does_not_reach_the_outputs(tmp_path, er
     with recording() as messages:
         assert mon.step(Checking(), epoch=0) is None
     assert_clean(*messages, (tmp_path / HISTORY_FILE).read_text())
+
+
+def test_words_of_text_canaries_are_withheld_from_a_models_error(tmp_path):
+    vocab = sorted(set("abcdefghijklmnopqrstuvwxyz "))
+    encode = lambda text: [vocab.index(c) for c in text]  # noqa: E731
+    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    members = [encode(f"member {c} alice smith lives at elm street") for c in "abcdefghij" * 2]
+    others = [encode(f"other {c} bob jones lives on oak avenue") for c in "klmnopqrst" * 2]
+    members = [m + encode(" " * i) for i, m in enumerate(members)]  # all distinct
+    others = [o + encode(" " * i) for i, o in enumerate(others)]
+    canary_set = fh.SequenceCanarySet(members, others, vocab_size=len(vocab), decode=decode)
+
+    class Quoting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Embedding(len(vocab), len(vocab))
+
+        def forward(self, ids):
+            raise RuntimeError("cannot read the batch starting " + decode(ids[0].tolist()))
+
+    mon = fh.PrivacyMonitor(canary_set, probe=fh.FeSMIA(episodes=5, permutations=9),
+                            log_dir=tmp_path, preflight="off", tensorboard=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon.step(Quoting(), epoch=0)
+        mon.close()
+    said = " ".join(str(w.message) for w in caught) + (tmp_path / HISTORY_FILE).read_text()
+    assert "cannot read the batch starting" in said  # the error's own words stay
+    for word in ("alice", "smith", "elm", "street"):
+        assert word not in said

@@ -644,3 +644,15 @@ def test_a_failed_fit_records_the_asynchronous_check_it_left_running(tmp_path):
     assert lazy.monitor._pending is None and [r.epoch for r in lazy.history] == [0, 1]
     [history] = tmp_path.rglob("privacy_history.jsonl")
     assert history.read_text().count('"check"') == 2
+
+
+def test_the_last_asynchronous_check_reaches_the_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    lazy = _monitor(horizon=3, asynchronous=True)
+    trainer, _ = _fit(tmp_path, lazy, max_epochs=3, logger=CSVLogger(tmp_path))
+    [metrics] = list(tmp_path.rglob("metrics.csv"))
+    import csv
+
+    rows = [r for r in csv.DictReader(open(metrics)) if r.get("privacy/p_value")]
+    assert len(rows) == len(lazy.history) == 3  # the third landed at the end of training

@@ -435,3 +435,9 @@ def test_the_check_of_an_epoch_a_checkpoint_ended_is_made_at_resume(hf, tmp_path
     assert [r.epoch for r in resumed.history] == [0, 1]
     assert [readings(r) for r in resumed.history] == [readings(r) for r in reference.history]
     assert [line["epoch"] for line in checks_in(out / "privacy" / HISTORY_FILE)] == [0, 1]
+
+
+def test_the_last_asynchronous_check_reaches_the_trainers_log(hf, tmp_path):
+    callback = monitor(asynchronous=True)
+    trainer = train(hf, tmp_path, [callback])
+    assert len(privacy_entries(trainer)) == len(callback.history) == 3
