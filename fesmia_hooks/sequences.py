@@ -133,12 +133,13 @@ class SequenceCanarySet(Canaries):
         if vocab_size is not None:
             positive_int("vocab_size", vocab_size)
         if pad_token_id is not None:
-            if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or (
-                pad_token_id < 0
-            ):
+            if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(
+                pad_token_id, (int, np.integer)
+            ) or pad_token_id < 0:
                 raise CanaryError(
                     f"`pad_token_id` must be a non-negative int, got {pad_token_id!r}"
                 )
+            pad_token_id = int(pad_token_id)  # a NumPy integer (a tokenizer's) as well
             if vocab_size is not None and pad_token_id >= vocab_size:
                 raise CanaryError(
                     f"`pad_token_id` must lie in [0, {vocab_size}), got {pad_token_id}"
@@ -219,7 +220,9 @@ class SequenceCanarySet(Canaries):
         """Forward the sequences through the language model without touching training.
 
         ``signals`` are the per-token signals of :mod:`fesmia_hooks.text` averaged over the
-        scored tokens (by default :data:`~fesmia_hooks.text.DEFAULT_SEQUENCE_SIGNALS`), or
+        scored tokens (the probe's ``signals``: a ``FeSMIA``'s default ``phi``, ``log_prob``,
+        ``margin``, ``neg_entropy``; :data:`~fesmia_hooks.text.DEFAULT_SEQUENCE_SIGNALS`
+        when the spec names none), or
         whatever a :class:`~fesmia_hooks.text.SequenceSignals` given as ``signal_fn`` asks
         for; any other ``signal_fn(model, ids, targets)`` gets ``batch_size`` sequences at
         a time. Batches are cut so that at most ``max_logit_elements`` logits (by default sized

@@ -458,3 +458,11 @@ def test_split_of_data_without_duplicates_is_unchanged():
     x[order[19]] = x[order[18]]
     _, canaries = fh.CanarySet.split((x, y), size=10, seed=3)
     assert canaries.num_non_members == 10
+
+
+def test_a_numpy_pad_token_id_is_taken():
+    import numpy as np
+
+    canary_set = fh.SequenceCanarySet([[1, 2, 3], [4, 5, 6, 7]], [[7, 6, 5], [3, 2, 1, 1]],
+                                      pad_token_id=np.int64(0), vocab_size=9)
+    assert canary_set.pad_token_id == 0 and type(canary_set.pad_token_id) is int
