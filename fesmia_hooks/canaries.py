@@ -46,14 +46,19 @@ Side = Union[tuple[Any, Any], Dataset, torch.Tensor, np.ndarray]  # noqa: UP007
 
 
 def _as_model_floats(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Floating inputs in the floating dtype of ``model``'s parameters.
+    """Floating inputs in the floating dtype of ``model``'s parameters, when they share one.
 
     Canaries built from NumPy arrays are float64; a float32 model (or a bfloat16 one)
-    refuses them. Integer inputs (token or category ids) are left as they are.
+    refuses them. Integer inputs (token or category ids), and the inputs of a model whose
+    parameters mix floating dtypes (which dtype it reads is its own affair), are left as
+    they are.
     """
     if not x.is_floating_point():
         return x
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return x
+    (dtype,) = dtypes
     return x if dtype == x.dtype else x.to(dtype)
 
 
@@ -501,7 +506,8 @@ class CanarySet(Canaries):
         names = DEFAULT_SIGNALS if spec.signals is None else tuple(spec.signals)
         signal_fn, kind = spec.signal_fn, spec.kind
         x, y = select_rows(self.on(model_device(model)), rows)
-        x = _as_model_floats(x, model)
+        if signal_fn is None:  # a signal_fn gets the canaries as they were given
+            x = _as_model_floats(x, model)
         if signal_fn is None and kind != "embeddings" and y is None:
             raise ConfigurationError(
                 "the built-in classification signals need canary labels; give (inputs, labels) "

@@ -546,7 +546,9 @@ class PrivacyMonitor:
                 "step (step=) with every_n_steps: without either no check is ever due"
             )
         mark = ("step", step) if self.every_n_steps is not None else ("epoch", epoch)
-        if mark in self._checked and not self._told_new_loop:
+        went_back = mark[1] is not None and any(
+            kind == mark[0] and value > mark[1] for kind, value in self._checked)
+        if went_back and mark in self._checked and not self._told_new_loop:
             self._told_new_loop = True
             warnings.warn(
                 f"fesmia-hooks: {mark[0]} {mark[1]} was already checked in this run, so no "

@@ -192,8 +192,9 @@ class SequenceCanarySet(Canaries):
             raise CanaryError(str(exc)) from exc
         if decode is not None:  # decode has just run on every sequence without failing
             self.private_words = frozenset(
-                word for row in _valid_tokens(self.inputs, self.attention_mask)
+                word.casefold() for row in _valid_tokens(self.inputs, self.attention_mask)
                 for word in _WORD.findall(_text(decode([int(v) for v in row]))))
+            self.private_words -= _FUNCTION_WORDS
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
 
@@ -290,8 +291,12 @@ class SequenceCanarySet(Canaries):
         )
 
 
-# A word of text, as withheld from error messages.
-_WORD = re.compile(r"\w{2,}")
+# A word of text, as withheld from error messages (underscores split words: alice_smith).
+_WORD = re.compile(r"[^\W_]{2,}")
+# Words too common to tell anything, kept so that a message stays readable.
+_FUNCTION_WORDS = frozenset(
+    "the of to in is and or an at on for with be by as it not no this that are was from "
+    "if but has have had its into than then there these those can will would should".split())
 
 
 def _text(decoded: str | bytes) -> str:
@@ -299,15 +304,16 @@ def _text(decoded: str | bytes) -> str:
 
 
 def withhold_words(message: str, words: frozenset[str]) -> str:
-    """``message`` with every word of ``words`` (the canaries' text) replaced by ``…``.
+    """``message`` with every word of ``words`` (the canaries' text, case-folded) as ``…``.
 
     Example:
-        >>> withhold_words("cannot read 'alice smith' at row 3", frozenset({"alice"}))
-        "cannot read '… smith' at row 3"
+        >>> withhold_words("cannot read 'Alice_smith' at row 3", frozenset({"alice"}))
+        "cannot read '…_smith' at row 3"
     """
     if not words:
         return message
-    return _WORD.sub(lambda m: "…" if m.group(0) in words else m.group(0), message)
+    return _WORD.sub(lambda m: "…" if m.group(0).casefold() in words else m.group(0),
+                     message)
 
 
 def _fits_the_model(model: nn.Module, ids: torch.Tensor) -> None:

@@ -296,7 +296,7 @@ def classification_signals(
             f"unknown signal(s) {unknown}; allowed: {', '.join(_INDEX.classification)}"
         )
     z = logits.float()
-    if z.dim() == 1:  # one logit per sample, squeezed: a binary classifier
+    if z.dim() == 1 and z.shape[0] == targets.numel():  # one logit per sample, squeezed
         z = z[:, None]
     if z.dim() != 2:
         raise ProbeError(f"classification logits must be [batch, classes], got {tuple(z.shape)}")

@@ -153,9 +153,11 @@ def _optimizer_steps(model: Any) -> int:
     iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
     if iterations is None:
         return 0
+    value = getattr(iterations, "value", iterations)
     try:
-        return int(np.asarray(getattr(iterations, "value", iterations)))
-    except (TypeError, ValueError):
+        return int(value.detach().cpu()) if isinstance(value, torch.Tensor) else int(
+            np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
         return 0
 
 

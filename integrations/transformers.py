@@ -242,10 +242,7 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         os.replace(tmp, folder / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Land an asynchronous check still running (its values logged), close the sinks."""
-        report = self.monitor.land()
-        if report is not None and self._trainer is not None:
-            self._trainer.log(scalar_metrics(report))  # the last check reaches report_to too
+        """Flush and close the sinks (the last check landed at the last step)."""
         self.end_run()
 
     # ------------------------------------------------------------------ internals
@@ -277,8 +274,14 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
             raise ConfigurationError(
                 "the Trainer passed no model to the callback; use it with transformers.Trainer"
             )
-        report = self.run_check(model, epoch=epoch, step=step)
-        if report is not None:
+        reports = [self.run_check(model, epoch=epoch, step=step)]
+        if state.max_steps and step >= int(state.max_steps):
+            # training ends here: a check still running lands now, while the report_to
+            # loggers are open (they close before on_train_end reaches this callback)
+            reports.append(self.monitor.land())
+        for report in reports:
+            if report is None:
+                continue
             metrics = scalar_metrics(report)
             if self._trainer is not None:
                 # Trainer.log clears control.should_log: keep the Trainer's own logging (the

@@ -341,7 +341,42 @@ def test_step_without_an_epoch_or_a_step_and_a_second_loop_are_told():
     with pytest.raises(fh.ConfigurationError, match="needs the epoch that just ended"):
         monitor.step(model)
     monitor.step(model, epoch=0)
+    monitor.step(model, epoch=1)
     with pytest.warns(UserWarning, match="already checked in this run.*monitor.reset"):
         monitor.step(model, epoch=0)  # a second fold's loop, say
     monitor.reset()
     assert monitor.step(model, epoch=0) is not None
+
+
+def test_a_model_mixing_floating_dtypes_gets_the_canaries_as_they_are():
+    class Mixed(nn.Module):  # a float64 temperature declared before a float32 layer
+        def __init__(self):
+            super().__init__()
+            self.temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) / self.temperature.float()
+
+    monitor = fh.PrivacyMonitor(canaries(), probe=fh.FeSMIA(episodes=5, permutations=9))
+    assert monitor.preflight(Mixed()) is not None
+
+
+def test_a_step_repeated_by_gradient_accumulation_is_not_a_new_loop():
+    import warnings
+
+    monitor = fh.PrivacyMonitor(canaries(), probe=ScriptedProbe([(0.1, False)] * 4),
+                                every_n_steps=2)
+    model = nn.Linear(4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for micro_batch in range(8):  # four micro-batches per optimizer step
+            monitor.step(model, step=micro_batch // 4 + 1)
+    assert [r.step for r in monitor.history] == [2]
+
+
+def test_a_batch_of_one_squeezed_to_its_classes_is_refused_clearly():
+    from fesmia_hooks.signals import classification_signals
+
+    with pytest.raises(fh.ProbeError, match=r"must be \[batch, classes\], got \(3,\)"):
+        classification_signals(torch.randn(3), torch.tensor([1]), ["log_prob"])
