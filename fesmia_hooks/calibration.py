@@ -21,7 +21,7 @@ from fesmia_hooks._validation import optional_positive_int, probability
 from fesmia_hooks.exceptions import ConfigurationError
 from fesmia_hooks.measurement import STATISTICS, Measurement
 from fesmia_hooks.report import LeakageReport, LevelBands, share_beyond_chance
-from fesmia_hooks.sequential import TIE, SequentialTest, observed_rank, ranked
+from fesmia_hooks.sequential import SequentialTest, observed_rank, ranked, ranks_among
 
 __all__ = [
     "DEFAULT_STATISTIC",
@@ -113,11 +113,8 @@ def alarm_statistic(statistic: str, measurement: Measurement) -> tuple[float, to
         return float(observed[0, 0]), torch.from_numpy(np.ascontiguousarray(null[:, 0]))
     # [K, B + 1], a NaN ranked below everything (as by permutation_p_values)
     every = ranked(np.concatenate([null, observed]).T).reshape(len(parts), -1)
-    ordered = np.sort(every, axis=1)
-    # statistics at least as large (within TIE) as each one, per column: p = rank / (B + 1)
-    below = np.stack([np.searchsorted(o, e - TIE, side="left")
-                      for o, e in zip(ordered, every, strict=True)])
-    p = (every.shape[1] - below) / every.shape[1]
+    # each trajectory's p-value on each statistic: its rank among all B + 1, over B + 1
+    p = np.stack([ranks_among(column) for column in every]) / every.shape[1]
     # torch's mean over K of the [K, B + 1] array read as [B + 1, K]: the columns added in
     # the order they always have been (the statistic's rounding does not move)
     mean = torch.from_numpy(p).T.mean(1).numpy()

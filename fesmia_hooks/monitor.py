@@ -546,9 +546,10 @@ class PrivacyMonitor:
                 "step (step=) with every_n_steps: without either no check is ever due"
             )
         mark = ("step", step) if self.every_n_steps is not None else ("epoch", epoch)
-        went_back = mark[1] is not None and any(
-            kind == mark[0] and value > mark[1] for kind, value in self._checked)
-        if went_back and mark in self._checked and not self._told_new_loop:
+        # a checked mark again, with later ones checked too: the count went back (a set
+        # lookup first: the scan runs only when a mark repeats)
+        if mark in self._checked and not self._told_new_loop and any(
+                kind == mark[0] and value > mark[1] for kind, value in self._checked):
             self._told_new_loop = True
             warnings.warn(
                 f"fesmia-hooks: {mark[0]} {mark[1]} was already checked in this run, so no "
@@ -645,8 +646,8 @@ class PrivacyMonitor:
 
         Its report, or ``None`` when no check was pending (or it failed). The framework
         adapters call it at the epoch end or step after the check started, so that its
-        decision lands there; :meth:`step`, :meth:`check`, :meth:`flush`, :meth:`close` and
-        :meth:`state_dict` land it too.
+        decision lands there; :meth:`step`, :meth:`check`, :meth:`flush` and :meth:`close`
+        land it too (:meth:`state_dict` does not wait for it).
 
         Args:
             act: Act on the decision (stop, restore weights, raise, ``on_breach``). False

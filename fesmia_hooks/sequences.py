@@ -38,6 +38,7 @@ from fesmia_hooks.text import (
     IGNORE_INDEX,
     SEQUENCE_SIGNALS,
     SequenceSignals,
+    decoded_texts,
     forward_logits,
     zlib_lengths,
 )
@@ -186,15 +187,18 @@ class SequenceCanarySet(Canaries):
         self.num_members = int(ids_parts[0].shape[0])
         self.num_non_members = int(ids_parts[1].shape[0])
         self.attention_mask = torch.cat(mask_parts).contiguous()
-        try:
-            self.zlib_bytes = zlib_lengths(self.inputs, self.attention_mask, decode=decode)
+        try:  # decoded once: for the zlib lengths and the words withheld from messages
+            texts = (None if decode is None
+                     else decoded_texts(self.inputs, self.attention_mask, decode))
         except ConfigurationError as exc:
             raise CanaryError(str(exc)) from exc
-        if decode is not None:  # decode has just run on every sequence without failing
-            self.private_words = frozenset(
-                word.casefold() for row in _valid_tokens(self.inputs, self.attention_mask)
-                for word in _WORD.findall(_text(decode([int(v) for v in row]))))
-            self.private_words -= _FUNCTION_WORDS
+        self.zlib_bytes = zlib_lengths(self.inputs, self.attention_mask, texts=texts)
+        self.private_words = frozenset(
+            word.casefold() for text in texts or () for word in _WORD.findall(_text(text))
+        ) - _FUNCTION_WORDS
+        # What the model must be able to read (checked against it at every check, on these
+        # numbers: no device sync): the padded length and the largest token id.
+        self._largest_id = int(self.inputs.max()) if self.inputs.numel() else 0
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
 
@@ -214,6 +218,36 @@ class SequenceCanarySet(Canaries):
         """Token ids, attention mask and zlib lengths on ``device`` (moved once, cached)."""
         ids, _, mask, zlib_bytes = self.on(device)
         return ids, mask, zlib_bytes
+
+    def _fits(self, model: nn.Module) -> None:
+        """Refuse canaries the model cannot read, naming why (not an ``IndexError`` inside it).
+
+        Sequences longer than the model's context, or token ids beyond its input embedding.
+        Reads what a Hugging Face model declares (``config.n_positions`` or
+        ``config.max_position_embeddings``, ``get_input_embeddings()``); other models are
+        left to fail on their own.
+        """
+        config = getattr(model, "config", None)
+        context = next((v for v in (getattr(config, "n_positions", None),
+                                    getattr(config, "max_position_embeddings", None))
+                        if isinstance(v, int) and not isinstance(v, bool)), None)
+        length = self.inputs.shape[1]
+        if context is not None and length > context:
+            raise ProbeError(
+                f"the canary sequences are {length} tokens long (padded), longer than the "
+                f"model's context of {context} positions; build the canaries from shorter "
+                "sequences (or truncate them)"
+            )
+        embeddings = getattr(model, "get_input_embeddings", None)
+        table = embeddings() if callable(embeddings) else None
+        rows = getattr(table, "num_embeddings", None)
+        if isinstance(rows, int) and self._largest_id >= rows:
+            beyond = int((self.inputs >= rows).sum())  # a count, never an id
+            raise ProbeError(
+                f"{beyond} canary token id(s) lie beyond the model's input embedding of "
+                f"{rows} rows (allowed: [0, {rows})); was the embedding resized after "
+                "tokens were added?"
+            )
 
     def features(
         self, model: nn.Module, spec: FeatureSpec, *, rows: torch.Tensor | None = None
@@ -235,7 +269,7 @@ class SequenceCanarySet(Canaries):
         :func:`fesmia_hooks.features.compute_features` for the arguments.
         """
         ids, targets, mask, zlib_bytes = select_rows(self.on(model_device(model)), rows)
-        _fits_the_model(model, ids)
+        self._fits(model)
         signal_fn, kind, batch_size = spec.signal_fn, spec.kind, spec.batch_size
         reader: SequenceSignals | None = None
         if isinstance(signal_fn, SequenceSignals):
@@ -314,37 +348,6 @@ def withhold_words(message: str, words: frozenset[str]) -> str:
         return message
     return _WORD.sub(lambda m: "…" if m.group(0).casefold() in words else m.group(0),
                      message)
-
-
-def _fits_the_model(model: nn.Module, ids: torch.Tensor) -> None:
-    """Refuse canaries the model cannot read, naming why (not an ``IndexError`` inside it).
-
-    Sequences longer than the model's context, or token ids beyond its input embedding. Reads
-    what a Hugging Face model declares (``config.n_positions`` or
-    ``config.max_position_embeddings``, ``get_input_embeddings()``); other models are
-    left to fail on their own.
-    """
-    config = getattr(model, "config", None)
-    context = next((v for v in (getattr(config, "n_positions", None),
-                                getattr(config, "max_position_embeddings", None))
-                    if isinstance(v, int) and not isinstance(v, bool)), None)
-    if context is not None and ids.shape[1] > context:
-        raise ProbeError(
-            f"the canary sequences are {ids.shape[1]} tokens long (padded), longer than the "
-            f"model's context of {context} positions; build the canaries from shorter "
-            "sequences (or truncate them)"
-        )
-    embeddings = getattr(model, "get_input_embeddings", None)
-    table = embeddings() if callable(embeddings) else None
-    rows = getattr(table, "num_embeddings", None)
-    if isinstance(rows, int) and ids.numel():
-        beyond = int((ids >= rows).sum())
-        if beyond:  # a count, never an id
-            raise ProbeError(
-                f"{beyond} canary token id(s) lie beyond the model's input embedding of "
-                f"{rows} rows (allowed: [0, {rows})); was the embedding resized after "
-                "tokens were added?"
-            )
 
 
 def _integer_tokens(name: str, value: Any, *, mask_values: bool = False) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch
 
 from fesmia_hooks._validation import optional_positive_int, probability
 
-__all__ = ["TIE", "SequentialTest", "observed_rank", "permutation_p_values", "ranked"]
+__all__ = ["TIE", "SequentialTest", "observed_rank", "permutation_p_values", "ranked",
+           "ranks_among"]
 
 
 def permutation_p_values(observed: float, null: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -53,11 +54,20 @@ def permutation_p_values(observed: float, null: torch.Tensor) -> tuple[int, torc
         >>> r, nr.tolist()
         (2, [4, 3, 1])
     """
-    values = ranked(null)
-    everything = np.sort(np.append(values, ranked(observed)))
-    # count of statistics >= x - tol, for each null x
-    below = np.searchsorted(everything, values - TIE, side="left")
-    return observed_rank(observed, values), torch.from_numpy(everything.size - below)
+    ranks = ranks_among(np.append(ranked(null), ranked(observed)))
+    return int(ranks[-1]), torch.from_numpy(ranks[:-1])
+
+
+def ranks_among(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among all of ``values``: how many are at least as large.
+
+    Within :data:`TIE`, itself included; int64. Rank ``r`` of ``n`` is the p-value ``r / n``.
+
+    Example:
+        >>> ranks_among(np.array([0.9, 0.1, 0.9, 0.5])).tolist()
+        [2, 4, 2, 3]
+    """
+    return values.size - np.searchsorted(np.sort(values), values - TIE, side="left")
 
 
 def observed_rank(observed: float, null: torch.Tensor | np.ndarray) -> int:

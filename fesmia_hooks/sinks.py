@@ -240,8 +240,7 @@ class JsonlSink:
         waiting = [(line, json.loads(line)) for line in self._pending]
         self._pending = [line for line, record in waiting
                          if _kept(record, run_id, check, known)
-                         and not (record.get("run_id") == run_id
-                                  and record.get("record") == "run")]
+                         and not _is_header(record, run_id)]
         self._pending_resume = (run_id, check, list(errors or ()), header)
         self._rewrite(*self._pending_resume)
 
@@ -268,7 +267,7 @@ class JsonlSink:
                 continue
             if _kept(record, run_id, check, known):
                 kept.append(line)
-                has_header |= record.get("run_id") == run_id and record.get("record") == "run"
+                has_header |= _is_header(record, run_id)
         if not has_header and header is not None:
             kept.insert(0, json.dumps({"record": "run", "format": HISTORY_FORMAT, **header,
                                        "run_id": run_id}))
@@ -308,6 +307,11 @@ class JsonlSink:
             # a third writer lock it unwarned.
             self._lock[0].close()
             self._lock = None
+
+
+def _is_header(record: dict[str, Any], run_id: str) -> bool:
+    """Whether ``record`` is the header line of run ``run_id``."""
+    return record.get("run_id") == run_id and record.get("record") == "run"
 
 
 def _kept(record: dict[str, Any], run_id: str, check: int, known: set[Any]) -> bool:

@@ -82,6 +82,7 @@ __all__ = [
     "sequence_signals",
     "token_statistics",
     "zlib_length",
+    "decoded_texts",
     "zlib_lengths",
 ]
 
@@ -644,16 +645,15 @@ def zlib_lengths(
     attention_mask: torch.Tensor,
     *,
     decode: Callable[[list[int]], str | bytes] | None = None,
+    texts: Sequence[str | bytes] | None = None,
 ) -> torch.Tensor:
     """zlib-compressed length in bytes of each sequence's unmasked tokens, ``[N]`` float32.
 
     With ``decode`` (e.g. ``tokenizer.decode``) the decoded text is compressed, as Carlini
-    et al. (2021) do; otherwise the unmasked token ids, packed in the fewest bytes per id
-    that hold the largest id of ``input_ids`` (one byte for a byte- or character-level
-    vocabulary, where that is the text itself).
-
-    A ``decode`` that raises gives a :class:`~fesmia_hooks.ConfigurationError` naming the
-    exception's type only: its message, which may quote canary tokens, is left out.
+    et al. (2021) do (``texts``: the sequences already decoded, by :func:`decoded_texts`);
+    otherwise the unmasked token ids, packed in the fewest bytes per id that hold the
+    largest id of ``input_ids`` (one byte for a byte- or character-level vocabulary, where
+    that is the text itself).
 
     Example:
         >>> ids = torch.tensor([[7] * 64, list(range(64))])
@@ -661,18 +661,40 @@ def zlib_lengths(
         >>> repetitive < 20 < 64 < varied
         True
     """
+    if texts is None and decode is not None:
+        texts = decoded_texts(input_ids, attention_mask, decode)
+    if texts is not None:
+        sizes = [zlib_length(text) for text in texts]
+    else:
+        cpu_ids, cpu_mask = input_ids.detach().cpu().long(), attention_mask.detach().cpu().bool()
+        top = int(cpu_ids.max()) if cpu_ids.numel() else 0
+        dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
+        sizes = [zlib_length(row[keep].numpy().astype(dtype).tobytes())
+                 for row, keep in zip(cpu_ids, cpu_mask, strict=True)]
+    return torch.tensor(sizes, dtype=torch.float32, device=input_ids.device)
+
+
+def decoded_texts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    decode: Callable[[list[int]], str | bytes],
+) -> list[str | bytes]:
+    """``decode`` of each sequence's unmasked tokens.
+
+    A ``decode`` that raises gives a :class:`~fesmia_hooks.ConfigurationError` naming the
+    exception's type only: its message, which may quote canary tokens, is left out.
+
+    Example:
+        >>> decoded_texts(torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]),
+        ...               lambda ids: "".join("xab"[i] for i in ids))
+        ['ab']
+    """
     cpu_ids, cpu_mask = input_ids.detach().cpu().long(), attention_mask.detach().cpu().bool()
-    top = int(cpu_ids.max()) if cpu_ids.numel() else 0
-    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
-    sizes = []
+    texts: list[str | bytes] = []
     for row, keep in zip(cpu_ids, cpu_mask, strict=True):
-        tokens = row[keep]
-        if decode is None:
-            sizes.append(zlib_length(tokens.numpy().astype(dtype).tobytes()))
-            continue
         failed = None
         try:
-            text = decode([int(v) for v in tokens])
+            text = decode([int(v) for v in row[keep]])
         except Exception as exc:  # noqa: BLE001 - any failure of the user's decode
             failed = type(exc).__name__
         if failed is not None:
@@ -686,5 +708,5 @@ def zlib_lengths(
             raise ConfigurationError(
                 f"`decode` must return str or bytes, got {type(text).__name__}"
             )
-        sizes.append(zlib_length(text))
-    return torch.tensor(sizes, dtype=torch.float32, device=input_ids.device)
+        texts.append(text)
+    return texts

@@ -200,9 +200,8 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Land an asynchronous check still running: its values reach the loggers too."""
         report = self.monitor.land()
-        if report is not None and trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(scalar_metrics(report), step=report.step or trainer.global_step)
+        if report is not None:
+            _to_loggers(trainer, scalar_metrics(report), report.step or trainer.global_step)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Training failed: record a check still pending (nothing acts on it), close the sinks."""
@@ -253,9 +252,14 @@ class PrivacyMonitor(MonitorDriver, _Callback):  # type: ignore[misc]
         # the one before it landed), and to callback_metrics only here.
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(dict(metrics), step=step)
+        _to_loggers(trainer, metrics, step)
+
+
+def _to_loggers(trainer: Any, metrics: dict[str, float], step: int) -> None:
+    """``metrics`` straight to every logger of the trainer, at ``step``, from rank zero."""
+    if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            lg.log_metrics(dict(metrics), step=step)
 
 
 def _steps_per_epoch(trainer: Any) -> int | None:
